@@ -1,0 +1,6 @@
+"""qiusuo: DeepSeek-V2/V3-architecture models (MLA + DeepSeekMoE + MTP), defined, trained, interoperated, served."""
+
+from qiusuo.config import PRESETS, ModelConfig, count_params, get_config
+from qiusuo.model.transformer import LossOutput, Transformer
+
+__all__ = ["PRESETS", "ModelConfig", "count_params", "get_config", "LossOutput", "Transformer"]

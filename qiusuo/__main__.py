@@ -1,0 +1,5 @@
+import sys
+
+from qiusuo.cli import main
+
+sys.exit(main())

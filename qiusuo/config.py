@@ -1,0 +1,312 @@
+"""Model configuration: one dataclass with the Hugging Face DeepSeek field names, and the registry of named sizes.
+
+Field names are exactly those of `config.json` in DeepSeek-V2/V3 checkpoints so that a real config loads as is
+(`ModelConfig.from_hf`). Every size the project talks about lives in `PRESETS`; code never branches on a width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+
+@dataclass
+class ModelConfig:
+    """A DeepSeek-V2/V3 architecture. Defaults are a small V3-style model."""
+
+    model_type: str = "deepseek_v3"  # "deepseek_v2" or "deepseek_v3": checkpoint family, sets routing defaults
+    vocab_size: int = 8192
+    hidden_size: int = 256  # residual width D
+    intermediate_size: int = 768  # width of the dense MLP in the first `first_k_dense_replace` layers
+    moe_intermediate_size: int = 128  # width of one routed (and one shared) expert
+    num_hidden_layers: int = 4
+    first_k_dense_replace: int = 1  # the first k layers use a dense MLP instead of MoE
+    moe_layer_freq: int = 1  # MoE every n-th layer after the dense ones (DeepSeek uses 1)
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None  # unused by MLA; kept so configs round-trip
+    q_lora_rank: int | None = None  # None/0: plain q_proj; else q_a_proj -> norm -> q_b_proj
+    kv_lora_rank: int = 64  # width of the cached latent c_kv
+    qk_nope_head_dim: int = 32  # per-head query/key part without rotary
+    qk_rope_head_dim: int = 16  # per-head rotary part (the key's is shared by all heads)
+    v_head_dim: int = 32
+    n_routed_experts: int | None = 16  # None: no MoE at all (dense model)
+    n_shared_experts: int | None = 1
+    num_experts_per_tok: int | None = 4
+    n_group: int | None = 4
+    topk_group: int | None = 2
+    topk_method: str | None = None  # None: "noaux_tc" for V3, "greedy" for V2
+    scoring_func: str | None = None  # None: "sigmoid" for V3, "softmax" for V2
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # YaRN: {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_interleave: bool = True  # rotary on interleaved pairs, as in DeepSeek's checkpoints
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    num_nextn_predict_layers: int = 0  # MTP depth D
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        v3 = self.model_type == "deepseek_v3"
+        if self.topk_method is None:
+            self.topk_method = "noaux_tc" if v3 else "greedy"
+        if self.scoring_func is None:
+            self.scoring_func = "sigmoid" if v3 else "softmax"
+        if self.q_lora_rank == 0:
+            self.q_lora_rank = None
+        if self.n_routed_experts == 0:
+            self.n_routed_experts = None
+        self.validate()
+
+    # ---------------------------------------------------------------- derived sizes
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.n_routed_experts)
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i (0-based) uses MoE; MTP blocks (i >= num_hidden_layers) follow the same rule."""
+        return self.is_moe and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    @property
+    def latent_dim(self) -> int:
+        """Values cached per token per layer by the absorbed path: the latent plus the shared rotary key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return self.latent_dim * self.num_hidden_layers * bytes_per_value
+
+    @property
+    def yarn(self) -> dict | None:
+        rs = self.rope_scaling
+        if rs and (rs.get("type") or rs.get("rope_type")) == "yarn":
+            return rs
+        return None
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(qk_head_dim), times YaRN's mscale^2 when YaRN is on (DeepSeek-V3 inference/model.py)."""
+        scale = self.qk_head_dim**-0.5
+        rs = self.yarn
+        if rs is not None:
+            mscale_all_dim = rs.get("mscale_all_dim", 0) or 0
+            if mscale_all_dim:
+                m = yarn_get_mscale(rs["factor"], mscale_all_dim)
+                scale = scale * m * m
+        return scale
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: {why}")
+
+        if self.model_type not in ("deepseek_v2", "deepseek_v3"):
+            raise bad("model_type", "unsupported; use 'deepseek_v2' or 'deepseek_v3'")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+                     "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise bad(name, "must be a positive integer")
+        if self.qk_nope_head_dim < 0:
+            raise bad("qk_nope_head_dim", "must be >= 0")
+        if self.qk_rope_head_dim % 2:
+            raise bad("qk_rope_head_dim", "must be even (rotary works on pairs)")
+        if self.q_lora_rank is not None and self.q_lora_rank < 0:
+            raise bad("q_lora_rank", "must be None, 0 or positive")
+        if self.first_k_dense_replace < 0:
+            raise bad("first_k_dense_replace", "must be >= 0")
+        if self.num_nextn_predict_layers < 0:
+            raise bad("num_nextn_predict_layers", "must be >= 0")
+        if self.topk_method not in TOPK_METHODS:
+            raise bad("topk_method", f"unknown; use one of {TOPK_METHODS}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise bad("scoring_func", f"unknown; use one of {SCORING_FUNCS}")
+        if self.hidden_act != "silu":
+            raise bad("hidden_act", "only 'silu' (SwiGLU) is supported")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type") or self.rope_scaling.get("rope_type")
+            if kind not in ("yarn", "default", None):
+                raise bad("rope_scaling", f"type {kind!r} is not supported; use 'yarn' or none")
+            if kind == "yarn" and not self.rope_scaling.get("factor", 0) > 0:
+                raise bad("rope_scaling", "yarn needs a positive 'factor'")
+        if self.intermediate_size <= 0 and self.first_k_dense_replace > 0:
+            raise bad("intermediate_size", "must be positive when there are dense layers")
+        if not self.is_moe:
+            return
+        e = self.n_routed_experts
+        if e < 0:
+            raise bad("n_routed_experts", "must be positive or None")
+        if not self.moe_intermediate_size or self.moe_intermediate_size <= 0:
+            raise bad("moe_intermediate_size", "must be positive for a MoE model")
+        k = self.num_experts_per_tok
+        if not k or k <= 0:
+            raise bad("num_experts_per_tok", "must be a positive integer")
+        if k > e:
+            raise bad("num_experts_per_tok", f"cannot exceed n_routed_experts={e}")
+        if self.n_shared_experts is not None and self.n_shared_experts < 0:
+            raise bad("n_shared_experts", "must be >= 0")
+        if self.routed_scaling_factor <= 0:
+            raise bad("routed_scaling_factor", "must be positive")
+        if self.moe_layer_freq <= 0:
+            raise bad("moe_layer_freq", "must be positive")
+        if self.topk_method in ("group_limited_greedy", "noaux_tc"):
+            g, tg = self.n_group, self.topk_group
+            if not g or g <= 0:
+                raise bad("n_group", f"must be positive for topk_method={self.topk_method!r}")
+            if e % g:
+                raise bad("n_group", f"n_routed_experts={e} is not divisible by n_group={g}")
+            if not tg or tg <= 0 or tg > g:
+                raise bad("topk_group", f"must be in 1..n_group={g}")
+            if k > tg * (e // g):
+                raise bad("num_experts_per_tok", f"{k} experts cannot be picked from {tg} groups of {e // g}")
+            if self.topk_method == "noaux_tc" and e // g < 2:
+                raise bad("n_group", "noaux_tc ranks groups by their top-2 scores: each group needs >= 2 experts")
+
+    # ---------------------------------------------------------------- Hugging Face config.json
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Read a Hugging Face `config.json` dict: the hub form (`rope_theta` + `rope_scaling`) or the
+        transformers-5 form (`rope_parameters`). Unknown keys (`architectures`, `quantization_config`, ...) are
+        ignored; unknown `model_type`s raise."""
+        d = dict(d)
+        mt = d.get("model_type", "deepseek_v3")
+        if mt not in ("deepseek_v2", "deepseek_v3"):
+            raise ValueError(f"config.json model_type={mt!r} is not supported; qiusuo loads 'deepseek_v2' and 'deepseek_v3'")
+        rp = d.pop("rope_parameters", None)
+        if rp:
+            rp = dict(rp)
+            d.setdefault("rope_theta", rp.pop("rope_theta", 10000.0))
+            kind = rp.get("rope_type", rp.get("type", "default"))
+            if kind != "default":
+                rp["type"] = kind
+                rp.pop("rope_type", None)
+                d["rope_scaling"] = rp
+        rs = d.get("rope_scaling")
+        if rs:
+            rs = dict(rs)
+            kind = rs.pop("rope_type", None) or rs.get("type")
+            if kind in (None, "default"):
+                rs = None
+            else:
+                rs["type"] = kind
+            d["rope_scaling"] = rs
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if isinstance(kwargs.get(tok), list):  # some configs list several eos ids; keep the first
+                kwargs[tok] = kwargs[tok][0]
+        if mt == "deepseek_v2" and d.get("topk_method") == "noaux_tc":
+            kwargs["scoring_func"] = kwargs.get("scoring_func") or "sigmoid"
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The hub form of `config.json` (what DeepSeek ships), loadable by transformers 5 as well."""
+        d = dataclasses.asdict(self)
+        d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        d["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
+        d["n_routed_experts"] = self.n_routed_experts
+        return d
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
+    if scale <= 1:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+# ------------------------------------------------------------------ named sizes
+_V3 = dict(
+    model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+    moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128,
+    q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+    topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+    rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=163840, num_nextn_predict_layers=1,
+    rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                  "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+    bos_token_id=0, eos_token_id=1,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # runs a training step in well under a second on 2 CPU cores; the test suite's workhorse
+    "tiny": dict(
+        model_type="deepseek_v3", vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=512,
+        num_nextn_predict_layers=1,
+    ),
+    # DESIGN.md section 5: the configuration every benchmark runs on
+    "bench": dict(
+        model_type="deepseek_v3", vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=None, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, n_group=4, topk_group=2, max_position_embeddings=2048,
+    ),
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16,
+        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+        topk_method="greedy", scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=1.0,
+        rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=163840,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+                      "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
+        bos_token_id=100000, eos_token_id=100001,
+    ),
+    "deepseek-v3": _V3,
+}
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """A named size from the registry, with field overrides."""
+    if name not in PRESETS:
+        import difflib
+
+        near = difflib.get_close_matches(name, PRESETS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"unknown model size {name!r}{hint}; known: {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def count_params(cfg: ModelConfig, include_mtp: bool = False) -> dict[str, int]:
+    """Total and active-per-token parameter counts, from a model built on the meta device (nothing allocated).
+
+    Active = everything except the routed experts a token does not visit: embedding, output head, attention,
+    dense MLPs, shared experts, routers, and `num_experts_per_tok` routed experts per MoE layer.
+    """
+    import torch
+
+    from qiusuo.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg if include_mtp else cfg.replace(num_nextn_predict_layers=0))
+    total = routed = 0
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        if ".experts." in name:
+            routed += p.numel()
+    active = total - routed
+    if cfg.is_moe:
+        active += routed * cfg.num_experts_per_tok // cfg.n_routed_experts
+    return {"total": total, "active": active, "routed": routed}
