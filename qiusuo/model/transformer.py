@@ -73,8 +73,6 @@ class Transformer(nn.Module):
             r.balance_alpha = alpha
 
     def _check_inputs(self, input_ids: torch.Tensor, start: int) -> None:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
             raise ValueError(f"input_ids hold values in [{int(input_ids.min())}, {int(input_ids.max())}] but the "
                              f"vocabulary has {self.cfg.vocab_size} entries (ids 0..{self.cfg.vocab_size - 1})")
@@ -85,6 +83,8 @@ class Transformer(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, cache=None, absorb: bool | None = None) -> torch.Tensor:
         """Final hidden states (B, T, D), before the last norm."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         if cache is None:
             self._check_inputs(input_ids, 0)

@@ -1,0 +1,158 @@
+"""DeepSeekMoE: grouped experts and the router against naive references; balancing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qiusuo.config import get_config
+from qiusuo.model.moe import MoE, Router, route, update_balance_bias
+from qiusuo.model.transformer import Transformer
+
+
+def naive_route(scores, bias, cfg):
+    """One token at a time, written from the papers' definitions."""
+    E, K, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
+    all_w, all_i = [], []
+    for s in scores:
+        choice = s + bias if cfg.topk_method == "noaux_tc" else s.clone()
+        allowed = list(range(E))
+        if cfg.topk_method != "greedy" and G > 1:
+            size = E // G
+            gscore = []
+            for g in range(G):
+                grp = choice[g * size:(g + 1) * size]
+                gscore.append(sorted(grp.tolist(), reverse=True)[:2] if cfg.topk_method == "noaux_tc" else [grp.max().item()])
+            ranked = sorted(range(G), key=lambda g: -sum(gscore[g]))[: cfg.topk_group]
+            allowed = [e for e in range(E) if e // size in ranked]
+        picked = sorted(allowed, key=lambda e: -choice[e].item())[:K]
+        w = s[picked]
+        if cfg.norm_topk_prob and K > 1:
+            w = w / w.sum()
+        all_w.append(w * cfg.routed_scaling_factor)
+        all_i.append(picked)
+    return torch.stack(all_w), torch.tensor(all_i)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(model_type="deepseek_v3"),  # sigmoid, noaux_tc with bias
+    dict(model_type="deepseek_v3", norm_topk_prob=False, routed_scaling_factor=2.5),
+    dict(model_type="deepseek_v2", topk_method="greedy"),  # softmax
+    dict(model_type="deepseek_v2", topk_method="group_limited_greedy", norm_topk_prob=False),
+    dict(model_type="deepseek_v2", topk_method="group_limited_greedy", n_group=8, topk_group=3,
+         num_experts_per_tok=3),
+])
+def test_router_matches_naive_reference(kw):
+    torch.manual_seed(0)
+    cfg = get_config("bench", **kw)
+    logits = torch.randn(64, cfg.n_routed_experts)
+    scores = logits.sigmoid() if cfg.scoring_func == "sigmoid" else logits.softmax(-1)
+    bias = torch.randn(cfg.n_routed_experts) * 0.3
+    w, i = route(scores, bias if cfg.topk_method == "noaux_tc" else None, cfg)
+    rw, ri = naive_route(scores, bias, cfg)
+    order = i.argsort(-1)
+    rorder = ri.argsort(-1)
+    assert torch.equal(i.gather(1, order), ri.gather(1, rorder))
+    assert torch.allclose(w.gather(1, order), rw.gather(1, rorder), atol=1e-6)
+
+
+def test_bias_changes_selection_not_weights():
+    cfg = get_config("bench")
+    scores = torch.rand(32, cfg.n_routed_experts)
+    bias = torch.zeros(cfg.n_routed_experts)
+    bias[3] = 10.0  # expert 3 always selected
+    w, i = route(scores, bias, cfg)
+    assert (i == 3).any(-1).all()
+    w0 = scores.gather(1, i)
+    assert torch.allclose(w, w0 / w0.sum(-1, keepdim=True) * cfg.routed_scaling_factor)
+
+
+def per_token_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The slow twin of the grouped experts: every token, every chosen expert, one at a time."""
+    B, T, D = x.shape
+    weights, idx = moe.gate(x)
+    flat = x.reshape(-1, D)
+    out = []
+    for n in range(flat.shape[0]):
+        acc = torch.zeros(D)
+        for k in range(idx.shape[1]):
+            e = idx[n, k]
+            g, u = (moe.experts.gate_up_proj[e] @ flat[n]).chunk(2)
+            acc = acc + weights[n, k] * (moe.experts.down_proj[e] @ (F.silu(g) * u))
+        out.append(acc)
+    out = torch.stack(out).view(B, T, D)
+    return out + moe.shared_experts(x)
+
+
+def test_grouped_experts_match_per_token_loop_outputs_and_grads():
+    torch.manual_seed(0)
+    cfg = get_config("tiny")
+    model = Transformer(cfg)
+    moe = model.layers[1].mlp
+    assert isinstance(moe, MoE)
+    x = torch.randn(2, 12, cfg.hidden_size, requires_grad=True)
+    fast = moe(x)
+    grads_fast = torch.autograd.grad(fast.pow(2).sum(), [x, moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight])
+    slow = per_token_moe(moe, x)
+    grads_slow = torch.autograd.grad(slow.pow(2).sum(), [x, moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight])
+    assert (fast - slow).abs().max() < 1e-5
+    for a, b in zip(grads_fast, grads_slow):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_experts_that_get_no_tokens_are_fine():
+    torch.manual_seed(0)
+    cfg = get_config("tiny")
+    moe = Transformer(cfg).layers[1].mlp
+    moe.gate.e_score_correction_bias[:] = -100.0
+    moe.gate.e_score_correction_bias[:2] = 100.0  # only experts 0 and 1 get tokens
+    x = torch.randn(1, 5, cfg.hidden_size)
+    assert torch.allclose(moe(x), per_token_moe(moe, x), atol=1e-5)
+
+
+def test_bias_update_balances_a_skewed_load_and_not_in_eval():
+    torch.manual_seed(0)
+    cfg = get_config("tiny", num_hidden_layers=2, num_nextn_predict_layers=0)
+    model = Transformer(cfg)
+    router: Router = model.layers[1].mlp.gate
+    router.e_score_correction_bias[:2] = 0.5  # skew: experts 0 and 1 picked by every token
+    x = torch.randint(0, cfg.vocab_size, (8, 32))
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert router.tokens_per_expert.sum() == 0  # eval: no counting
+    assert update_balance_bias(model, gamma=0.01)["load"][0] == [0.0] * cfg.n_routed_experts
+    assert router.e_score_correction_bias[:2].tolist() == [0.5, 0.5]  # and no update
+    model.train()
+    vios = []
+    for _ in range(60):
+        with torch.no_grad():
+            model(x)
+        vios.append(update_balance_bias(model, gamma=0.01)["max_vio"][0])
+    assert vios[0] > 2.0  # skewed at the start
+    assert max(vios[-5:]) < 0.25 * vios[0]
+    assert router.e_score_correction_bias[:2].max() < 0.5
+
+
+def test_sequence_balance_loss_is_reported_and_has_gradient():
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny")).train()
+    model.set_balance_alpha(0.01)
+    x = torch.randint(0, model.cfg.vocab_size, (2, 16))
+    out = model(x, labels=x)
+    assert out.balance > 0
+    out.loss.backward()
+    assert model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
+    model.set_balance_alpha(0.0)
+    assert model(x, labels=x).balance == 0
+
+
+def test_sequence_balance_loss_formula():
+    """Perfectly uniform routing gives alpha * K / E * E / K * ... = alpha (f_i = 1, sum_i P_i = 1)."""
+    cfg = get_config("tiny")
+    r = Router(cfg)
+    r.balance_alpha = 0.5
+    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    T = E // K
+    idx = torch.arange(E).view(1, T, K)  # each expert exactly once
+    scores = torch.rand(1, T, E)
+    assert torch.allclose(r._sequence_balance_loss(scores, idx), torch.tensor(0.5))
