@@ -9,6 +9,7 @@ import importlib
 # name -> (module, add-args function, run function, help)
 BENCHES: dict[str, tuple[str, str, str, str]] = {
     "train": ("qiusuo.perf.train", "add_args", "run", "training tokens/s and MFU vs transformers (bench config)"),
+    "decode": ("qiusuo.perf.decode", "add_args", "run", "decoding tokens/s with the latent cache vs transformers"),
 }
 
 

@@ -110,6 +110,8 @@ class Experts(nn.Module):
         """x (N, D), weights (N, K), idx (N, K) -> (N, D)."""
         N, K = idx.shape
         E = self.gate_up_proj.shape[0]
+        if N * K <= E and not x.is_cuda:
+            return self._gathered(x, weights, idx)
         flat = idx.flatten()  # (N*K,) slot n*K+k is token n's k-th expert
         order = flat.argsort(stable=True)  # slots sorted by expert
         counts = torch.bincount(flat, minlength=E)  # (E,)
@@ -118,6 +120,17 @@ class Experts(nn.Module):
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         out = torch.empty_like(ys).index_copy_(0, order, ys)  # back to slot order: deterministic, no atomics
         return out.view(N, K, -1).sum(1)
+
+    def _gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Few tokens (decoding): gather the N*K chosen experts' weights and run two batched matmuls. It reads
+        no more weight bytes than the sorted path (N*K <= E), and has no data-dependent shapes, so it compiles."""
+        N, K = idx.shape
+        flat = idx.flatten()  # (N*K,)
+        xk = x.repeat_interleave(K, dim=0)[:, :, None]  # (N*K, D, 1)
+        h = torch.bmm(self.gate_up_proj[flat].to(x.dtype), xk)[..., 0]  # (N*K, 2I)
+        g, u = h.chunk(2, dim=-1)
+        y = torch.bmm(self.down_proj[flat].to(x.dtype), (F.silu(g) * u)[:, :, None])[..., 0]  # (N*K, D)
+        return (y.view(N, K, -1) * weights[..., None].to(y.dtype)).sum(1)
 
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run each expert on its contiguous slice of the sorted tokens xs (M, D)."""

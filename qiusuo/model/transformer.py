@@ -91,7 +91,10 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device)  # (T,)
         else:
             positions = cache.positions(T)  # (B, T)
-            self._check_inputs(input_ids, int(positions.max()) + 1 - T if T else 0)
+            end = int(positions.max()) + 1 if T else 0
+            self._check_inputs(input_ids, end - T)
+            if end > getattr(cache, "max_len", end):
+                raise ValueError(f"the cache holds {cache.max_len} tokens per sequence; {end} do not fit")
         if absorb is None:
             absorb = cache is not None and T == 1
         rope = self.rotary(positions)
@@ -134,19 +137,33 @@ class Transformer(nn.Module):
         logits = self.lm_head(h).float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
+    def decode_step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """One decoding step, tokens (B, 1) -> next-token logits (B, V), absorbed attention, no input checks and
+        no host syncs: the unit `torch.compile` captures whole. Callers validate ids and lengths up front."""
+        rope = self.rotary(cache.positions(1))
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, rope, cache, True)
+        cache.advance(1)
+        return self.lm_head(self.norm(x[:, -1]))
+
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  eos_token_id: int | None = None, generator: torch.Generator | None = None,
-                 cache_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 cache_dtype: torch.dtype | None = None, compile: bool = False) -> torch.Tensor:
         """Prefill (expanded path) then decode token by token (absorbed path) over a contiguous latent cache.
-        Rows advance together; for ragged batches and serving use `qiusuo.infer`. Returns (B, T + new)."""
+        Rows advance together; for ragged batches and serving use `qiusuo.infer`. Returns (B, T + new).
+        `compile=True` runs decoding steps through `torch.compile` (worth it past ~100 tokens: compiling takes
+        tens of seconds on a CPU)."""
         B, T = input_ids.shape
+        self._check_inputs(input_ids, max_new_tokens)  # the whole generation must fit the positions
         dtype = cache_dtype or next(self.parameters()).dtype
         cache = LatentCache(self.cfg, B, T + max_new_tokens, device=input_ids.device, dtype=dtype)
-        logits = self(input_ids, cache=cache)[:, -1]
+        step = torch.compile(self.decode_step, dynamic=False) if compile else self.decode_step
+        logits = self.lm_head(self.norm(self.hidden(input_ids, cache)[:, -1]))  # only the last position's logits
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             if temperature > 0:
                 probs = torch.softmax(logits.float() / temperature, dim=-1)
                 nxt = torch.multinomial(probs, 1, generator=generator)
@@ -157,7 +174,6 @@ class Transformer(nn.Module):
                 done |= nxt[:, 0] == eos_token_id
                 if bool(done.all()):
                     break
-            if len(out) - 1 == max_new_tokens:
-                break
-            logits = self(nxt, cache=cache)[:, -1]
+            if i + 1 < max_new_tokens:
+                logits = step(nxt, cache)
         return torch.cat(out, dim=1)

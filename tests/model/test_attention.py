@@ -106,3 +106,17 @@ def test_bad_inputs_raise():
         model(torch.zeros(1, model.cfg.max_position_embeddings + 1, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(batch, seq_len\)"):
         model(torch.zeros(4, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_compiled_decoding_equals_eager():
+    model = make()
+    x = torch.randint(0, model.cfg.vocab_size, (2, 5))
+    assert torch.equal(model.generate(x, 6, compile=True), model.generate(x, 6))
+
+
+def test_cache_overflow_is_a_clear_error():
+    model = make()
+    cache = LatentCache(model.cfg, 1, 4)
+    with pytest.raises(ValueError, match="holds 4 tokens"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache=cache)
