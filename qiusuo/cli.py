@@ -11,6 +11,7 @@ import sys
 # command -> (module, one-line help). Order is the order of the stages.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("qiusuo.demo", "prepare the default corpus, train the demo MoE, sample from it (the main job)"),
+    "prepare": ("qiusuo.data.prepare", "corpus -> BPE tokenizer -> token shards"),
     "bench": ("qiusuo.bench", "benchmarks against transformers in the same run (train, decode, ...)"),
 }
 

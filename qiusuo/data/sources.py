@@ -9,6 +9,7 @@ Why the defaults are what they are:
 - The train/validation split hashes each document's *key* (its path relative to the source, or
   `file:index` for rows), so it does not depend on the order or number of other documents, and a file is never
   in both splits.
+- Hidden folders (`.git`, `.venv`) and `__pycache__` are never walked.
 - Everything is sorted; two runs over the same tree give the same documents in the same order.
 """
 
