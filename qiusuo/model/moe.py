@@ -3,7 +3,7 @@
 Legend: N tokens (B*T flattened), D hidden, E routed experts, K experts per token, I expert width, G groups.
 
 Routed experts are 3D weights. Tokens are sorted by expert and run as one grouped matmul
-(`torch._grouped_mm` on CUDA; on CPU its backward is not implemented in torch 2.13, so a loop over the experts
+(`torch._grouped_mm` on CUDA in bf16; on CPU its backward is not implemented in torch 2.13, so a loop over the experts
 that received tokens runs the same sorted slices). Nothing loops over tokens, or over experts that got none.
 """
 
@@ -135,8 +135,8 @@ class Experts(nn.Module):
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run each expert on its contiguous slice of the sorted tokens xs (M, D)."""
         w_gu, w_d = self.gate_up_proj, self.down_proj
-        if xs.is_cuda:
-            dt = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else xs.dtype
+        dt = torch.get_autocast_dtype("cuda") if xs.is_cuda and torch.is_autocast_enabled("cuda") else xs.dtype
+        if xs.is_cuda and dt == torch.bfloat16:  # grouped_mm's CUDA kernels are bf16 (sm90+)
             offs = counts.cumsum(0).to(torch.int32)
             h = torch._grouped_mm(xs.to(dt), w_gu.to(dt).transpose(1, 2), offs=offs)  # (M, 2I)
             g, u = h.chunk(2, dim=-1)
