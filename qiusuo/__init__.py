@@ -1,6 +1,7 @@
 """qiusuo: DeepSeek-V2/V3-architecture models (MLA + DeepSeekMoE + MTP), defined, trained, interoperated, served."""
 
 from qiusuo.config import PRESETS, ModelConfig, count_params, get_config
+from qiusuo.hf import load_model, load_tokenizer, save_hf
 from qiusuo.model.transformer import LossOutput, Transformer
 
-__all__ = ["PRESETS", "ModelConfig", "count_params", "get_config", "LossOutput", "Transformer"]
+__all__ = ["PRESETS", "ModelConfig", "count_params", "get_config", "LossOutput", "Transformer", "load_model", "load_tokenizer", "save_hf"]
