@@ -1,0 +1,52 @@
+"""`qiusuo convert SRC DST`: re-save a checkpoint in Hugging Face layout with another dtype, FP8 blocks or shard size.
+
+SRC is a Hugging Face folder (config.json + safetensors, FP8 or not), a folder written by `save_hf`, a training
+checkpoint (`RUN/checkpoints/step_N`, qiusuo's own tensor names) or a run folder (its latest checkpoint). DST is
+always the hub layout, which transformers, vLLM, SGLang and `qiusuo.load_model` all read.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from qiusuo.hf.save import DEFAULT_SHARD_BYTES
+from qiusuo.hf.st import CheckpointError
+
+
+def resolve_source(src: str | Path) -> Path:
+    """A folder with config.json, or a run folder's latest `checkpoints/step_*` that has one."""
+    src = Path(src)
+    if (src / "config.json").is_file():
+        return src
+    steps = sorted(p for p in (src / "checkpoints").glob("step_*") if (p / "config.json").is_file())
+    if steps:
+        return steps[-1]
+    raise CheckpointError(f"{src / 'config.json'}: not found, and {src / 'checkpoints'} has no step_* checkpoint; "
+                          f"SRC must be a model folder, a training checkpoint or a run folder")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="Hugging Face folder, training checkpoint (RUN/checkpoints/step_N) or run folder")
+    p.add_argument("dst", help="output folder (Hugging Face layout; replaced atomically if it exists)")
+    p.add_argument("--dtype", default=None, help="dtype of the written weights: float32, bfloat16, float16 "
+                                                 "(default: config.json's torch_dtype)")
+    p.add_argument("--fp8", action="store_true", help="store projection matrices as float8_e4m3fn with a "
+                                                      "weight_scale_inv per 128x128 block (DeepSeek-V3's format)")
+    p.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30,
+                   help="start a new safetensors shard above this size (GiB)")
+    p.add_argument("--no-mtp", action="store_true", help="drop the multi-token-prediction layers")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    from qiusuo.hf.load import load_model, load_tokenizer
+    from qiusuo.hf.save import save_hf
+
+    src = resolve_source(args.src)
+    model = load_model(src, dtype=args.dtype, load_mtp=not args.no_mtp, progress=not args.no_progress)
+    tokenizer = load_tokenizer(src) if (src / "tokenizer.json").is_file() else None
+    out = save_hf(model, args.dst, tokenizer=tokenizer, fp8=args.fp8, max_shard_bytes=int(args.max_shard_gb * 2**30),
+                  progress=not args.no_progress)
+    print(f"wrote {out} from {src}" + (" (FP8 blocks)" if args.fp8 else ""))
+    return 0
