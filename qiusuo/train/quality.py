@@ -1,0 +1,195 @@
+"""Quality per compute, measured: a MoE and a dense model with the same active parameters per token, trained for
+the same wall-clock budget on the same data, compared by held-out bits per byte (`qiusuo bench quality`).
+
+The dense twin is derived from the MoE config (`dense_twin`), not hand-written: every layer becomes a dense MLP
+whose width makes the active MLP parameters equal (shared + top-k routed experts + router, averaged over the
+layers), with attention, embeddings and head unchanged. So `--moe bench` gets its own twin for free.
+
+Why interleaved: the two runs live in one process and take optimizer steps in turn, each step charged to the
+model that took it, always stepping the one that has spent less time. On a shared machine the load changes
+from minute to minute; two runs back to back would give one of them the quiet minutes. Interleaving exposes
+both to the same machine, and both stop when their own budget is spent. Evaluation is not charged (it reads
+the same validation tokens for both); the learning-rate schedule of each run follows its own charged time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from qiusuo.config import ModelConfig, count_params, get_config
+from qiusuo.data.shards import unigram_bits_per_byte
+from qiusuo.train.config import RunConfig, load_run_config
+
+
+def dense_twin(cfg: ModelConfig) -> dict:
+    """Overrides that turn the MoE `cfg` into a dense model with (almost) the same active parameters per token:
+    all layers dense, width = the active MLP parameters of the MoE model (dense layers, shared and top-k routed
+    experts, routers) spread evenly over the layers. Rounding leaves a gap below one MLP column per layer."""
+    if not cfg.is_moe:
+        raise ValueError("dense_twin needs a MoE config (n_routed_experts > 0); the model is already dense")
+    D, L = cfg.hidden_size, cfg.num_hidden_layers
+    active_mlp = 0
+    for i in range(L):
+        if cfg.is_moe_layer(i):
+            width = ((cfg.n_shared_experts or 0) + cfg.num_experts_per_tok) * cfg.moe_intermediate_size
+            active_mlp += 3 * D * width + cfg.n_routed_experts * D  # SwiGLU experts + router
+        else:
+            active_mlp += 3 * D * cfg.intermediate_size
+    return dict(intermediate_size=max(1, round(active_mlp / (3 * D * L))), first_k_dense_replace=L,
+                n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None, n_group=None, topk_group=None)
+
+
+@dataclass
+class Arm:
+    """One side of the comparison: its trainer, the time charged to it, and its validation curve."""
+
+    name: str
+    trainer: object  # qiusuo.train.trainer.Trainer
+    seconds: float = 0.0  # training time charged so far (evaluation excluded)
+    next_eval: float = 0.0
+    curve: list = field(default_factory=list)  # {"seconds", "step", "tokens", "loss", "bpb"}
+    done: bool = False
+
+    def record(self, batches: int | None) -> dict:
+        ev = self.trainer.evaluate(batches)
+        point = {"seconds": self.seconds, "step": self.trainer.step, "tokens": self.trainer.step * self.trainer.tokens_per_step,
+                 "loss": ev.loss, "bpb": ev.bpb}
+        self.curve.append(point)
+        return point
+
+
+def run_config(base: str, overrides: list[str], data_dir: str, out_dir: Path, minutes: float, steps: int | None,
+               model_overrides: dict | None = None) -> RunConfig:
+    """The base run config (a preset name or TOML) with the user's overrides, this data, this budget."""
+    cfg = load_run_config(base, overrides)
+    cfg.data.dir = data_dir
+    cfg.run.out_dir = str(out_dir)
+    cfg.run.progress = False
+    cfg.train.minutes = minutes
+    cfg.train.steps = steps if steps is not None else 10**9
+    if model_overrides:
+        cfg.model.overrides.update(model_overrides)
+    cfg.validate()
+    return cfg
+
+
+def compare(moe_cfg: RunConfig, dense_cfg: RunConfig, eval_every_s: float, eval_batches: int | None,
+            progress: bool = True) -> dict:
+    """Train both arms for their budget (minutes and/or steps, from their run configs), interleaved; evaluate each
+    on the validation split every `eval_every_s` charged seconds, and on the whole split at the end."""
+    from qiusuo.train.trainer import Trainer
+
+    arms = [Arm("moe", Trainer(moe_cfg)), Arm("dense", Trainer(dense_cfg))]
+    budget = 60 * moe_cfg.train.minutes if moe_cfg.train.minutes > 0 else math.inf
+    max_steps = moe_cfg.train.steps
+    for arm in arms:
+        arm.record(eval_batches)
+        arm.next_eval = eval_every_s
+    total = 2 * budget if math.isfinite(budget) else 2 * max_steps
+    with tqdm(total=round(total), unit="s" if math.isfinite(budget) else "step", desc="moe vs dense", file=sys.stderr,
+              dynamic_ncols=True, disable=not progress) as bar:
+        while not all(a.done for a in arms):
+            arm = min((a for a in arms if not a.done), key=lambda a: (a.seconds, a.name))
+            t = arm.trainer
+            start = time.perf_counter()
+            m = t.train_step()
+            arm.seconds += time.perf_counter() - start
+            t.elapsed = arm.seconds  # the schedule's progress is this arm's charged time
+            arm.done = arm.seconds >= budget or t.step >= max_steps
+            if arm.seconds >= arm.next_eval and not arm.done:
+                arm.record(eval_batches)
+                arm.next_eval += eval_every_s
+            bar.n = min(round(sum(a.seconds for a in arms) if math.isfinite(budget) else sum(a.trainer.step for a in arms)), bar.total)
+            bar.set_postfix({a.name: f"{a.curve[-1]['bpb']:.3f}" for a in arms}, refresh=False)
+            bar.set_description(f"moe vs dense ({arm.name} loss {m['ce']:.3f})", refresh=False)
+            bar.refresh()
+    for arm in arms:
+        arm.record(None)  # the whole validation split
+    t0 = arms[0].trainer
+    result = {"device": str(t0.device), "unigram_bpb": unigram_bits_per_byte(t0.train_shards, t0.val_shards, t0.model_cfg.vocab_size),
+              "budget_seconds": budget if math.isfinite(budget) else None, "max_steps": max_steps}
+    for arm in arms:
+        t = arm.trainer
+        params = count_params(t.model_cfg)
+        result[arm.name] = {"params_total": params["total"], "params_active": params["active"], "steps": t.step,
+                            "tokens": t.step * t.tokens_per_step, "seconds": arm.seconds,
+                            "tokens_per_s": t.step * t.tokens_per_step / max(arm.seconds, 1e-9),
+                            "final_bpb": arm.curve[-1]["bpb"], "curve": arm.curve}
+    return result
+
+
+def plot(result: dict, path: Path) -> Path:
+    """bits per byte against charged training seconds (left) and training tokens (right), with the unigram line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("moe", "dense"):
+        r = result[name]
+        label = f"{name}: {r['params_active'] / 1e6:.2f}M active / {r['params_total'] / 1e6:.2f}M total"
+        for ax, x in zip(axes, ("seconds", "tokens")):
+            ax.plot([p[x] for p in r["curve"]], [p["bpb"] for p in r["curve"]], "o-", ms=3, label=label)
+    for ax, x in zip(axes, ("training seconds (same budget for both)", "training tokens")):
+        ax.axhline(result["unigram_bpb"], color="gray", ls="--", label=f"unigram {result['unigram_bpb']:.3f}")
+        ax.set(xlabel=x, ylabel="validation bits per byte")
+        ax.legend()
+    fig.suptitle("MoE vs dense at the same active parameters and wall-clock budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def add_quality_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="demo", help="base run config (preset or TOML) for both models; its model is the MoE")
+    p.add_argument("--data", default="runs/data", help="prepared data (`qiusuo prepare`); the default corpus is prepared there if missing")
+    p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock budget PER MODEL (the run takes about twice this plus evaluation)")
+    p.add_argument("--steps", type=int, default=None, help="also stop each model after this many optimizer steps")
+    p.add_argument("--eval-every", type=float, default=30.0, help="charged training seconds between validation points")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches per intermediate point (the final point reads the whole split)")
+    p.add_argument("--out", default="runs/quality", help="folder for quality.json and quality.png")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="run config override for both models, repeatable (e.g. --set optim.lr=2e-3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_quality(args: argparse.Namespace) -> int:
+    from qiusuo.data.sources import DataError
+
+    out = Path(args.out)
+    try:
+        if not (Path(args.data) / "val" / "manifest.json").is_file():
+            from qiusuo.data.prepare import prepare
+
+            print(f"preparing the default corpus in {args.data}", file=sys.stderr)
+            prepare(args.data, progress=not args.no_progress)
+        overrides = ["--" + o.removeprefix("--") for o in args.overrides]
+        moe = run_config(args.config, overrides, args.data, out / "moe", args.minutes, args.steps)
+        vocab = json.loads((Path(args.data) / "train" / "manifest.json").read_text())["vocab_size"]
+        twin = dense_twin(moe.model.build(vocab_size=vocab))
+        dense = run_config(args.config, overrides, args.data, out / "dense", args.minutes, args.steps, twin)
+        result = compare(moe, dense, args.eval_every, args.eval_batches, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, DataError) as e:
+        print(f"qiusuo bench quality: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    result["config"] = {"base": args.config, "overrides": args.overrides, "dense_twin": twin}
+    (out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    png = plot(result, out / "quality.png")
+    print(f"{'model':6} {'active':>9} {'total':>9} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'val bpb':>8}")
+    for name in ("moe", "dense"):
+        r = result[name]
+        print(f"{name:6} {r['params_active']:>9,} {r['params_total']:>9,} {r['steps']:>6} {r['tokens']:>9,} "
+              f"{r['tokens_per_s']:>7.0f} {r['final_bpb']:>8.4f}")
+    print(f"unigram baseline {result['unigram_bpb']:.4f} bits/byte; curves: {png}; data: {out / 'quality.json'}")
+    return 0
