@@ -61,4 +61,4 @@ def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dty
 def is_quantizable(name: str, t: torch.Tensor) -> bool:
     """The tensors DeepSeek-V3 stores in FP8: the 2D projection matrices of attention, MLPs and experts. The
     embedding, output head, router, norms and the routing bias stay in the model dtype."""
-    return t.dim() == 2 and name.endswith("_proj.weight") and ".mlp.gate." not in name
+    return t.dim() == 2 and name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and ".mlp.gate." not in name
