@@ -80,3 +80,24 @@ def test_fp8_export_dequantised_identically_by_transformers(tmp_path):
     with torch.no_grad():
         diff = (ref(x).logits - ours(x)).abs().max().item()
     assert diff <= 1e-4, f"max |logits diff| {diff:.2e}"
+
+
+def test_fp8_export_quantises_what_deepseek_v3_ships_in_fp8(tmp_path):
+    """DeepSeek-V3's checkpoint stores every projection of attention, MLPs and experts in FP8, including
+    kv_a_proj_with_mqa (576 x 7168 with a 5 x 56 scale grid: its last row block is partial), and keeps the embedding,
+    output head, routers, norms and routing bias in bf16/fp32. Engines (SGLang's fused q_a/kv_a) expect both scales."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    qiusuo.save_hf(qiusuo.Transformer(qiusuo.get_config("tiny")), tmp_path / "m", fp8=True, progress=False)
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        fp8 = {k for k in keys if f.get_slice(k).get_dtype() == "F8_E4M3"}
+    for k in keys - fp8:
+        assert k.endswith("_scale_inv") or not k.endswith(("_proj.weight", "_proj_with_mqa.weight")) \
+            or k.endswith("eh_proj.weight"), f"{k} should be FP8"
+    for k in fp8:
+        assert k + "_scale_inv" in keys
+        assert ".mlp.gate." not in k and "embed_tokens" not in k and "head" not in k and "norm" not in k
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in fp8
+    assert "model.layers.1.mlp.experts.0.gate_proj.weight" in fp8
