@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("qiusuo.demo", "prepare the default corpus, train the demo MoE, sample from it (the main job)"),
     "prepare": ("qiusuo.data.prepare", "corpus -> BPE tokenizer -> token shards"),
+    "train": ("qiusuo.train.run", "pretrain from a TOML run config (presets: demo, tiny, bench) with --key=value overrides"),
     "convert": ("qiusuo.hf.convert", "re-save a checkpoint in Hugging Face layout (dtype, FP8 blocks, shards)"),
     "inspect": ("qiusuo.hf.inspect", "what a checkpoint holds: architecture, parameters, dtype, MTP, FP8, shards"),
     "bench": ("qiusuo.bench", "benchmarks against transformers in the same run (train, decode, ...)"),

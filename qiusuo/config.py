@@ -259,6 +259,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
         num_experts_per_tok=4, n_group=4, topk_group=2, max_position_embeddings=2048,
     ),
+    # `qiusuo demo`: the lowest held-out bits per byte in 5 minutes on 2 CPU cores (sweep in qiusuo/presets/demo.toml)
+    "demo": dict(
+        model_type="deepseek_v3", vocab_size=8192, hidden_size=192, intermediate_size=512, moe_intermediate_size=128,
+        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=6, q_lora_rank=None, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=1, topk_group=1, max_position_embeddings=1024, tie_word_embeddings=True,
+    ),
     "deepseek-v2-lite": dict(
         model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
         moe_intermediate_size=1408, num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16,

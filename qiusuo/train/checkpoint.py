@@ -1,0 +1,186 @@
+"""Training checkpoints: atomic, verifiable, and enough to continue a run bit for bit.
+
+Layout: `RUN/checkpoints/step_000500/`
+    model.safetensors    weights in the Hugging Face layout, with config.json beside them (a loadable model folder)
+    optimizer.pt         AdamW state (tensors and numbers only: loads with `weights_only=True`)
+    trainer.pt           step, elapsed seconds, data-loader position, RNG states
+    run.toml             the exact run config
+    meta.json            step, code version, and the sha256 + size of every file above; written last
+
+Why this shape: a checkpoint is written into `.tmp-step_...`, every file fsynced, the folder renamed into place and
+the parent fsynced, so a crash leaves either the old set of checkpoints or the new one, never a half folder under
+a real name. `meta.json` (last file, with hashes) lets `load` tell a complete checkpoint from a damaged one even
+when the damage happened after the rename (a truncated copy, a full disk on another machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import qiusuo
+from qiusuo.hf import from_hf_state_dict, save_hf
+
+META = "meta.json"
+PREFIX = "step_"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or damaged; the message says which file and what to do."""
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def code_version() -> dict:
+    """qiusuo's version, the git commit (and whether the tree was dirty) when run from a checkout, and a hash
+    of the package's .py files, which identifies the code even outside git."""
+    root = Path(qiusuo.__file__).parent
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    out = {"qiusuo": getattr(qiusuo, "__version__", "0.1.0"), "torch": torch.__version__, "source_sha256": h.hexdigest()}
+    try:
+        git = ["git", "-C", str(root.parent)]
+        out["git_commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        out["git_dirty"] = bool(subprocess.run(git + ["status", "--porcelain", "--", "qiusuo"], capture_output=True, text=True, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def save_weights(model: nn.Module, path: Path, tokenizer=None) -> Path:
+    """Weights in the Hugging Face layout (`qiusuo.hf.save_hf`: model.safetensors, config.json), so a checkpoint
+    folder is also a model folder that `qiusuo.load_model`, `qiusuo chat` and transformers read. `path` must
+    not exist yet (save_hf writes it atomically)."""
+    return save_hf(model, path, tokenizer=tokenizer, progress=False)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Inverse of `save_weights` into an existing model (routing biases included: they are persistent buffers)."""
+    device = str(next(model.parameters()).device)
+    tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(f, device=device))
+    try:
+        from_hf_state_dict(model, tensors, strict=True)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path} does not match the model ({e}); resume with the run config saved in "
+                              f"{path}/run.toml") from e
+
+
+def save(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+         trainer_state: dict, run_toml: str, keep: int) -> Path:
+    """Write checkpoint `step` atomically under RUN/checkpoints and keep only the last `keep`. Returns its path."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_weights(model, tmp)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(trainer_state, tmp / "trainer.pt")
+    (tmp / "run.toml").write_text(run_toml)
+    files = {}
+    for p in sorted(tmp.iterdir()):
+        _fsync_file(p)
+        files[p.name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+    meta = {"step": step, "code": code_version(), "files": files}
+    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    _fsync_file(tmp / META)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint folders with a meta.json, oldest first (no hashing: `verify` does that)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / META).is_file())
+
+
+def verify(path: Path) -> dict:
+    """meta.json of a complete, undamaged checkpoint; `CheckpointError` naming the problem otherwise."""
+    meta_path = path / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {META}: its writing was interrupted); "
+                              f"resume from an earlier checkpoint in {path.parent}")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{meta_path} is damaged ({e}); resume from an earlier checkpoint") from e
+    for name, info in meta["files"].items():
+        p = path / name
+        if not p.is_file():
+            raise CheckpointError(f"{p} is missing; the checkpoint is incomplete, resume from an earlier one")
+        if p.stat().st_size != info["bytes"] or _sha256(p) != info["sha256"]:
+            raise CheckpointError(f"{p} does not match its hash in {META} (truncated or modified); "
+                                  f"resume from an earlier checkpoint")
+    return meta
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """`--resume` accepts a run folder (-> its latest complete checkpoint) or one checkpoint folder. Interrupted
+    writes (`.tmp-*` folders) are reported and skipped."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; pass a run folder or one of its checkpoints/step_* folders")
+    if (path / "checkpoints").is_dir() or path.name == "checkpoints":
+        run_dir = path.parent if path.name == "checkpoints" else path
+        partial = sorted(p.name for p in (run_dir / "checkpoints").glob(".tmp-*"))
+        done = complete_checkpoints(run_dir)
+        if partial:
+            warnings.warn(f"{run_dir}/checkpoints holds interrupted checkpoint writes {partial}; they are ignored"
+                          + (f", resuming from {done[-1].name}" if done else ""), stacklevel=2)
+        if not done:
+            raise CheckpointError(f"{run_dir}/checkpoints holds no complete checkpoint to resume from")
+        return done[-1]
+    return path
+
+
+def load(path: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """Verify, then restore weights (and optimizer state); returns the trainer state dict saved with it."""
+    path = resolve(path)
+    verify(path)
+    load_weights(model, path)
+    device = next(model.parameters()).device
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=device, weights_only=True))
+    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    state["path"] = str(path)
+    return state

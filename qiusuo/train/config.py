@@ -1,0 +1,326 @@
+"""Run configuration: small dataclasses, one per section, read from TOML and overridden on the command line.
+
+A run config names a model preset (`[model] preset = "demo"`) and may override any `ModelConfig` field in the
+same table (`hidden_size = 192`). Every other section is a dataclass below; its fields and defaults are the
+documentation (`qiusuo train --help` prints them all). Overrides use dotted keys: `--optim.lr=3e-4`,
+`--train.minutes=2`, `--model.num_hidden_layers=3`. An unknown key is an error that names the closest known key.
+
+Precision: `run.precision = "auto"` trains in fp32 on CPU and with bf16 autocast on CUDA. CPUs without native
+bf16 (AVX2-only, e.g. the 2-core EPYC this was tuned on) run bf16 matmuls ~50x slower than fp32, so bf16 on CPU is
+opt-in (`--run.precision=bf16`), worth it only on CPUs with AMX/AVX512-BF16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import inspect
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qiusuo.config import ModelConfig, get_config
+
+
+@dataclass
+class RunSection:
+    out_dir: str = "runs/train"  # checkpoints, metrics.jsonl, plots, samples and the final model go here
+    seed: int = 0  # model init, data order, sampling
+    device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
+    compile: bool = False  # torch.compile the model (worth it on CUDA; minutes of compile time on a CPU)
+    progress: bool = True  # tqdm bar on stderr
+    threads: int = 0  # CPU threads for torch (0: torch's default); 1 is faster on a CPU shared with other jobs
+
+
+@dataclass
+class ModelSection:
+    preset: str = "demo"  # a name from qiusuo.config.PRESETS
+    overrides: dict = field(default_factory=dict)  # ModelConfig fields, written flat in [model] in TOML
+
+    def build(self, vocab_size: int | None = None) -> ModelConfig:
+        """The model config; `vocab_size` from the data's tokenizer wins unless the run overrides it."""
+        extra = {} if vocab_size is None or "vocab_size" in self.overrides else {"vocab_size": vocab_size}
+        return get_config(self.preset, **{**extra, **self.overrides})
+
+
+@dataclass
+class DataSection:
+    dir: str = "runs/data"  # output of `qiusuo prepare` (tokenizer.json, train/, val/)
+    batch_size: int = 8  # sequences per micro-batch per rank
+    seq_len: int = 256  # tokens per sequence
+
+
+@dataclass
+class TrainSection:
+    steps: int = 1000  # optimizer steps (the schedule's length when no time budget is set)
+    minutes: float = 0.0  # wall-clock budget; > 0: stop when spent and run the LR schedule on elapsed time
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
+    mtp_weight: float = 0.3  # lambda of the multi-token-prediction loss (ignored without MTP modules)
+    log_every: int = 10  # steps between metrics.jsonl lines
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-3  # peak learning rate
+    weight_decay: float = 0.1  # decoupled (AdamW); never on norms, biases or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class ScheduleSection:
+    kind: str = "cosine"  # "cosine" (warmup, cosine to min) | "wsd" (warmup, stable, linear decay) | "constant"
+    warmup_steps: int = 50  # linear warmup from 0 over these optimizer steps
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd: the last share of training that decays
+
+
+@dataclass
+class EvalSection:
+    every: int = 100  # steps between validation evaluations (0: only at the end)
+    batches: int = 8  # validation batches per periodic evaluation; the final one reads the whole split
+    sample_every: int = 0  # steps between sample generations (0: only at the end)
+    sample_tokens: int = 64  # new tokens per sample
+    prompts: list = field(default_factory=lambda: ["def ", "import os\n", "class Parser:\n    def __init__(self"])
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 500  # steps between checkpoints (0: only at the end)
+    keep: int = 2  # keep the last K checkpoints
+
+
+@dataclass
+class BalanceSection:
+    gamma: float = 1e-3  # aux-loss-free bias speed (DeepSeek-V3: 1e-3)
+    alpha: float = 0.0  # sequence-wise balance loss weight (DeepSeek-V3: 1e-4)
+
+
+@dataclass
+class ParallelSection:
+    dp: str = "none"  # data parallel: "none" | "ddp" | "fsdp" (launched with torchrun; qiusuo.train.distributed)
+    ep: int = 1  # expert-parallel degree
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    balance: BalanceSection = field(default_factory=BalanceSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+
+    def validate(self) -> None:
+        def bad(key: str, why: str) -> ValueError:
+            section, name = key.split(".")
+            return ValueError(f"run config {key}={getattr(getattr(self, section), name)!r}: {why}")
+
+        for key in ("data.batch_size", "data.seq_len", "train.grad_accum"):
+            s, n = key.split(".")
+            if getattr(getattr(self, s), n) < 1:
+                raise bad(key, "must be >= 1")
+        if self.train.steps < 1 and self.train.minutes <= 0:
+            raise bad("train.steps", "must be >= 1 (or set train.minutes)")
+        if self.optim.lr <= 0:
+            raise bad("optim.lr", "must be positive")
+        if self.schedule.kind not in ("cosine", "wsd", "constant"):
+            raise bad("schedule.kind", "use 'cosine', 'wsd' or 'constant'")
+        if not 0 <= self.schedule.min_lr_ratio <= 1:
+            raise bad("schedule.min_lr_ratio", "must be in [0, 1]")
+        if not 0 < self.schedule.decay_fraction <= 1:
+            raise bad("schedule.decay_fraction", "must be in (0, 1]")
+        if self.run.precision not in ("auto", "fp32", "bf16"):
+            raise bad("run.precision", "use 'auto', 'fp32' or 'bf16'")
+        if self.parallel.dp not in ("none", "ddp", "fsdp"):
+            raise bad("parallel.dp", "use 'none', 'ddp' or 'fsdp'")
+        if self.parallel.ep < 1:
+            raise bad("parallel.ep", "must be >= 1")
+        if self.checkpoint.keep < 1:
+            raise bad("checkpoint.keep", "must be >= 1")
+        self.model.build()  # raises ValueError naming a bad model field or preset
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["model"] = {"preset": self.model.preset, **self.model.overrides}
+        return d
+
+    def to_toml(self) -> str:
+        """The exact config as TOML (recorded next to every checkpoint; `qiusuo train --config` reads it back)."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+MODEL_FIELDS = {f.name: f for f in dataclasses.fields(ModelConfig)}
+
+
+def all_keys() -> list[str]:
+    """Every settable dotted key (model fields included)."""
+    keys = []
+    for section, factory in SECTIONS.items():
+        if section == "model":
+            keys += ["model.preset"] + [f"model.{n}" for n in MODEL_FIELDS]
+        else:
+            keys += [f"{section}.{f.name}" for f in dataclasses.fields(factory())]
+    return keys
+
+
+def _unknown(key: str) -> ValueError:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return ValueError(f"unknown run config key {key!r}{hint} (`qiusuo train --help` lists every key)")
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Check a TOML value against the field's default type; strings from the command line are parsed."""
+    if isinstance(value, str) and not isinstance(default, str):
+        value = _parse_cli_value(value)
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ValueError(f"run config {key}={value!r}: expected {type(default).__name__}")
+    return value
+
+
+def _parse_cli_value(text: str) -> Any:
+    """`3e-4` -> float, `true` -> bool, `[1, 2]` -> list, anything else stays a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def set_key(cfg: RunConfig, key: str, value: Any) -> None:
+    """Set one dotted key, checking that it exists and that the value has the right type."""
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise _unknown(key)
+    if section == "model":
+        if name == "preset":
+            cfg.model.preset = _coerce(key, value, "")
+        elif name in MODEL_FIELDS:
+            # types are checked by ModelConfig.validate when the config is built
+            keep_str = isinstance(MODEL_FIELDS[name].default, str)
+            cfg.model.overrides[name] = _parse_cli_value(value) if isinstance(value, str) and not keep_str else value
+        else:
+            raise _unknown(key)
+        return
+    obj = getattr(cfg, section)
+    if name not in {f.name for f in dataclasses.fields(obj)}:
+        raise _unknown(key)
+    setattr(obj, name, _coerce(key, value, getattr(obj, name)))
+
+
+def from_dict(d: dict) -> RunConfig:
+    cfg = RunConfig()
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise _unknown(section + ".")
+        if not isinstance(values, dict):
+            raise ValueError(f"run config [{section}] must be a table, got {values!r}")
+        for name, value in values.items():
+            set_key(cfg, f"{section}.{name}", value)
+    return cfg
+
+
+def preset_path(name: str) -> Path | None:
+    """A run preset shipped in qiusuo/presets/ (package data), or None."""
+    p = importlib.resources.files("qiusuo") / "presets" / f"{name}.toml"
+    return Path(str(p)) if p.is_file() else None
+
+
+def preset_names() -> list[str]:
+    root = importlib.resources.files("qiusuo") / "presets"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".toml")) if root.is_dir() else []
+
+
+def load_run_config(source: str | Path, overrides: list[str] | dict | None = None) -> RunConfig:
+    """A preset name (`demo`, `tiny`, `bench`) or a TOML path, then overrides: `["--optim.lr=3e-4", ...]` or a
+    dict of dotted keys. The result is validated."""
+    path = Path(source)
+    if not path.is_file():
+        path = preset_path(str(source))
+        if path is None:
+            raise FileNotFoundError(f"run config {source!r} is neither a TOML file nor a preset ({', '.join(preset_names())})")
+    with open(path, "rb") as f:
+        cfg = from_dict(tomllib.load(f))
+    apply_overrides(cfg, overrides)
+    cfg.validate()
+    return cfg
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str] | dict | None) -> None:
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    else:
+        items = []
+        for arg in overrides or []:
+            key, eq, value = arg.removeprefix("--").partition("=")
+            if not eq:
+                raise ValueError(f"override {arg!r} must look like --section.key=value (e.g. --optim.lr=3e-4)")
+            items.append((key, value))
+    for key, value in items:
+        set_key(cfg, key, value)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The `# why` comment after each field in the dataclass source: the help text of its key."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.*)$", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def key_help() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every key; model fields take their defaults from the preset."""
+    rows = []
+    base = RunConfig()
+    for section, factory in SECTIONS.items():
+        if section == "model":
+            rows.append(("model.preset", base.model.preset, "model size from qiusuo.config.PRESETS"))
+            rows += [(f"model.{n}", None, "ModelConfig field (default: the preset's)") for n in MODEL_FIELDS]
+            continue
+        obj = getattr(base, section)
+        comments = _field_comments(type(obj))
+        rows += [(f"{section}.{f.name}", getattr(obj, f.name), comments.get(f.name, "")) for f in dataclasses.fields(obj)]
+    return rows

@@ -1,0 +1,67 @@
+"""AdamW with the usual parameter groups, and learning-rate schedules as pure functions of progress.
+
+Groups: matrices (linear weights, 3D expert weights, the router) get decoupled weight decay; norms, biases and
+embeddings do not (decaying an embedding row shrinks rare tokens toward zero for no benefit; decaying a norm
+gain fights the scale it exists to learn). The output head is a matrix and decays, as in nanoGPT.
+
+Schedules are functions of (step, progress in [0, 1]) rather than a stateful torch scheduler, so a resumed run
+recomputes the same learning rate from its step alone, and a time-budgeted run can use elapsed/budget as
+progress when the number of steps is not known in advance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qiusuo.train.config import OptimSection, ScheduleSection
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: `decay` (2D+ weights of Linear layers and experts) and `no_decay` (norm gains, biases,
+    embeddings). Tied weights appear once (in the embedding's no-decay group)."""
+    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.dim() < 2 or id(p) in embed_ids else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+    fused = all(p.is_cuda for p in model.parameters())  # the fused kernel exists on CUDA only
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps, fused=fused or None)
+
+
+def lr_factor(cfg: ScheduleSection, step: int, progress: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based) at `progress` in [0, 1] of the run.
+
+    warmup: linear from 1/warmup to 1 over `warmup_steps` steps (by step, so a short time-budgeted run warms up
+    the same way as a long one); then
+    cosine:   min + (1 - min) * (1 + cos(pi * p)) / 2 with p the progress after warmup, reaching min at the end;
+    wsd:      1 until the last `decay_fraction` of progress, then linear to min (warmup-stable-decay);
+    constant: 1.
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    p = min(max(progress, 0.0), 1.0)
+    lo = cfg.min_lr_ratio
+    if cfg.kind == "cosine":
+        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
+    if cfg.kind == "wsd":
+        start = 1 - cfg.decay_fraction
+        return 1.0 if p <= start else 1 - (1 - lo) * (p - start) / cfg.decay_fraction
+    return 1.0
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
