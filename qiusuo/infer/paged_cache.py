@@ -1,0 +1,184 @@
+"""Paged latent cache: a pool of fixed-size blocks shared by every request, with a prefix cache.
+
+Each layer's cache is one flat tensor `(num_blocks * block_size, C)` (C = kv_lora_rank + qk_rope_head_dim, the
+MLA latent); a sequence owns a block table, token position p lives at slot `table[p // bs] * bs + p % bs`.
+Requests of any length join and leave without copying anybody's cache, and memory is bounded by the pool.
+
+Prefix cache (like vLLM's, with small blocks): a FULL block is named by `hash((parent_hash, its token ids))`,
+so two prompts that agree on their first k blocks share them. Blocks have reference counts; a cached block whose
+count drops to 0 is not wiped but parked in an LRU list, reused by the next prompt with the same prefix or
+evicted (oldest first) when fresh blocks run out. Blocks are only written while their owner is the only
+reader: a shared block is full, and writes go to positions past the shared prefix.
+
+`PagedBatch` is the view the model sees for one forward pass (the latent cache protocol of
+`qiusuo.model.cache`): it writes the new latents to their slots and gathers every row's context, padded to the
+longest row and masked.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from qiusuo.config import ModelConfig
+
+
+@dataclass
+class BlockTable:
+    """One sequence's blocks. `hashes[i]` is set once block i is full and registered in the prefix cache."""
+
+    blocks: list[int] = field(default_factory=list)
+    hashes: list[int | None] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose latents are in the cache
+    num_shared: int = 0  # prompt tokens found in the prefix cache at allocation
+
+
+class BlockPool:
+    """The block pool of all layers: `data` is (L, num_blocks * block_size, C)."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, device=None,
+                 dtype: torch.dtype = torch.float32):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.data = torch.zeros(cfg.num_hidden_layers, num_blocks * block_size, cfg.latent_dim, device=device,
+                                dtype=dtype)
+        self.refcount = [0] * num_blocks
+        self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, oldest first
+        self.by_hash: dict[int, int] = {}  # prefix hash -> block
+        self.block_hash: dict[int, int] = {}  # block -> prefix hash
+        self.block_tokens: dict[int, tuple[int, ...]] = {}  # block -> its tokens (guards against hash collisions)
+        self.hit_tokens = 0  # prompt tokens served from the prefix cache, for /metrics
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes per token over all layers: num_layers x C x element size (= `cfg.cache_bytes_per_token`)."""
+        return self.data.shape[0] * self.data.shape[2] * self.data.element_size()
+
+    @property
+    def used_blocks(self) -> int:
+        """Blocks some running sequence holds (parked prefix-cache blocks are free to reuse)."""
+        return self.num_blocks - len(self.free) - len(self.lru)
+
+    @staticmethod
+    def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+        return hash((parent, tokens))
+
+    def _match(self, tokens: list[int]) -> list[int]:
+        """Cached blocks holding the longest full-block prefix of `tokens` (read-only probe)."""
+        bs, out, parent = self.block_size, [], None
+        for i in range(len(tokens) // bs):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = self.chain_hash(parent, chunk)
+            b = self.by_hash.get(h)
+            if b is None or self.block_tokens[b] != chunk:
+                break
+            out.append(b)
+            parent = h
+        return out
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, prompt: list[int], total_tokens: int) -> BlockTable | None:
+        """Blocks for a sequence that will hold up to `total_tokens`, reusing cached blocks of `prompt`'s prefix.
+        At least the last prompt token is always recomputed (its logits start decoding). None if the pool
+        cannot hold it now (the caller waits for running sequences to finish)."""
+        shared = self._match(prompt[: max(len(prompt) - 1, 0)])
+        fresh = self.blocks_for(total_tokens) - len(shared)
+        revived = sum(1 for b in shared if self.refcount[b] == 0)
+        if fresh > len(self.free) + len(self.lru) - revived:
+            return None
+        table = BlockTable()
+        for b in shared:
+            if self.refcount[b] == 0:
+                del self.lru[b]
+            self.refcount[b] += 1
+            table.blocks.append(b)
+            table.hashes.append(self.block_hash[b])
+        for _ in range(fresh):
+            b = self._take()
+            self.refcount[b] = 1
+            table.blocks.append(b)
+            table.hashes.append(None)
+        table.num_cached = table.num_shared = len(shared) * self.block_size
+        self.hit_tokens += table.num_shared
+        return table
+
+    def _take(self) -> int:
+        if self.free:
+            return self.free.pop()
+        b, _ = self.lru.popitem(last=False)  # evict the least recently used cached block
+        del self.by_hash[self.block_hash.pop(b)]
+        del self.block_tokens[b]
+        return b
+
+    def register(self, table: BlockTable, tokens: list[int]) -> None:
+        """Name every newly filled block of `table` (tokens = the sequence's tokens, at least num_cached)."""
+        bs = self.block_size
+        for i in range(table.num_cached // bs):
+            if table.hashes[i] is not None:
+                continue
+            parent = table.hashes[i - 1] if i else None
+            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            h = self.chain_hash(parent, chunk)
+            table.hashes[i] = h
+            b = table.blocks[i]
+            if h not in self.by_hash:  # else an identical block exists already; ours stays private
+                self.by_hash[h], self.block_hash[b], self.block_tokens[b] = b, h, chunk
+
+    def release(self, table: BlockTable) -> None:
+        """Drop the sequence's references; cached blocks park in the LRU (tail blocks first, so a shared prefix
+        outlives its continuations), the rest return to the free list."""
+        for b in reversed(table.blocks):
+            self.refcount[b] -= 1
+            if self.refcount[b] == 0:
+                if b in self.block_hash:
+                    self.lru[b] = None
+                else:
+                    self.free.append(b)
+        table.blocks, table.hashes = [], []
+
+    def slots(self, tables: list[BlockTable], length: int) -> torch.Tensor:
+        """(B, length) flat slot of each position of each row; positions past a row's blocks map to slot 0."""
+        nb = self.blocks_for(length)
+        bt = torch.zeros(len(tables), nb, dtype=torch.long)
+        for r, t in enumerate(tables):
+            k = min(len(t.blocks), nb)
+            bt[r, :k] = torch.tensor(t.blocks[:k], dtype=torch.long)
+        pos = torch.arange(length)
+        return (bt[:, pos // self.block_size] * self.block_size + pos % self.block_size).to(self.data.device)
+
+
+class PagedBatch:
+    """The latent-cache protocol over `pool` for one forward pass of rows `tables`, each adding T tokens."""
+
+    def __init__(self, pool: BlockPool, tables: list[BlockTable], T: int):
+        device = pool.data.device
+        self.pool, self.tables, self.T = pool, tables, T
+        starts = torch.tensor([t.num_cached for t in tables], dtype=torch.long, device=device)  # (B,)
+        self.S = max(t.num_cached for t in tables) + T
+        self.max_len = pool.num_blocks * pool.block_size
+        self._positions = starts[:, None] + torch.arange(T, device=device)  # (B, T)
+        self.slots = pool.slots(tables, self.S)  # (B, S)
+        self.write = self.slots.gather(1, self._positions)  # (B, T)
+        if T == 1 and all(t.num_cached == tables[0].num_cached for t in tables):
+            self.mask = None  # one new token per row, equal lengths: every gathered slot is attended
+        else:
+            self.mask = (torch.arange(self.S, device=device)[None, None, :] <= self._positions[:, :, None])[:, None]
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self._positions
+
+    def update(self, layer: int, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        data = self.pool.data[layer]  # (N * bs, C)
+        data.index_copy_(0, self.write.reshape(-1), latent.reshape(-1, latent.shape[-1]).to(data.dtype))
+        B = len(self.tables)
+        return data.index_select(0, self.slots.reshape(-1)).view(B, self.S, -1), self.mask  # (B, S, C)
+
+    def advance(self, T: int) -> None:
+        for t in self.tables:
+            t.num_cached += T

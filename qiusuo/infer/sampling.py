@@ -1,0 +1,113 @@
+"""Per-request sampling: parameters (validated on construction), the top_k/top_p/min_p filters, and one
+sampled token per row of a batch of logits.
+
+Every sample of every request draws from its own `torch.Generator` (seeded from `seed` and the sample's index),
+so a seeded request gives the same tokens whatever else shares its batch. Filters follow vLLM's order:
+temperature, then top_k, then top_p on the renormalised top_k set, then min_p relative to the most likely token.
+Logprobs are the model's own distribution (log_softmax of the raw logits), as in OpenAI's and vLLM's APIs, so
+they do not depend on the sampling settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks for; out-of-range values raise ValueError naming the field."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # keep the smallest set of most likely tokens whose probability reaches top_p
+    top_k: int = 0  # keep the k most likely tokens; 0 or -1 = all
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)  # stop strings: the output ends before them
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's EOS and <|end|>
+    ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    n: int = 1  # independent samples of the same prompt (they share its cached blocks)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the k most likely
+
+    def __post_init__(self) -> None:
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        checks = [
+            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("temperature", 0.0 <= self.temperature <= 2.0 and not math.isnan(self.temperature), "must be in [0, 2]"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
+            ("top_k", self.top_k >= 0, "must be -1 or 0 (off) or a positive count"),
+            ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
+            ("n", 1 <= self.n <= 64, "must be in [1, 64]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+
+    def generator(self, index: int = 0, device: torch.device | str | None = None) -> torch.Generator:
+        """The private random stream of sample `index`: `seed + index` when seeded, fresh entropy otherwise."""
+        gen = torch.Generator(device=device or "cpu")
+        gen.manual_seed(self.seed + index if self.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        return gen
+
+
+@dataclass
+class Sampled:
+    """One step's choice per row: token ids; when any row asked for logprobs, every row's chosen-token logprob
+    and its `logprobs`-many top (id, logprob) pairs."""
+
+    tokens: list[int]
+    logprobs: list[float] | None
+    top: list[list[tuple[int, float]]] | None
+
+
+def filter_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Filtered distributions for rows of logits (B, V), all rows at once: returns probs (B, V) over token ids
+    (B, V), both sorted by decreasing logit, filtered-out entries 0. Per-row params are (B,) tensors; top_k 0,
+    top_p 1 and min_p 0 turn a filter off. temperature must be > 0."""
+    x = logits.float() / temperature[:, None]
+    x, ids = x.sort(-1, descending=True)  # (B, V)
+    V = x.shape[-1]
+    rank = torch.arange(V, device=x.device)[None, :]
+    k = torch.where(top_k > 0, top_k, V).to(x.device)
+    probs = torch.softmax(x.masked_fill(rank >= k[:, None], float("-inf")), -1)
+    before = probs.cumsum(-1) - probs  # mass of the more likely tokens
+    probs = probs.masked_fill(before >= top_p[:, None].to(x.device), 0.0)  # the top token always stays
+    probs = probs.masked_fill(probs < min_p[:, None].to(x.device) * probs[:, :1], 0.0)
+    return probs / probs.sum(-1, keepdim=True), ids
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> Sampled:
+    """Next token per row of logits (B, V). Greedy rows (temperature 0) share one argmax; sampled rows are
+    filtered together and each draws from its own generator."""
+    logits = logits.float()
+    tokens = logits.argmax(-1)  # (B,)
+    rows = [r for r, p in enumerate(params) if p.temperature > 0]
+    if rows:
+        ps = [params[r] for r in rows]
+        probs, ids = filter_probs(logits[rows], torch.tensor([p.temperature for p in ps]),
+                                  torch.tensor([p.top_k for p in ps]), torch.tensor([p.top_p for p in ps]),
+                                  torch.tensor([p.min_p for p in ps]))
+        for j, r in enumerate(rows):
+            g, row = gens[r], probs[j]
+            if g is not None and g.device != row.device:
+                row = row.to(g.device)  # a generator draws only on its own device
+            tokens[r] = ids[j, int(torch.multinomial(row, 1, generator=g))]
+    out = tokens.tolist()
+    want = [p.logprobs for p in params]
+    if all(k is None for k in want):
+        return Sampled(out, None, None)
+    lp = torch.log_softmax(logits, -1)  # (B, V)
+    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    kmax = max(k or 0 for k in want)
+    top_v, top_i = lp.topk(kmax, -1) if kmax else (lp[:, :0], lp[:, :0].long())
+    top = [list(zip(top_i[r, : k or 0].tolist(), top_v[r, : k or 0].tolist())) for r, k in enumerate(want)]
+    return Sampled(out, chosen, top)
