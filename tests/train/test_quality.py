@@ -5,6 +5,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from qiusuo.config import count_params, get_config
 from qiusuo.data.prepare import prepare
@@ -31,8 +32,16 @@ def test_dense_twin_of_a_dense_model_is_an_error():
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("quality_data")
-    prepare(out, max_bytes=250_000, vocab_size=512, val_fraction=0.1, progress=False)
+    prepare(out, max_bytes=150_000, vocab_size=512, val_fraction=0.05, progress=False)
     return out
+
+
+@pytest.fixture
+def restore_threads():
+    """`run.threads=1` (fast on a CPU shared with other jobs) sets torch's global thread count; put it back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 def parse(argv):
@@ -41,11 +50,12 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def test_compare_trains_both_arms_and_writes_results(data_dir, tmp_path, capsys):
+def test_compare_trains_both_arms_and_writes_results(data_dir, tmp_path, capsys, restore_threads):
     out = tmp_path / "q"
     args = parse(["--config", "tiny", "--data", str(data_dir), "--out", str(out), "--minutes", "30", "--steps", "12",
                   "--eval-every", "1e9", "--eval-batches", "2", "--no-progress",
-                  "--set", "data.batch_size=4", "--set", "data.seq_len=64", "--set", "schedule.warmup_steps=2"])
+                  "--set", "data.batch_size=4", "--set", "data.seq_len=64", "--set", "schedule.warmup_steps=2",
+                  "--set", "run.threads=1"])
     assert run_quality(args) == 0
     result = json.loads((out / "quality.json").read_text())
     assert (out / "quality.png").stat().st_size > 0
