@@ -30,8 +30,11 @@ def device_sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Achieved FLOP/s of one large square matmul: the denominator of MFU on this machine."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, repeats: int = 5) -> float:
+    """Achieved FLOP/s of one large square matmul: the denominator of MFU on this machine. On a CPU without
+    native bf16 (AVX2 only) a bf16 matmul runs ~50x slower than fp32, so the size there is kept small."""
+    if n is None:
+        n = 8192 if device.type == "cuda" else (1024 if dtype == torch.float32 else 512)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = median_time(lambda: a @ b, repeats=repeats, sync=device_sync(device))

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> dict:
     model.to(dtype)
     new = args.new_tokens
     print(f"device {device}, {args.dtype}, config {args.preset}: prompt {args.prompt_len} + {new} new tokens, "
-          f"latent cache {cfg.cache_bytes_per_token(torch.finfo(dtype).bits // 8)} bytes/token")
+          f"latent cache {cfg.cache_bytes_per_token(torch.finfo(dtype).bits // 8)} bytes/token", flush=True)
     results = {}
     for B in args.batch:
         x = torch.randint(0, cfg.vocab_size, (B, args.prompt_len), device=device)
@@ -47,9 +47,9 @@ def run(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 t = median_time(fn, repeats=args.repeats, warmup=1, sync=device_sync(device))
             results[(who, B)] = B * new / t
-            print(f"batch {B:3d} {who:15s} {results[(who, B)]:9.1f} tokens/s")
+            print(f"batch {B:3d} {who:15s} {results[(who, B)]:9.1f} tokens/s", flush=True)
         if twin is not None:
             for who in runs:
                 if who != "transformers":
-                    print(f"batch {B:3d} {who} / transformers: {results[(who, B)] / results[('transformers', B)]:.2f}x")
+                    print(f"batch {B:3d} {who} / transformers: {results[(who, B)] / results[('transformers', B)]:.2f}x", flush=True)
     return {f"{w}/{b}": v for (w, b), v in results.items()}

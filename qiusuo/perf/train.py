@@ -20,7 +20,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference")
-    p.add_argument("--compile", action="store_true", help="also measure qiusuo under torch.compile")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="precisions to measure (bf16 = autocast; slow on CPUs without native bf16)")
 
 
 def step_fn(model, x, y, opt, autocast_dtype, qiusuo: bool):
@@ -51,19 +52,18 @@ def run(args: argparse.Namespace) -> dict:
     y = torch.roll(x, -1, dims=1)
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
     flops_tok = train_flops_per_token(cfg, T, count_params(cfg)["active"])
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s")
-    print(f"config {args.preset}: batch {B} x {T} tokens, {flops_tok / 1e6:.1f} MFLOP per token (6N + attention)")
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}", flush=True)
+    print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
+    print(f"config {args.preset}: batch {B} x {T} tokens, {flops_tok / 1e6:.1f} MFLOP per token (6N + attention)", flush=True)
     results = {}
     model = Transformer(cfg).to(device).train()
     twin = None if args.no_reference else transformers_twin(model)
     if twin is not None:
         twin.train()
-    variants = [("fp32", None), ("bf16", torch.bfloat16)]
-    for name, dt in variants:
+    variants = {"fp32": None, "bf16": torch.bfloat16}
+    for name in args.dtypes:
+        dt = variants[name]
         runs = [("qiusuo", model, True)]
-        if args.compile:
-            runs.append(("qiusuo+compile", torch.compile(model), True))
         if twin is not None:
             runs.append(("transformers", twin, False))
         for who, m, ours in runs:
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict:
             tps = B * T / t
             mfu = tps * flops_tok / peaks[name]
             results[(who, name)] = tps
-            print(f"{name:5s} {who:15s} {tps:10.0f} tokens/s   MFU {100 * mfu:5.1f}%")
+            print(f"{name:5s} {who:15s} {tps:10.0f} tokens/s   MFU {100 * mfu:5.1f}%", flush=True)
         if twin is not None:
-            print(f"{name:5s} speedup over transformers: {results[('qiusuo', name)] / results[('transformers', name)]:.2f}x")
+            print(f"{name:5s} speedup over transformers: {results[('qiusuo', name)] / results[('transformers', name)]:.2f}x", flush=True)
     return {f"{w}/{n}": v for (w, n), v in results.items()}
