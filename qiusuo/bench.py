@@ -10,6 +10,8 @@ import importlib
 BENCHES: dict[str, tuple[str, str, str, str]] = {
     "train": ("qiusuo.perf.train", "add_args", "run", "training tokens/s and MFU vs transformers (bench config)"),
     "decode": ("qiusuo.perf.decode", "add_args", "run", "decoding tokens/s with the latent cache vs transformers"),
+    "engine": ("qiusuo.infer.bench", "add_decode_args", "run_decode", "serving engine decode tokens/s vs transformers"),
+    "serve": ("qiusuo.infer.bench", "add_serve_args", "run_serve", "load test: concurrent clients against the server"),
 }
 
 
