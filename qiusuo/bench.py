@@ -11,6 +11,7 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
     "train": ("qiusuo.perf.train", "add_args", "run", "training tokens/s and MFU vs transformers (bench config)"),
     "decode": ("qiusuo.perf.decode", "add_args", "run", "decoding tokens/s with the latent cache vs transformers"),
     "engine": ("qiusuo.infer.bench", "add_decode_args", "run_decode", "serving engine decode tokens/s vs transformers"),
+    "quality": ("qiusuo.train.quality", "add_quality_args", "run_quality", "MoE vs dense, same active params, same wall clock"),
     "serve": ("qiusuo.infer.bench", "add_serve_args", "run_serve", "load test: concurrent clients against the server"),
 }
 
