@@ -24,7 +24,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder: checkpoints, metrics, plots, samples, exported model")
     p.add_argument("--data", default="runs/data", help="token shards folder; prepared here when missing")
     p.add_argument("--config", default="demo", help="run preset or TOML file")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores other work leaves idle, by load average)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -33,7 +33,7 @@ class RunSection:
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
     compile: bool = False  # torch.compile the model (worth it on CUDA; minutes of compile time on a CPU)
     progress: bool = True  # tqdm bar on stderr
-    threads: int = 0  # CPU threads for torch (0: torch's default); 1 is faster on a CPU shared with other jobs
+    threads: int = 0  # CPU threads for torch; 0: the cores not busy with other work (load average), at least 1
 
 
 @dataclass

@@ -1,0 +1,128 @@
+"""Run config (TOML, overrides, bad keys, --help), optimizer groups and learning-rate schedule anchors."""
+
+import argparse
+import math
+
+import pytest
+import torch
+
+from qiusuo.config import get_config
+from qiusuo.model.transformer import Transformer
+from qiusuo.train import run
+from qiusuo.train.config import RunConfig, ScheduleSection, all_keys, load_run_config, preset_names
+from qiusuo.train.optim import build_optimizer, lr_factor, param_groups
+
+
+def test_presets_load_and_round_trip_through_toml(tmp_path):
+    assert {"demo", "tiny", "bench"} <= set(preset_names())
+    for name in ("demo", "tiny", "bench"):
+        cfg = load_run_config(name)
+        path = tmp_path / f"{name}.toml"
+        path.write_text(cfg.to_toml())
+        assert load_run_config(path).to_dict() == cfg.to_dict()
+
+
+def test_overrides_set_typed_values_and_model_fields():
+    cfg = load_run_config("tiny", ["--optim.lr=3e-4", "--train.minutes=2", "--model.hidden_size=96",
+                                   "--run.compile=true", "--eval.prompts=[\"x\", \"y\"]"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.minutes == 2.0 and cfg.run.compile is True
+    assert cfg.eval.prompts == ["x", "y"]
+    assert cfg.model.build().hidden_size == 96
+    assert cfg.model.build(vocab_size=300).vocab_size == 300  # the data's vocabulary wins...
+    assert load_run_config("tiny", {"model.vocab_size": 1000}).model.build(vocab_size=300).vocab_size == 1000  # ...unless set
+
+
+@pytest.mark.parametrize("key, near", [("optim.lrr", "optim.lr"), ("train.step", "train.steps"),
+                                       ("model.hiden_size", "model.hidden_size"), ("balance.gama", "balance.gamma")])
+def test_unknown_key_suggests_the_closest(key, near, tmp_path):
+    with pytest.raises(ValueError, match=f"unknown run config key '{key}'; did you mean '{near}'"):
+        load_run_config("tiny", {key: 1})
+    section, name = key.split(".")
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[{section}]\n{name} = 1\n")
+    with pytest.raises(ValueError, match=f"did you mean '{near}'"):
+        load_run_config(path)
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ValueError, match="optim.lr='fast': expected float"):
+        load_run_config("tiny", {"optim.lr": "fast"})
+    with pytest.raises(ValueError, match="schedule.kind"):
+        load_run_config("tiny", {"schedule.kind": "linear"})
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        load_run_config("tiny", {"model.num_experts_per_tok": 99})
+    with pytest.raises(ValueError, match="unknown model size 'tinny'.*did you mean 'tiny'"):
+        load_run_config("tiny", {"model.preset": "tinny"})
+    with pytest.raises(FileNotFoundError, match="neither a TOML file nor a preset"):
+        load_run_config("no_such_preset")
+
+
+def test_cli_lists_every_key_and_hints_on_typos(capsys):
+    p = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run.add_args(p)
+    text = p.format_help()
+    for key in all_keys():
+        assert f"--{key}" in text, key
+    assert "(default: 0.003)" in text  # optim.lr's default is shown
+    args = p.parse_args(["--config", "tiny", "--optim.lr", "1e-4", "--model.num_hidden_layers=3"])
+    assert run.overrides(args) == {"optim.lr": "1e-4", "model.num_hidden_layers": "3"}
+    with pytest.raises(SystemExit):
+        p.parse_args(["--config", "tiny", "--optim.lrr=1"])
+    assert "did you mean --optim.lr?" in capsys.readouterr().err
+
+
+def test_optimizer_groups():
+    model = Transformer(get_config("tiny", tie_word_embeddings=True))
+    groups = param_groups(model, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay = {names[id(p)] for p in groups[0]["params"]}
+    no_decay = {names[id(p)] for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert not decay & no_decay
+    assert decay | no_decay == set(names.values())  # every parameter once (the tied head is the embedding)
+    assert "embed_tokens.weight" in no_decay
+    assert all("norm" in n or n == "embed_tokens.weight" for n in no_decay)
+    assert {"layers.1.mlp.experts.gate_up_proj", "layers.1.mlp.gate.weight", "layers.0.self_attn.q_a_proj.weight"} <= decay
+    assert all(p.dim() >= 2 for p in groups[0]["params"])
+    opt = build_optimizer(model, RunConfig().optim)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_lr_schedule_anchors():
+    cos = ScheduleSection(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(cos, 0, 0.0) == pytest.approx(0.1)
+    assert lr_factor(cos, 4, 0.0) == pytest.approx(0.5)
+    assert lr_factor(cos, 9, 0.0) == pytest.approx(1.0)
+    assert lr_factor(cos, 10, 0.0) == pytest.approx(1.0)
+    assert lr_factor(cos, 500, 0.5) == pytest.approx(0.55)
+    assert lr_factor(cos, 1000, 1.0) == pytest.approx(0.1)
+    assert lr_factor(cos, 1000, 1.7) == pytest.approx(0.1)  # past the end it stays at the floor
+    wsd = ScheduleSection(kind="wsd", warmup_steps=0, min_lr_ratio=0.0, decay_fraction=0.2)
+    assert lr_factor(wsd, 5, 0.3) == 1.0 and lr_factor(wsd, 5, 0.8) == pytest.approx(1.0)
+    assert lr_factor(wsd, 5, 0.9) == pytest.approx(0.5)
+    assert lr_factor(wsd, 5, 1.0) == pytest.approx(0.0)
+    const = ScheduleSection(kind="constant", warmup_steps=2)
+    assert lr_factor(const, 0, 0.0) == 0.5 and lr_factor(const, 7, 0.9) == 1.0
+    # monotone after warmup
+    vals = [lr_factor(cos, 10, p / 100) for p in range(101)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    assert not math.isnan(sum(vals))
+
+
+def test_adamw_matches_torch_reference_on_one_step():
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny"))
+    ref = Transformer(get_config("tiny"))
+    ref.load_state_dict(model.state_dict())
+    cfg = RunConfig().optim
+    ours = build_optimizer(model, cfg)
+    decay = [p for n, p in ref.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in ref.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    theirs = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                               lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    x = torch.randint(0, 512, (2, 8))
+    for m, o in ((model, ours), (ref, theirs)):
+        m(x, labels=x).loss.backward()
+        o.step()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

@@ -1,0 +1,186 @@
+"""The training loop end to end on a tiny model and a tiny slice of the stdlib: it learns, resumes bit for bit,
+survives a crash mid checkpoint, balances experts, and stops cleanly on a NaN."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from qiusuo.data.prepare import prepare
+from qiusuo.hf import load_model
+from qiusuo.model.moe import moe_routers
+from qiusuo.model.transformer import Transformer
+from qiusuo.train import checkpoint as ckpt
+from qiusuo.train.config import load_run_config
+from qiusuo.train.metrics import read
+from qiusuo.train.trainer import Trainer, TrainingDiverged
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_data")
+    prepare(out, max_bytes=150_000, vocab_size=512, val_fraction=0.1, progress=False)
+    return out
+
+
+def tiny_cfg(data_dir, out_dir, **overrides):
+    base = {"data.dir": str(data_dir), "run.out_dir": str(out_dir), "run.progress": False, "data.batch_size": 4,
+            "data.seq_len": 32, "train.steps": 12, "train.log_every": 1, "schedule.warmup_steps": 3,
+            "eval.every": 0, "eval.batches": 2, "eval.sample_tokens": 4, "eval.prompts": ["def "],
+            "checkpoint.every": 0, "model.max_position_embeddings": 64}
+    return load_run_config("tiny", {**base, **overrides})
+
+
+def train_losses(run_dir):
+    return [r["loss"] for r in read(run_dir) if r["kind"] == "train"]
+
+
+def test_tiny_run_lowers_val_loss_and_writes_everything(data_dir, tmp_path):
+    cfg = tiny_cfg(data_dir, tmp_path / "run", **{"train.steps": 40, "optim.lr": 1e-2, "eval.every": 20})
+    trainer = Trainer(cfg)
+    before = trainer.evaluate()
+    summary = trainer.train()
+    assert summary["val_loss"] < before.loss - 0.5, (before, summary)
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2) / trainer.val_shards.bytes_per_token)
+    assert summary["val_bpb"] < summary["unigram_bpb"] * 1.5  # sane scale: near the unigram floor after 40 steps
+    run = tmp_path / "run"
+    for name in ("metrics.jsonl", "run.toml", "loss.png", "lr.png", "throughput.png", "expert_load.png"):
+        assert (run / name).is_file(), name
+    recs = read(run)
+    assert [r["step"] for r in recs if r["kind"] == "val"] == [20, 40]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, 41))
+    assert summary["samples"] and isinstance(summary["samples"][0]["text"], str)
+    # the exported folder is a Hugging Face model folder that loads back to the same function
+    exported = load_model(summary["model"], progress=False)
+    x = torch.randint(0, 512, (2, 16))
+    trainer.model.eval()
+    torch.testing.assert_close(exported(x), trainer.model(x), rtol=0, atol=0)
+
+
+def test_resume_equals_uninterrupted_run_bitwise(data_dir, tmp_path, monkeypatch):
+    full = Trainer(tiny_cfg(data_dir, tmp_path / "full"))
+    full.train()
+
+    cfg = tiny_cfg(data_dir, tmp_path / "cut")
+    first = Trainer(cfg)
+    real_step = Trainer.train_step
+
+    def interrupt_at_7(self):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupt_at_7)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()  # Ctrl-C saves a checkpoint at step 7
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "cut")] == ["step_000007"]
+
+    second = Trainer(cfg, resume=tmp_path / "cut")
+    assert second.step == 7
+    second.train()
+    assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")  # exact float equality
+    a, b = full.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for pa, pb in zip(full.optimizer.state.values(), second.optimizer.state.values()):
+        assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = tiny_cfg(data_dir, run, **{"train.steps": 8, "checkpoint.every": 4})
+    trainer = Trainer(cfg)
+    real_save = torch.save
+
+    def crash_on_second_optimizer_write(obj, f, *a, **kw):
+        if str(f).endswith("optimizer.pt") and "step_000008" in str(f):
+            raise OSError("disk full (simulated)")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "save", crash_on_second_optimizer_write)
+    with pytest.raises(OSError, match="simulated"):
+        trainer.train()
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+
+    root = run / "checkpoints"
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step_000004"]
+    partial = [p for p in root.iterdir() if p.name.startswith(".tmp-step_000008")]
+    assert len(partial) == 1
+    with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
+        Trainer(cfg, resume=partial[0])
+    with pytest.warns(UserWarning, match="interrupted checkpoint writes"):
+        resumed = Trainer(cfg, resume=run)
+    assert resumed.step == 4
+    assert resumed.train()["steps"] == 8
+
+    # damage after the fact (a truncated copy) is caught by the hashes in meta.json
+    last = ckpt.complete_checkpoints(run)[-1]
+    data = (last / "optimizer.pt").read_bytes()
+    (last / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="optimizer.pt does not match its hash"):
+        Trainer(cfg, resume=last)
+
+
+def test_balancing_bias_moves_and_max_violation_falls(data_dir, tmp_path):
+    cfg = tiny_cfg(data_dir, tmp_path / "run", **{"train.steps": 14, "balance.gamma": 0.02, "optim.lr": 1e-3})
+    trainer = Trainer(cfg)
+    routers = moe_routers(trainer.model)
+    with torch.no_grad():  # start badly imbalanced: the bias sends most tokens to expert 0
+        for r in routers:
+            r.e_score_correction_bias[0] = 0.3
+    start = [r.e_score_correction_bias.clone() for r in routers]
+    trainer.train()
+    for r, s in zip(routers, start):
+        assert r.e_score_correction_bias[0] < s[0] - 0.1  # the overloaded expert's bias came down
+        assert not torch.equal(r.e_score_correction_bias, s)
+    vio = [r["max_vio"] for r in read(tmp_path / "run") if r["kind"] == "train"]  # (steps, moe layers)
+    first, last = torch.tensor(vio[:3]).mean(0), torch.tensor(vio[-5:]).mean(0)
+    assert (last < 0.5 * first).all(), (first, last)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    cfg = tiny_cfg(data_dir, run, **{"train.steps": 10, "checkpoint.every": 4})
+    trainer = Trainer(cfg)
+    real_forward = Transformer.forward
+    calls = {"n": 0}
+
+    def nan_at_call_6(self, *a, **kw):
+        out = real_forward(self, *a, **kw)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 6:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", nan_at_call_6)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at step 6.*step_000004"):
+        trainer.train()
+    assert trainer.step == 5
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # the bad step was not applied
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["step_000004"]
+    ckpt.verify(ckpt.complete_checkpoints(run)[0])
+
+
+def test_missing_data_and_empty_corpus_give_the_data_stage_errors(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="qiusuo prepare"):
+        Trainer(load_run_config("tiny", {"data.dir": str(tmp_path / "nowhere")}))
+    import argparse
+
+    from qiusuo import demo
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    p = argparse.ArgumentParser()
+    demo.add_args(p)
+    args = p.parse_args([str(empty), "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert demo.main(args) == 2
+    assert "no non-empty documents" in capsys.readouterr().err
+
+
+def test_summary_is_json(data_dir, tmp_path):
+    summary = Trainer(tiny_cfg(data_dir, tmp_path / "run", **{"train.steps": 2})).train()
+    json.dumps(summary)
