@@ -26,23 +26,25 @@ def one_thread():
 TOL = 1e-4
 BASE = dict(vocab_size=128, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
             first_k_dense_replace=1, num_attention_heads=4, kv_lora_rank=16, qk_nope_head_dim=8,
-            qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+            qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1,
             max_position_embeddings=256, initializer_range=0.15, bos_token_id=0, eos_token_id=1)
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
 YARN_V2 = {**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}
 
 CASES = {
-    "v3-qlora-groups-norm-untied": ("v3", dict(q_lora_rank=16, n_group=4, topk_group=2, norm_topk_prob=True,
-                                               routed_scaling_factor=2.5)),
-    "v3-noqlora-nonorm-yarn-tied": ("v3", dict(q_lora_rank=None, n_group=2, topk_group=1, norm_topk_prob=False,
-                                               routed_scaling_factor=1.5, rope_parameters=YARN,
+    "v3-qlora-groups-norm-untied": ("v3", dict(q_lora_rank=16, n_group=4, topk_group=2, num_experts_per_tok=2,
+                                               norm_topk_prob=True, routed_scaling_factor=2.5)),
+    "v3-noqlora-nonorm-yarn-tied": ("v3", dict(q_lora_rank=None, n_group=2, topk_group=1, num_experts_per_tok=2,
+                                               norm_topk_prob=False, routed_scaling_factor=1.5, rope_parameters=YARN,
                                                tie_word_embeddings=True)),
-    "v2-grouped-yarn-untied": ("v2", dict(q_lora_rank=None, topk_method="group_limited_greedy", n_group=4,
-                                          topk_group=2, norm_topk_prob=False, routed_scaling_factor=2.0,
-                                          rope_parameters=YARN_V2)),
+    # more experts per token than kept groups: otherwise group-limited selection equals plain top-k
+    "v2-grouped-yarn-untied": ("v2", dict(q_lora_rank=None, topk_method="group_limited_greedy", n_group=2,
+                                          topk_group=1, num_experts_per_tok=3, norm_topk_prob=False,
+                                          routed_scaling_factor=2.0, rope_parameters=YARN_V2)),
     "v2-greedy-qlora-tied": ("v2", dict(q_lora_rank=16, topk_method="greedy", n_group=1, topk_group=1,
-                                        norm_topk_prob=False, routed_scaling_factor=1.0, tie_word_embeddings=True)),
+                                        num_experts_per_tok=2, norm_topk_prob=False, routed_scaling_factor=1.0,
+                                        tie_word_embeddings=True)),
 }
 
 
@@ -106,3 +108,27 @@ def test_save_hf_loads_in_transformers_with_identical_logits(case, tmp_path):
     with torch.no_grad():
         diff = (ref(x).logits - ours(x)).abs().max().item()
     assert diff <= TOL, f"{case}: max |logits diff| {diff:.2e}"
+
+
+@pytest.mark.parametrize("case", ["v3-noqlora-nonorm-yarn-tied", "v2-grouped-yarn-untied"])
+def test_tolerance_is_not_vacuous(case, tmp_path):
+    """Each routing/rotary feature the cases cover moves the logits far beyond TOL when we get it wrong on purpose."""
+    family, kw = CASES[case]
+    hf_model(family, **kw).save_pretrained(tmp_path)
+    x = torch.randint(0, BASE["vocab_size"], (3, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        good = qiusuo.load_model(tmp_path)(x)
+    cfg = qiusuo.load_model(tmp_path).cfg
+    wrong = {"norm_topk_prob": not cfg.norm_topk_prob, "routed_scaling_factor": 1.0 + cfg.routed_scaling_factor,
+             "topk_group": cfg.n_group, "rope_scaling": None}
+    for field, value in wrong.items():
+        model = qiusuo.Transformer(cfg.replace(**{field: value}))
+        model.load_state_dict(qiusuo.load_model(tmp_path).state_dict())
+        with torch.no_grad():
+            assert (model.eval()(x) - good).abs().max() > 100 * TOL, field
+    if cfg.topk_method == "noaux_tc":
+        model = qiusuo.load_model(tmp_path)
+        for r in moe_routers(model):
+            r.e_score_correction_bias.zero_()
+        with torch.no_grad():
+            assert (model(x) - good).abs().max() > 100 * TOL, "e_score_correction_bias"
