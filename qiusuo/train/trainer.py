@@ -275,7 +275,8 @@ class Trainer:
                     loads = torch.tensor(m["load"])
                     window_load = loads if window_load is None else window_load + loads
                     window_vio.append(m["max_vio"])
-                last = self.step == t.steps
+                # the last step of the run: log it, and leave evaluation and the checkpoint to the end of the run
+                last = self.step == t.steps or (budget is not None and self.elapsed + time.perf_counter() - start >= budget)
                 if self.step % t.log_every == 0 or last:
                     now = time.perf_counter()
                     tps = window_steps * self.tokens_per_step / max(now - window_t, 1e-9)
