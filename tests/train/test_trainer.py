@@ -25,7 +25,7 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_cfg(data_dir, out_dir, **overrides):
-    base = {"data.dir": str(data_dir), "run.out_dir": str(out_dir), "run.progress": False, "data.batch_size": 4,
+    base = {"data.dir": str(data_dir), "run.out_dir": str(out_dir), "run.progress": False, "run.threads": 1, "data.batch_size": 4,
             "data.seq_len": 32, "train.steps": 12, "train.log_every": 1, "schedule.warmup_steps": 3,
             "eval.every": 0, "eval.batches": 2, "eval.sample_tokens": 4, "eval.prompts": ["def "],
             "checkpoint.every": 0, "model.max_position_embeddings": 64}
