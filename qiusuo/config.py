@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")

@@ -12,7 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -39,7 +38,8 @@ def _write_json(path: Path, obj: dict) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (the directory entry itself is data)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -116,12 +116,12 @@ def save_hf(model: nn.Module, path: str | Path, tokenizer=None, fp8: bool = Fals
         _write_json(tmp / "generation_config.json", gen)
         if tokenizer is not None:
             tokenizer.save(tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         if path.exists():
             os.rename(path, old)
         os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old.exists():
             shutil.rmtree(old)
     except BaseException:

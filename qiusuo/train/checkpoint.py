@@ -29,6 +29,7 @@ from torch import nn
 
 import qiusuo
 from qiusuo.hf import from_hf_state_dict, save_hf
+from qiusuo.hf.save import fsync_dir
 
 META = "meta.json"
 PREFIX = "step_"
@@ -41,14 +42,6 @@ class CheckpointError(RuntimeError):
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -116,11 +109,11 @@ def save(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: tor
     meta = {"step": step, "code": code_version(), "files": files}
     (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     _fsync_file(tmp / META)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final

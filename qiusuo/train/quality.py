@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from qiusuo.config import ModelConfig, count_params, get_config
+from qiusuo.config import ModelConfig, count_params
 from qiusuo.data.shards import unigram_bits_per_byte
 from qiusuo.train.config import RunConfig, load_run_config
 

@@ -1,6 +1,5 @@
 """Sources: order, include globs, the default stdlib corpus, the split, and every bad-input error."""
 
-import json
 import os
 
 import pytest

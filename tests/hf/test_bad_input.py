@@ -12,15 +12,6 @@ from qiusuo import Transformer, get_config
 from qiusuo.hf import CheckpointError, load_model, save_hf
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation (on a busy 2-core machine a 2-thread forward of
-    these models was 60x slower than a 1-thread one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 VICTIM = "model.layers.1.self_attn.kv_b_proj.weight"
 
 

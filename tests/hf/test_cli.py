@@ -3,20 +3,10 @@ against `count_params` and the files themselves."""
 
 import json
 
-import pytest
 import torch
 
 import qiusuo
 from qiusuo.cli import main as cli
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_convert_fp8_and_back_then_inspect(tmp_path, capsys):

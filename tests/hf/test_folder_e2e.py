@@ -13,15 +13,6 @@ from qiusuo.data.tokenizer import Tokenizer
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation (on a busy 2-core machine a 2-thread forward of
-    these models was 60x slower than a 1-thread one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 CORPUS = ["the quick brown fox jumps over the lazy dog\n", "def f(x):\n    return x * 2\n",
           "hello world, hello qiusuo\n", "中文 and text\n"] * 5
 

@@ -14,15 +14,6 @@ import qiusuo
 from qiusuo.hf.fp8 import BLOCK, dequantize_blocks, quantize_blocks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def block_scale(s: torch.Tensor, R: int, C: int) -> torch.Tensor:
     """Each element's block scale, by index arithmetic (not the repeat the implementation uses)."""
     return s[torch.arange(R)[:, None] // BLOCK, torch.arange(C)[None, :] // BLOCK]

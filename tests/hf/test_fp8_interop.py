@@ -18,15 +18,6 @@ import qiusuo
 from qiusuo.model.moe import moe_routers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: intra-op threads only add synchronisation (on a busy 2-core machine a 2-thread forward of
-    these models was 60x slower than a 1-thread one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 BLOCK = 128
 
 
