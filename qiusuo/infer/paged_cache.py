@@ -33,6 +33,7 @@ class BlockTable:
     hashes: list[int | None] = field(default_factory=list)
     num_cached: int = 0  # tokens whose latents are in the cache
     num_shared: int = 0  # prompt tokens found in the prefix cache at allocation
+    num_hashed: int = 0  # leading blocks already named (registering is incremental)
 
 
 class BlockPool:
@@ -105,6 +106,7 @@ class BlockPool:
             table.blocks.append(b)
             table.hashes.append(None)
         table.num_cached = table.num_shared = len(shared) * self.block_size
+        table.num_hashed = len(shared)
         self.hit_tokens += table.num_shared
         return table
 
@@ -119,9 +121,7 @@ class BlockPool:
     def register(self, table: BlockTable, tokens: list[int]) -> None:
         """Name every newly filled block of `table` (tokens = the sequence's tokens, at least num_cached)."""
         bs = self.block_size
-        for i in range(table.num_cached // bs):
-            if table.hashes[i] is not None:
-                continue
+        for i in range(table.num_hashed, table.num_cached // bs):
             parent = table.hashes[i - 1] if i else None
             chunk = tuple(tokens[i * bs:(i + 1) * bs])
             h = self.chain_hash(parent, chunk)
@@ -129,6 +129,7 @@ class BlockPool:
             b = table.blocks[i]
             if h not in self.by_hash:  # else an identical block exists already; ours stays private
                 self.by_hash[h], self.block_hash[b], self.block_tokens[b] = b, h, chunk
+        table.num_hashed = max(table.num_hashed, table.num_cached // bs)
 
     def release(self, table: BlockTable) -> None:
         """Drop the sequence's references; cached blocks park in the LRU (tail blocks first, so a shared prefix
@@ -145,10 +146,7 @@ class BlockPool:
     def slots(self, tables: list[BlockTable], length: int) -> torch.Tensor:
         """(B, length) flat slot of each position of each row; positions past a row's blocks map to slot 0."""
         nb = self.blocks_for(length)
-        bt = torch.zeros(len(tables), nb, dtype=torch.long)
-        for r, t in enumerate(tables):
-            k = min(len(t.blocks), nb)
-            bt[r, :k] = torch.tensor(t.blocks[:k], dtype=torch.long)
+        bt = torch.tensor([t.blocks[:nb] + [0] * (nb - len(t.blocks)) for t in tables], dtype=torch.long)  # (B, nb)
         pos = torch.arange(length)
         return (bt[:, pos // self.block_size] * self.block_size + pos % self.block_size).to(self.data.device)
 
