@@ -1,0 +1,376 @@
+"""`qiusuo grpo`: group relative policy optimisation with rule-based rewards (DeepSeekMath, DeepSeek-R1).
+
+One step: draw P prompts from the task's train split; sample G completions each on the serving engine
+(`qiusuo.rl.rollout`); score them with the reward functions (`qiusuo.rl.rewards`); advantages within each group
+`A = (r - mean(r)) / (std(r) + adv_eps)` (std unbiased, as in TRL); then `mu` optimizer steps on the batch with
+
+    ratio = pi / pi_old (per token),  J = min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A) - beta * KL_k3
+    KL_k3 = pi_ref / pi - log(pi_ref / pi) - 1   (unbiased, always >= 0; John Schulman's k3 estimator)
+
+and loss = -J averaged either over all completion tokens of the batch (`token`, DAPO / TRL `bnpo`: long
+completions weigh more) or per completion then over completions (`sequence`, the GRPO paper's 1/|o_i|).
+
+pi_old is the policy that sampled: its log-probabilities are recomputed by the training forward before the
+updates (with mu = 1 they equal the current ones, so ratio = 1 and only the gradient flows, as in TRL), not taken
+from the sampler, which does not report the stop token's (rollout.py). The reference is a frozen copy of the
+starting model, built only when beta > 0.
+
+Logged per step (metrics.jsonl, kind `grpo`): reward (total and per function), accuracy, KL, clip fraction,
+response length, the share of groups whose rewards are all equal (they give no gradient), rollout and training
+seconds and rollout tokens/s; periodically test accuracy (kind `eval`). Plots: reward.png and grpo.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from qiusuo.rl.rewards import RewardSpec, accuracy_reward, load_reward, score
+from qiusuo.rl.rollout import pack_rollouts, sample_groups, token_logprobs
+from qiusuo.rl.tasks import chat_messages, get_task
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """rewards (P, G) -> advantages (P, G): standardised within each group (unbiased std)."""
+    if rewards.shape[1] < 2:
+        raise ValueError("a group needs at least 2 completions: GRPO's advantage compares completions of the same "
+                         "prompt, and with one there is nothing to compare (set --group-size >= 2)")
+    return (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + eps)
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor | None, adv: torch.Tensor,
+              mask: torch.Tensor, epsilon: float, beta: float, norm: str = "token",
+              denom: float | None = None) -> tuple[torch.Tensor, dict]:
+    """The clipped GRPO objective as a loss (to minimise).
+
+    logp, old_logp, ref_logp, mask: (B, T) per token (mask 1 on completion tokens); adv: (B,) per completion.
+    norm "token": sum over all masked tokens / denom (default: their count); "sequence": each completion's mean
+    over its tokens, summed / denom (default: B). Pass the whole batch's denom when the batch is split into
+    micro-batches, so the gradient does not depend on the split. Returns (loss, sums of KL, clipped tokens and
+    tokens for logging)."""
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None]
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
+    per_token = -torch.min(ratio * a, clipped * a)  # (B, T)
+    kl = torch.zeros_like(logp)
+    if beta > 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        per_token = per_token + beta * kl
+    if norm == "token":
+        loss = (per_token * mask).sum() / (denom if denom is not None else mask.sum().clamp(min=1))
+    elif norm == "sequence":
+        per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
+        loss = per_seq.sum() / (denom if denom is not None else per_seq.shape[0])
+    else:
+        raise ValueError(f"loss normalisation must be 'token' or 'sequence', got {norm!r}")
+    with torch.no_grad():  # a token is clipped when the clip, not the ratio, decides the objective
+        is_clipped = ((ratio < 1 - epsilon) & (a < 0)) | ((ratio > 1 + epsilon) & (a > 0))
+        stats = {"kl_sum": float((kl * mask).sum()), "clipped_sum": float((is_clipped.float() * mask).sum()),
+                 "tokens": float(mask.sum())}
+    return loss, stats
+
+
+@dataclass
+class GRPOConfig:
+    model: str = ""  # a model folder with its tokenizer (e.g. the output of `qiusuo sft`: RUN/model)
+    task: str = "arithmetic"  # task spec (qiusuo.rl.tasks), e.g. arithmetic:digits=2 or countdown:count=3
+    out_dir: str = "runs/grpo"
+    steps: int = 50
+    prompts_per_step: int = 8  # P
+    group_size: int = 8  # G
+    max_tokens: int = 48  # per completion
+    temperature: float = 1.0
+    lr: float = 1e-4
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    epsilon: float = 0.2  # clip range
+    beta: float = 0.04  # KL weight (0: no reference model)
+    mu: int = 1  # policy updates per batch
+    loss_norm: str = "token"  # "token" | "sequence"
+    adv_eps: float = 1e-4
+    rewards: list = field(default_factory=lambda: ["accuracy", "format=0.1"])
+    micro_batch: int = 64  # completions per forward/backward
+    block_size: int = 4  # engine cache block (small: short prompts still share their prefix across the group)
+    eval_every: int = 10  # steps between test-accuracy checks (0: start and end only)
+    eval_n: int = 100  # test problems per check
+    seed: int = 0
+    threads: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"--group-size {self.group_size}: GRPO needs at least 2 completions per prompt, since "
+                             "its advantage compares completions of the same prompt (TRL and R1 use 8-64)")
+        checks = [("prompts_per_step", self.prompts_per_step >= 1), ("steps", self.steps >= 1),
+                  ("mu", self.mu >= 1), ("max_tokens", self.max_tokens >= 1), ("micro_batch", self.micro_batch >= 1),
+                  ("epsilon", 0 < self.epsilon < 1), ("beta", self.beta >= 0), ("temperature", self.temperature > 0),
+                  ("loss_norm", self.loss_norm in ("token", "sequence"))]
+        for name, ok in checks:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is out of range")
+        if not self.model:
+            raise ValueError("pass --model DIR (a model folder with its tokenizer, e.g. the output of qiusuo sft)")
+
+
+class GRPO:
+    """The run: `GRPO(cfg).train()`; `step()` does one rollout + update and returns its metrics."""
+
+    def __init__(self, cfg: GRPOConfig, model=None, tokenizer=None):
+        from qiusuo.train.trainer import cpu_threads, resolve_device
+
+        cfg.validate()
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(cpu_threads(cfg.threads))
+        if model is None:
+            import qiusuo
+
+            model, tokenizer = qiusuo.load_model(cfg.model, device=self.device, progress=False), qiusuo.load_tokenizer(cfg.model)
+        self.model, self.tok = model, tokenizer
+        self.task = get_task(cfg.task)
+        self.rewards: list[RewardSpec] = [load_reward(s) for s in cfg.rewards]
+        names = [r.name for r in self.rewards]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"--reward: need at least one, each name once; got {names}")
+        self.ref = None
+        if cfg.beta > 0:
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        from qiusuo.train.optim import param_groups
+
+        self.opt = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.lr, betas=(0.9, 0.99))
+        self.problems = self.task.problems("train", cfg.prompts_per_step * cfg.steps, seed=cfg.seed)
+        self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        self.step_no = 0
+
+    def _forward_logprobs(self, model, ids):
+        ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
+        with ctx:
+            return token_logprobs(model, ids, self.cfg.temperature)
+
+    def prompt_ids(self, problems) -> list[list[int]]:
+        tok = self.tok
+        return [tok.encode(tok.apply_chat_template(chat_messages(p, with_answer=False))) for p in problems]
+
+    def step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        P, G = cfg.prompts_per_step, cfg.group_size
+        problems = self.problems[self.step_no * P:(self.step_no + 1) * P]
+        t0 = time.perf_counter()
+        groups, stats = sample_groups(model, self.tok, self.prompt_ids(problems), G, cfg.temperature, cfg.max_tokens,
+                                      seed=cfg.seed * 1_000_003 + self.step_no * P * G, block_size=cfg.block_size)
+        t_roll = time.perf_counter() - t0
+        rollouts = [r for g in groups for r in g]
+        probs = [p for p in problems for _ in range(G)]
+        texts = [r.text for r in rollouts]
+        total, per, failed = score(self.rewards, texts, probs, step=self.step_no + 1)
+        r = torch.tensor(total).view(P, G)
+        adv = group_advantages(r, cfg.adv_eps).view(-1)  # (P*G,)
+
+        t1 = time.perf_counter()
+        # the policy stays in eval mode (the engine sets it): there is no dropout, and training mode would only
+        # make MoE routers count tokens for a bias update that RL does not do (it would move the policy off-gradient)
+        ids, mask = pack_rollouts(rollouts, self.pad, self.device)
+        n = len(rollouts)
+        chunks = [slice(i, min(i + cfg.micro_batch, n)) for i in range(0, n, cfg.micro_batch)]
+        with torch.no_grad():
+            old = [self._forward_logprobs(model, ids[c]) for c in chunks] if cfg.mu > 1 else None
+            ref = [self._forward_logprobs(self.ref, ids[c]) for c in chunks] if self.ref is not None else None
+        denom = float(mask.sum().clamp(min=1)) if cfg.loss_norm == "token" else float(n)
+        sums = {"kl_sum": 0.0, "clipped_sum": 0.0, "tokens": 0.0, "loss": 0.0}
+        adv = adv.to(self.device)
+        for _ in range(cfg.mu):
+            for k, c in enumerate(chunks):
+                logp = self._forward_logprobs(model, ids[c])
+                loss, st = grpo_loss(logp, old[k] if old is not None else logp.detach(),
+                                     ref[k] if ref is not None else None, adv[c], mask[c], cfg.epsilon, cfg.beta,
+                                     cfg.loss_norm, denom)
+                loss.backward()
+                sums["loss"] += float(loss.detach())
+                for key in st:
+                    sums[key] += st[key]
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            if not math.isfinite(float(gn)):
+                self.opt.zero_grad(set_to_none=True)
+                raise RuntimeError(f"gradient norm is {float(gn)} at GRPO step {self.step_no + 1}; lower --lr")
+            lr = cfg.lr * min(1.0, (self.step_no + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        t_train = time.perf_counter() - t1
+        self.step_no += 1
+
+        spread = r.max(1).values - r.min(1).values
+        gen = stats["generated_tokens"]
+        rec = {
+            "reward": float(r.mean()),
+            **{f"reward/{k}": sum(v) / n for k, v in per.items()},
+            **{f"failed/{k}": v for k, v in failed.items()},
+            "accuracy": sum(accuracy_reward(texts, probs)) / n,
+            "kl": sums["kl_sum"] / max(sums["tokens"], 1),
+            "clip_fraction": sums["clipped_sum"] / max(sums["tokens"], 1),
+            "loss": sums["loss"] / cfg.mu,
+            "response_length": sum(len(x.completion_ids) for x in rollouts) / n,
+            "zero_spread": float((spread == 0).float().mean()),
+            "grad_norm": float(gn),
+            "lr": lr,
+            "rollout_s": t_roll,
+            "train_s": t_train,
+            "rollout_tokens_per_s": gen / t_roll,
+            "prefix_cached": stats["cached_prompt_tokens"] / max(stats["prompt_tokens"], 1),
+        }
+        return rec
+
+    def evaluate(self) -> dict:
+        from qiusuo.rl.eval import evaluate
+
+        return evaluate(self.model, self.tok, self.task, n=self.cfg.eval_n, seed=self.cfg.seed,
+                        max_tokens=self.cfg.max_tokens)
+
+    def train(self) -> dict:
+        from qiusuo.train.metrics import MetricsLog
+
+        cfg = self.cfg
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "grpo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        log = MetricsLog(out, tensorboard=False)
+        t0 = time.perf_counter()
+        before = self.evaluate()
+        log.log("eval", 0, **before)
+        recs = []
+        bar = tqdm(total=cfg.steps, desc="grpo", disable=not cfg.progress, file=sys.stderr)
+        while self.step_no < cfg.steps:
+            rec = self.step()
+            recs.append(rec)
+            log.log("grpo", self.step_no, **rec)
+            bar.update(1)
+            bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}")
+            if cfg.eval_every and self.step_no % cfg.eval_every == 0 and self.step_no < cfg.steps:
+                log.log("eval", self.step_no, **self.evaluate())
+        bar.close()
+        after = self.evaluate()
+        log.log("eval", self.step_no, **after)
+        log.close()
+        plots = plot_grpo(out)
+        from qiusuo.hf import save_hf
+
+        final = save_hf(self.model, out / "model", tokenizer=self.tok, progress=False)
+        roll = sum(x["rollout_s"] for x in recs)
+        train = sum(x["train_s"] for x in recs)
+        k = max(1, len(recs) // 5)
+        return {
+            "steps": self.step_no,
+            "test_accuracy_before": before["accuracy"], "test_accuracy_after": after["accuracy"],
+            "reward_first_steps": sum(x["reward"] for x in recs[:k]) / k,
+            "reward_last_steps": sum(x["reward"] for x in recs[-k:]) / k,
+            "rollout_tokens_per_s": sum(x["rollout_tokens_per_s"] * x["rollout_s"] for x in recs) / max(roll, 1e-9),
+            "rollout_share": roll / max(roll + train, 1e-9),
+            "rollout_s": round(roll, 1), "train_s": round(train, 1),
+            "seconds": round(time.perf_counter() - t0, 1),
+            "model": str(final), "plots": [str(p) for p in plots],
+        }
+
+
+def plot_grpo(run_dir: str | Path) -> list[Path]:
+    """reward.png (total and per-function reward per step, test accuracy) and grpo.png (accuracy, KL, clip
+    fraction, response length, zero-spread groups, time split), from metrics.jsonl alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qiusuo.train.metrics import read
+
+    run_dir = Path(run_dir)
+    recs = read(run_dir)
+    steps_recs = [r for r in recs if r["kind"] == "grpo"]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    if not steps_recs:
+        return []
+    s = [r["step"] for r in steps_recs]
+    out = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(s, [r["reward"] for r in steps_recs], label="total reward", lw=1.5)
+    for k in sorted({k for r in steps_recs for k in r if k.startswith("reward/")}):
+        ax.plot(s, [r.get(k, float("nan")) for r in steps_recs], label=k, lw=1, alpha=0.8)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["accuracy"] for r in evals], "o-", color="k", label="test accuracy")
+    ax.set(xlabel="GRPO step", ylabel="mean over the batch", title="GRPO reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "reward.png", dpi=110)
+    plt.close(fig)
+    out.append(run_dir / "reward.png")
+
+    panels = [("accuracy", "train accuracy"), ("kl", "KL to reference (k3)"), ("clip_fraction", "clip fraction"),
+              ("response_length", "response length (tokens)"), ("zero_spread", "groups with zero reward spread"),
+              ("rollout_s", "seconds: rollout (blue) / train (orange)")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (key, title) in zip(axes.flat, panels):
+        ax.plot(s, [r[key] for r in steps_recs])
+        if key == "rollout_s":
+            ax.plot(s, [r["train_s"] for r in steps_recs])
+        ax.set(xlabel="step", title=title)
+    fig.tight_layout()
+    fig.savefig(run_dir / "grpo.png", dpi=110)
+    plt.close(fig)
+    out.append(run_dir / "grpo.png")
+    return out
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    d = GRPOConfig()
+    p.add_argument("--model", required=True, help="model folder with its tokenizer (e.g. RUN/model from qiusuo sft)")
+    p.add_argument("--task", default=d.task, help="task spec, e.g. arithmetic:digits=2,terms=2 or countdown:count=3")
+    p.add_argument("--out-dir", default=d.out_dir, help="metrics.jsonl, reward.png, grpo.png, final model in model/")
+    p.add_argument("--steps", type=int, default=d.steps, help="rollout + update rounds")
+    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step, help="prompts per step (P)")
+    p.add_argument("--group-size", type=int, default=d.group_size, help="completions per prompt (G >= 2)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="max tokens per completion")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (constant after warmup)")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
+    p.add_argument("--epsilon", type=float, default=d.epsilon, help="clip range of the probability ratio")
+    p.add_argument("--beta", type=float, default=d.beta, help="KL penalty weight to the frozen reference (0: none)")
+    p.add_argument("--mu", type=int, default=d.mu, help="policy updates per rollout batch")
+    p.add_argument("--loss-norm", choices=("token", "sequence"), default=d.loss_norm,
+                   help="average over all completion tokens, or per completion then over completions")
+    p.add_argument("--adv-eps", type=float, default=d.adv_eps, help="epsilon in (r - mean) / (std + eps)")
+    p.add_argument("--reward", dest="rewards", action="append", default=None,
+                   help="reward NAME[=WEIGHT], repeatable: accuracy, format, module:function or file.py:function "
+                        f"(default: {' '.join(d.rewards)})")
+    p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="completions per forward/backward")
+    p.add_argument("--block-size", type=int, default=d.block_size, help="engine cache block size (tokens)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between test-accuracy checks (0: start/end)")
+    p.add_argument("--eval-n", type=int, default=d.eval_n, help="test problems per check")
+    p.add_argument("--seed", type=int, default=d.seed, help="prompt order and sampling")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (0: the idle cores)")
+    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    kw = {k: v for k, v in vars(args).items() if k in GRPOConfig.__dataclass_fields__ and v is not None}
+    try:
+        summary = GRPO(GRPOConfig(**kw)).train()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"qiusuo grpo: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
