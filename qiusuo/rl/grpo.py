@@ -186,13 +186,17 @@ class GRPO:
         ids, mask = pack_rollouts(rollouts, self.pad, self.device)
         n = len(rollouts)
         chunks = [slice(i, min(i + cfg.micro_batch, n)) for i in range(0, n, cfg.micro_batch)]
+        # a batch whose groups all have equal rewards carries no policy gradient; without a KL term there is nothing
+        # to learn from it, and an Adam step would still move the weights on stale momentum, so it is skipped
+        skip = cfg.beta == 0 and not bool(adv.abs().max() > 0)
         with torch.no_grad():
-            old = [self._forward_logprobs(model, ids[c]) for c in chunks] if cfg.mu > 1 else None
+            old = [self._forward_logprobs(model, ids[c]) for c in chunks] if cfg.mu > 1 and not skip else None
             ref = [self._forward_logprobs(self.ref, ids[c]) for c in chunks] if self.ref is not None else None
         denom = float(mask.sum().clamp(min=1)) if cfg.loss_norm == "token" else float(n)
         sums = {"kl_sum": 0.0, "clipped_sum": 0.0, "tokens": 0.0, "loss": 0.0}
         adv = adv.to(self.device)
-        for _ in range(cfg.mu):
+        gn, lr = torch.zeros(()), cfg.lr
+        for _ in range(0 if skip else cfg.mu):
             for k, c in enumerate(chunks):
                 logp = self._forward_logprobs(model, ids[c])
                 loss, st = grpo_loss(logp, old[k] if old is not None else logp.detach(),
@@ -227,6 +231,7 @@ class GRPO:
             "response_length": sum(len(x.completion_ids) for x in rollouts) / n,
             "zero_spread": float((spread == 0).float().mean()),
             "grad_norm": float(gn),
+            "skipped": int(skip),
             "lr": lr,
             "rollout_s": t_roll,
             "train_s": t_train,

@@ -24,6 +24,7 @@ import random
 import re
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -306,7 +307,9 @@ def run_sft(cfg: SFTConfig, resume: str | None = None) -> dict:
     bar.close()
     ckpt.save(out, step, model, opt, {"step": step}, _toml(cfg), keep=2)
     log.close()
-    plot_run(out)
+    with warnings.catch_warnings():  # plot_run's validation panel is empty here (SFT has no val split)
+        warnings.simplefilter("ignore", UserWarning)
+        plot_run(out)
     from qiusuo.hf import save_hf
 
     final = save_hf(model, out / "model", tokenizer=tok, progress=False)

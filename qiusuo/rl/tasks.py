@@ -16,6 +16,7 @@ import ast
 import dataclasses
 import hashlib
 import random
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -179,7 +180,10 @@ def check_answer(problem: Problem, answer: str | None) -> bool:
     if len(text) > 200:  # bounded work on garbage
         return False
     try:
-        value, used = _safe_eval(ast.parse(text, mode="eval").body)
+        with warnings.catch_warnings():  # odd text like "1else" makes the parser warn; it is just a wrong answer
+            warnings.simplefilter("ignore", SyntaxWarning)
+            tree = ast.parse(text, mode="eval")
+        value, used = _safe_eval(tree.body)
     except (SyntaxError, ValueError, RecursionError):
         return False
     return sorted(used) == sorted(problem.numbers) and value == problem.target
