@@ -15,6 +15,10 @@ updates (with mu = 1 they equal the current ones, so ratio = 1 and only the grad
 from the sampler, which does not report the stop token's (rollout.py). The reference is a frozen copy of the
 starting model, built only when beta > 0.
 
+Learning rate: measured on the `tiny` preset SFT'd on 3-term addition (55% greedy test accuracy), 150 steps of
+P=8, G=8: lr 3e-4 fell to 7% within 50 steps (one fresh-Adam step moves every weight by ~lr, whatever its
+gradient's size), 1e-4 drifted down (55 -> 44%), 3e-5 climbed (55 -> 60 -> 66 -> 69%). Hence the default 3e-5.
+
 Logged per step (metrics.jsonl, kind `grpo`): reward (total and per function), accuracy, KL, clip fraction,
 response length, the share of groups whose rewards are all equal (they give no gradient), rollout and training
 seconds and rollout tokens/s; periodically test accuracy (kind `eval`). Plots: reward.png and grpo.png.
@@ -91,7 +95,7 @@ class GRPOConfig:
     group_size: int = 8  # G
     max_tokens: int = 48  # per completion
     temperature: float = 1.0
-    lr: float = 1e-4
+    lr: float = 3e-5  # see the module docstring: small models need it small too
     warmup_steps: int = 0
     grad_clip: float = 1.0
     epsilon: float = 0.2  # clip range

@@ -162,3 +162,21 @@ def test_short_grpo_run_raises_mean_reward(sft_model):
     assert after > before + 0.15
     assert all(r["clip_fraction"] == 0.0 for r in recs)  # mu = 1: the ratio is exactly 1
     assert all(0 <= r["zero_spread"] <= 1 and r["response_length"] > 0 for r in recs)
+
+
+def test_mu_updates_kl_and_a_failing_user_reward(sft_model, tmp_path, capsys):
+    f = tmp_path / "bad_reward.py"
+    f.write_text("def picky(completions, problems):\n    raise RuntimeError('cannot score this')\n")
+    model = qiusuo.load_model(sft_model, progress=False)
+    tok = qiusuo.load_tokenizer(sft_model)
+    cfg = GRPOConfig(model=sft_model, task="arithmetic", steps=3, prompts_per_step=3, group_size=4, max_tokens=16,
+                     lr=1e-3, beta=0.1, mu=3, loss_norm="sequence", micro_batch=5,
+                     rewards=["accuracy", "format", f"{f}:picky"], threads=1, progress=False)
+    g = GRPO(cfg, model, tok)
+    recs = [g.step() for _ in range(cfg.steps)]
+    assert all(r["failed/picky"] == 1 and r["reward/picky"] == 0.0 for r in recs)  # the run went on
+    assert "reward function 'picky' failed at step 1: RuntimeError: cannot score this" in capsys.readouterr().err
+    assert recs[0]["kl"] >= 0 and recs[-1]["kl"] > 0  # the policy has moved away from the frozen reference
+    assert any(r["clip_fraction"] > 0 for r in recs if not r["skipped"])  # mu = 3 with lr 1e-3 leaves the trust region
+    ref_w = dict(g.ref.named_parameters())
+    assert any(not torch.equal(p, ref_w[n]) for n, p in model.named_parameters())

@@ -4,7 +4,7 @@ import pytest
 
 from qiusuo.rl.rewards import (RewardSpec, accuracy_reward, extract_answer, format_ok, format_reward, load_reward,
                                score)
-from qiusuo.rl.tasks import Arithmetic, Countdown, Problem, check_answer, get_task
+from qiusuo.rl.tasks import Arithmetic, Problem, check_answer, get_task
 
 SPECS = ["arithmetic", "arithmetic:digits=2,terms=3,ops=+-*", "countdown", "countdown:count=4,max_number=20"]
 
