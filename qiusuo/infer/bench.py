@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import statistics
 import time
@@ -84,6 +85,8 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 32], help="requests decoded together")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference")
+    p.add_argument("--no-compile", action="store_true", help="skip the engine with a compiled decoding step "
+                   "(compiling each batch shape takes tens of seconds on a CPU, outside the timing)")
 
 
 def run_decode(args: argparse.Namespace) -> dict:
@@ -92,19 +95,23 @@ def run_decode(args: argparse.Namespace) -> dict:
     twin, how = (None, "") if args.no_reference else _twin(model, dtype)
     model.to(dtype)
     new, L = args.new_tokens, args.prompt_len
-    engine = Engine(model, tok, max_batch=max(args.batch), block_size=16, max_model_len=L + new)
+    engines = {"qiusuo engine": Engine(model, tok, max_batch=max(args.batch), block_size=16, max_model_len=L + new)}
+    if not args.no_compile:
+        engines["qiusuo compiled"] = Engine(model, tok, max_batch=max(args.batch), block_size=16,
+                                            max_model_len=L + new, compile=True)
+    engine = engines["qiusuo engine"]
     print(f"device {device}, {args.dtype}, {args.model or args.preset}: prompt {L} + {new} new tokens; "
           f"latent cache {engine.pool.bytes_per_token} bytes/token (formula "
           f"{cfg.cache_bytes_per_token(torch.finfo(dtype).bits // 8)}); reference: transformers generate, {how}")
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     results: dict[str, float] = {}
     for B in args.batch:
-        def ours():
+        def ours(engine: Engine):
             prompts = torch.randint(0, cfg.vocab_size, (B, L)).tolist()  # fresh ids: no prefix-cache hits
             outs = engine.generate(prompts, params)
             assert all(len(o.outputs[0].token_ids) == new for o in outs)
 
-        runs = {"qiusuo engine": ours}
+        runs = {who: functools.partial(ours, e) for who, e in engines.items()}
         if twin is not None:
             def ref():
                 x = torch.randint(0, cfg.vocab_size, (B, L), device=device)
@@ -115,10 +122,11 @@ def run_decode(args: argparse.Namespace) -> dict:
             with torch.inference_mode():
                 t = median_time(fn, repeats=args.repeats, warmup=1, sync=device_sync(device))
             results[f"{who}/{B}"] = B * new / t
-            print(f"batch {B:3d}  {who:14s} {B * new / t:9.1f} tokens/s  ({t:.2f} s per run, median of {args.repeats})")
+            print(f"batch {B:3d}  {who:15s} {B * new / t:9.1f} tokens/s  ({t:.2f} s per run, median of {args.repeats})")
         if twin is not None:
-            ratio = results[f"qiusuo engine/{B}"] / results[f"transformers/{B}"]
-            print(f"batch {B:3d}  engine / transformers: {ratio:.2f}x")
+            for who in engines:
+                ratio = results[f"{who}/{B}"] / results[f"transformers/{B}"]
+                print(f"batch {B:3d}  {who} / transformers: {ratio:.2f}x")
     return results
 
 

@@ -27,6 +27,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-memory-mb", type=int, default=None,
                    help="latent cache budget in MiB; unset: every batch row at full context, at most 1024")
     p.add_argument("--max-model-len", type=int, default=None, help="context length; unset: the model's")
+    p.add_argument("--compile", action="store_true", help="decode through torch.compile: ~2x faster small batches "
+                   "on a CPU, after tens of seconds of compiling per new batch shape")
 
 
 def load_engine(args: argparse.Namespace, max_batch: int = 32) -> Engine:
@@ -39,7 +41,7 @@ def load_engine(args: argparse.Namespace, max_batch: int = 32) -> Engine:
     tok = qiusuo.load_tokenizer(args.model)
     mem = args.cache_memory_mb * 2**20 if args.cache_memory_mb else None
     return Engine(model, tok, max_batch=max_batch, block_size=args.block_size, cache_memory=mem,
-                  max_model_len=args.max_model_len)
+                  max_model_len=args.max_model_len, compile=args.compile)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -2,9 +2,10 @@
 
 Between decoding steps, waiting sequences join (when the batch has room and the pool has blocks for their
 prompt plus `max_tokens`: reserving up front means a running sequence is never preempted) and finished ones
-leave, freeing their blocks at once. A new sequence is prefilled alone on the expanded MLA path (one SDPA over
-its uncached prompt tokens; cached prefix blocks are attended, not recomputed); all running sequences then
-decode together on the absorbed path, one token each, over their own block tables.
+leave, freeing their blocks at once. Newly admitted sequences are prefilled together on the expanded MLA path
+(their uncached prompt tokens right-padded into one batch; cached prefix blocks are attended, not recomputed);
+all running sequences then decode together on the absorbed path, one token each, over their own block tables.
+`compile=True` runs the decoding step through `torch.compile` (opt-in: compiling costs tens of seconds).
 
 The engine is single-threaded at heart: `step()` does all the work. `generate()` drives it in the caller's
 thread; `start()` runs it in a background thread for the server, which submits requests and aborts through
@@ -108,7 +109,8 @@ class Engine:
     batch row at full context, at most 1 GiB). max_model_len: prompt + output tokens per sequence."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, block_size: int = 16, cache_memory: int | None = None,
-                 max_model_len: int | None = None, cache_dtype: torch.dtype | None = None):
+                 max_model_len: int | None = None, cache_dtype: torch.dtype | None = None,
+                 max_prefill_tokens: int = 4096, compile: bool = False):
         self.model, self.tokenizer = model.eval(), tokenizer
         cfg = model.cfg
         p = next(model.parameters())
@@ -126,6 +128,8 @@ class Engine:
             raise ValueError(f"cache_memory={budget} bytes holds no block of {per_block} bytes; raise it")
         self.pool = BlockPool(cfg, num_blocks, block_size, device=self.device, dtype=dtype)
         self.max_model_len = min(self.max_model_len, num_blocks * block_size)
+        self.max_prefill_tokens = max(1, max_prefill_tokens)
+        self._step = self._compiled_step() if compile else None
         self.stop_ids = {i for i in (tokenizer.eos_id, tokenizer.token_to_id("<|end|>")) if i is not None}
         self.waiting: list[_Seq] = []
         self.running: list[_Seq] = []
@@ -136,6 +140,14 @@ class Engine:
         self._ids = itertools.count()
         self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "ttft_sum": 0.0, "ttft_count": 0,
                       "aborted": 0}
+
+    def _compiled_step(self):
+        """`model.decode_step` through `torch.compile`, fed fixed shapes: rows padded to a power of two and the
+        context gathered in multiples of 64 tokens, so a few compilations serve every batch (the first steps of
+        each new shape take tens of seconds on a CPU). Inductor's freezing folds the weights in as constants
+        (prepacked matmuls): after changing the weights, build a new Engine."""
+        options = {"freezing": True} if self.device.type == "cpu" else None
+        return torch.compile(self.model.decode_step, options=options)
 
     # ---- submitting ----
 
@@ -192,8 +204,17 @@ class Engine:
         """Admit and prefill waiting sequences, then decode one token for every sequence already running."""
         self._drain_inbox()
         decoding = [s for s in self.running if s.finish is None]
+        pending: list[_Seq] = []  # admitted, to prefill together
+        heads: set[tuple[int, ...]] = set()  # their first blocks
+        bs = self.pool.block_size
         while self.waiting and len(self.running) < self.max_batch:
             s = self.waiting[0]
+            head = tuple(s.req.prompt[:bs])
+            if head in heads and len(s.req.prompt) > bs:
+                # it would share cached blocks with a sequence admitted this step: prefill that one first, so the
+                # n samples of a request (and prompts with a common system prompt) compute their prefix once
+                self._prefill(pending)
+                pending, heads = [], set()
             table = self.pool.allocate(s.req.prompt, len(s.req.prompt) + s.req.params.max_tokens)
             if table is None:
                 break  # wait for running sequences to free blocks
@@ -201,23 +222,55 @@ class Engine:
             s.table = table
             s.req.cached_tokens += table.num_shared
             self.running.append(s)
-            self._prefill(s)
+            pending.append(s)
+            heads.add(head)
+        self._prefill(pending)
         if decoding:
             self._decode(decoding)
         self.running = [s for s in self.running if s.finish is None]
 
-    def _prefill(self, s: _Seq) -> None:
-        new = torch.tensor([s.req.prompt[s.table.num_cached:]], device=self.device)  # (1, T)
-        batch = PagedBatch(self.pool, [s.table], new.shape[1])
-        h = self.model.hidden(new, cache=batch, absorb=False)[:, -1]  # (1, D)
-        self.pool.register(s.table, s.req.prompt)
-        self._accept([s], self.model.lm_head(self.model.norm(h)))
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        """Prefill newly admitted sequences in padded batches of at most `max_prefill_tokens` (rows x longest):
+        one forward over many prompts keeps the matmuls large (batching 32 prompts of 64 tokens was 1.5-2.1x
+        faster than one at a time here)."""
+        chunk: list[_Seq] = []
+        longest = 0
+        for s in seqs:
+            n = len(s.req.prompt) - s.table.num_cached
+            if chunk and (len(chunk) + 1) * max(longest, n) > self.max_prefill_tokens:
+                self._prefill_chunk(chunk)
+                chunk, longest = [], 0
+            chunk.append(s)
+            longest = max(longest, n)
+        if chunk:
+            self._prefill_chunk(chunk)
+
+    def _prefill_chunk(self, seqs: list[_Seq]) -> None:
+        news = [s.req.prompt[s.table.num_cached:] for s in seqs]
+        T = max(len(n) for n in news)
+        ids = torch.tensor([n + [0] * (T - len(n)) for n in news], device=self.device)  # (B, T) right-padded
+        batch = PagedBatch(self.pool, [s.table for s in seqs], [len(n) for n in news])
+        h = self.model.hidden(ids, cache=batch, absorb=False)  # (B, T, D)
+        last = torch.tensor([len(n) - 1 for n in news], device=self.device)
+        h = h[torch.arange(len(seqs), device=self.device), last]  # (B, D) each row's last prompt token
+        for s, n in zip(seqs, news):
+            s.table.num_cached += len(n)
+            self.pool.register(s.table, s.req.prompt)
+        self._accept(seqs, self.model.lm_head(self.model.norm(h)))
 
     def _decode(self, seqs: list[_Seq]) -> None:
-        tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)  # (B, 1)
-        batch = PagedBatch(self.pool, [s.table for s in seqs], 1)
-        logits = self.model.decode_step(tokens, batch)  # (B, V)
+        tables = [s.table for s in seqs]
+        if self._step is None:
+            tokens = torch.tensor([[s.pending] for s in seqs], device=self.device)  # (B, 1)
+            logits = self.model.decode_step(tokens, PagedBatch(self.pool, tables, 1))  # (B, V)
+        else:
+            rows = min(1 << (len(seqs) - 1).bit_length(), max(self.max_batch, len(seqs)))  # 1, 2, 4, ... buckets
+            length = max(t.num_cached for t in tables) + 1
+            length = min(-(-length // 64) * 64, self.max_model_len)  # context gathered in steps of 64 tokens
+            tokens = torch.tensor([[s.pending] for s in seqs] + [[0]] * (rows - len(seqs)), device=self.device)
+            logits = self._step(tokens, PagedBatch(self.pool, tables, 1, rows=rows, length=length))[: len(seqs)]
         for s in seqs:
+            s.table.num_cached += 1
             s.out.append(s.pending)
             s.pending = None
             self.pool.register(s.table, s.tokens)

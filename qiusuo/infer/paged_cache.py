@@ -44,8 +44,9 @@ class BlockPool:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
         self.block_size, self.num_blocks = block_size, num_blocks
-        self.data = torch.zeros(cfg.num_hidden_layers, num_blocks * block_size, cfg.latent_dim, device=device,
-                                dtype=dtype)
+        # one extra slot past the blocks: padding rows and positions write there and read it masked out
+        self.scratch = num_blocks * block_size
+        self.data = torch.zeros(cfg.num_hidden_layers, self.scratch + 1, cfg.latent_dim, device=device, dtype=dtype)
         self.refcount = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, oldest first
@@ -143,40 +144,60 @@ class BlockPool:
                     self.free.append(b)
         table.blocks, table.hashes = [], []
 
-    def slots(self, tables: list[BlockTable], length: int) -> torch.Tensor:
-        """(B, length) flat slot of each position of each row; positions past a row's blocks map to slot 0."""
-        nb = self.blocks_for(length)
-        bt = torch.tensor([t.blocks[:nb] + [0] * (nb - len(t.blocks)) for t in tables], dtype=torch.long)  # (B, nb)
+    def slots(self, tables: list[BlockTable], length: int, rows: int | None = None) -> torch.Tensor:
+        """(rows, length) flat slot of each position of each row; positions past a row's blocks, and padding rows
+        past len(tables), map to the scratch slot."""
+        nb, bs = self.blocks_for(length), self.block_size
+        pad = [-1] * nb
+        bt = torch.tensor([(t.blocks[:nb] + pad)[:nb] for t in tables] + [pad] * ((rows or len(tables)) - len(tables)),
+                          dtype=torch.long)  # (rows, nb), -1 = no block
         pos = torch.arange(length)
-        return (bt[:, pos // self.block_size] * self.block_size + pos % self.block_size).to(self.data.device)
+        b = bt[:, pos // bs]  # (rows, length)
+        return torch.where(b >= 0, b * bs + pos % bs, self.scratch).to(self.data.device)
 
 
 class PagedBatch:
-    """The latent-cache protocol over `pool` for one forward pass of rows `tables`, each adding T tokens."""
+    """The latent-cache protocol over `pool` for one forward pass: row i of `tables` adds `counts[i]` new tokens
+    (its uncached prompt when prefilling, 1 when decoding), right-padded to the longest. Padding positions write
+    to the pool's scratch slot and are masked out, so rows of any lengths prefill together.
 
-    def __init__(self, pool: BlockPool, tables: list[BlockTable], T: int):
+    `rows` and `length` pad the batch to fixed shapes (extra rows of scratch slots, context gathered up to
+    `length` positions), which is what a compiled decoding step needs to run again without recompiling.
+    The tables' `num_cached` are advanced by the engine after the forward pass: `advance` is a no-op, so the
+    forward has no Python side effects to trace."""
+
+    def __init__(self, pool: BlockPool, tables: list[BlockTable], counts: list[int] | int, rows: int | None = None,
+                 length: int | None = None):
         device = pool.data.device
-        self.pool, self.tables, self.T = pool, tables, T
-        starts = torch.tensor([t.num_cached for t in tables], dtype=torch.long, device=device)  # (B,)
-        self.S = max(t.num_cached for t in tables) + T
-        self.max_len = pool.num_blocks * pool.block_size
-        self._positions = starts[:, None] + torch.arange(T, device=device)  # (B, T)
-        self.slots = pool.slots(tables, self.S)  # (B, S)
-        self.write = self.slots.gather(1, self._positions)  # (B, T)
-        if T == 1 and all(t.num_cached == tables[0].num_cached for t in tables):
+        counts = [counts] * len(tables) if isinstance(counts, int) else list(counts)
+        rows = rows or len(tables)
+        self.T = T = max(counts)
+        starts = [t.num_cached for t in tables] + [0] * (rows - len(tables))
+        self.S = max(length or 0, max(st + c for st, c in zip(starts, counts)))
+        start = torch.tensor(starts, dtype=torch.long, device=device)  # (rows,)
+        n = torch.tensor(counts + [0] * (rows - len(tables)), dtype=torch.long, device=device)  # (rows,)
+        self._positions = start[:, None] + torch.arange(T, device=device)  # (rows, T)
+        self.slots = pool.slots(tables, self.S, rows)  # (rows, S) read
+        real = torch.arange(T, device=device)[None, :] < n[:, None]  # (rows, T) not padding
+        self.write = torch.where(real, self.slots.gather(1, self._positions.clamp_max(self.S - 1)), pool.scratch)
+        self.data = pool.data
+        equal = len(set(starts)) == 1 and len(set(counts)) == 1 and rows == len(tables)
+        if T == 1 and equal and length is None:
             self.mask = None  # one new token per row, equal lengths: every gathered slot is attended
         else:
-            self.mask = (torch.arange(self.S, device=device)[None, None, :] <= self._positions[:, :, None])[:, None]
+            # causal over each row's own positions; padding rows (start 0) attend their scratch slot: never an empty
+            # softmax. Padding queries of a real row read stale slots of its own blocks: finite, and discarded
+            s = torch.arange(self.S, device=device)[None, None, :]  # (1, 1, S)
+            self.mask = (s <= self._positions[:, :, None])[:, None]  # (rows, 1, T, S)
 
     def positions(self, T: int) -> torch.Tensor:
         return self._positions
 
     def update(self, layer: int, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        data = self.pool.data[layer]  # (N * bs, C)
+        data = self.data[layer]  # (slots, C)
         data.index_copy_(0, self.write.reshape(-1), latent.reshape(-1, latent.shape[-1]).to(data.dtype))
-        B = len(self.tables)
-        return data.index_select(0, self.slots.reshape(-1)).view(B, self.S, -1), self.mask  # (B, S, C)
+        rows, S = self.slots.shape
+        return data.index_select(0, self.slots.reshape(-1)).view(rows, S, -1), self.mask  # (rows, S, C)
 
     def advance(self, T: int) -> None:
-        for t in self.tables:
-            t.num_cached += T
+        pass

@@ -26,25 +26,42 @@ def test_batched_greedy_equals_one_at_a_time(model, tok):
     assert eng.pool.used_blocks == 0
 
 
-def test_absorbed_decode_equals_expanded_over_paged_cache(model, tok):
+@pytest.mark.parametrize("together", [False, True])
+def test_absorbed_decode_equals_expanded_over_paged_cache(model, tok, together):
     """Decode logits of two ragged rows through the paged cache: absorbed == expanded (fp32, <= 1e-4), and both
-    equal a full forward pass without a cache."""
+    equal a full forward pass without a cache; also with rows padded to fixed shapes (the compiled step's input)
+    and with both prompts prefilled in one right-padded batch."""
     pool = BlockPool(model.cfg, num_blocks=16, block_size=4)
     seqs = [tok.encode(PROMPTS[0]), tok.encode(PROMPTS[3])]
+    assert len(seqs[0]) != len(seqs[1])
+    pool.allocate([1, 2, 3], 4)  # someone else's block 0: padding must never write there
     tables = [pool.allocate(s, len(s) + 2) for s in seqs]
     with torch.no_grad():
+        if together:
+            T = max(len(s) for s in seqs) - 1
+            ids = torch.tensor([s[:-1] + [0] * (T - len(s) + 1) for s in seqs])
+            model.hidden(ids, cache=PagedBatch(pool, tables, [len(s) - 1 for s in seqs]), absorb=False)
+        else:
+            for s, t in zip(seqs, tables):
+                model.hidden(torch.tensor([s[:-1]]), cache=PagedBatch(pool, [t], len(s) - 1), absorb=False)
         for s, t in zip(seqs, tables):
-            model.hidden(torch.tensor([s[:-1]]), cache=PagedBatch(pool, [t], len(s) - 1), absorb=False)
+            t.num_cached += len(s) - 1  # the engine advances the tables after each forward
         last = torch.tensor([[s[-1]] for s in seqs])
         saved = pool.data.clone()
         absorbed = model(last, cache=PagedBatch(pool, tables, 1), absorb=True)[:, -1]
-        for t in tables:
-            t.num_cached -= 1
         pool.data.copy_(saved)
         expanded = model(last, cache=PagedBatch(pool, tables, 1), absorb=False)[:, -1]
+        pool.data.copy_(saved)
+        padded = torch.cat([last, torch.zeros(2, 1, dtype=torch.long)])  # 4 rows, context gathered to 24
+        fixed = model.decode_step(padded, PagedBatch(pool, tables, 1, rows=4, length=24))[:2]
         full = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
     assert (absorbed - expanded).abs().max() <= 1e-4
     assert (absorbed - full).abs().max() <= 1e-4
+    assert (fixed - full).abs().max() <= 1e-4
+    owned = {b for t in tables for b in t.blocks}
+    others = [b for b in range(pool.num_blocks) if b not in owned]
+    untouched = pool.data[:, : pool.scratch].view(pool.data.shape[0], pool.num_blocks, 4, -1)[:, others]
+    assert untouched.abs().sum() == 0  # padding rows and positions wrote only to the scratch slot
 
 
 def test_cache_bytes_per_token_matches_formula(model, tok):
@@ -141,3 +158,19 @@ def test_stop_token_and_bad_params(model, tok):
             SamplingParams(**bad)
     with pytest.raises(ValueError, match="context"):
         eng.generate(["hi"], SamplingParams(max_tokens=model.cfg.max_position_embeddings))
+
+
+def test_compiled_engine_equals_eager(model, tok):
+    """The compiled decoding step (rows padded 3 -> 4, context gathered to a fixed 64 slots, weights frozen in)
+    gives the eager engine's greedy tokens and logprobs, and leaves no blocks behind."""
+    prompts = PROMPTS[:3]  # ragged prompt lengths
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+    eager = Engine(model, tok, max_batch=4, block_size=4).generate(prompts, params)
+    eng = Engine(model, tok, max_batch=4, block_size=4, compile=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled = eng.generate(prompts, params)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it did compile
+    for a, b in zip(eager, compiled):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert max(abs(x - y) for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)) < 1e-4
+    assert eng.pool.used_blocks == 0

@@ -83,13 +83,15 @@ def per_token_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return out + moe.shared_experts(x)
 
 
-@pytest.mark.parametrize("T", [12, 2])  # 2 x 12 x K > E: sorted grouped path; 2 x 2 x K <= E: gathered path
-def test_grouped_experts_match_per_token_loop_outputs_and_grads(T):
+@pytest.mark.parametrize("T,gathered", [(12, False), (1, False), (2, True)])  # sorted loop; the compiled path
+def test_grouped_experts_match_per_token_loop_outputs_and_grads(T, gathered, monkeypatch):
     torch.manual_seed(0)
     cfg = get_config("tiny")
     model = Transformer(cfg)
     moe = model.layers[1].mlp
     assert isinstance(moe, MoE)
+    if gathered:  # the path `torch.compile` takes for N*K <= E, run eagerly here
+        monkeypatch.setattr(moe.experts, "forward", moe.experts._gathered)
     x = torch.randn(2, T, cfg.hidden_size, requires_grad=True)
     fast = moe(x)
     grads_fast = torch.autograd.grad(fast.pow(2).sum(), [x, moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight])
