@@ -1,6 +1,6 @@
 """Paged latent cache: a pool of fixed-size blocks shared by every request, with a prefix cache.
 
-Each layer's cache is one flat tensor `(num_blocks * block_size, C)` (C = kv_lora_rank + qk_rope_head_dim, the
+Each layer's cache is one flat tensor `(num_blocks * block_size + 1, C)` (the last slot is scratch) (C = kv_lora_rank + qk_rope_head_dim, the
 MLA latent); a sequence owns a block table, token position p lives at slot `table[p // bs] * bs + p % bs`.
 Requests of any length join and leave without copying anybody's cache, and memory is bounded by the pool.
 
@@ -37,7 +37,7 @@ class BlockTable:
 
 
 class BlockPool:
-    """The block pool of all layers: `data` is (L, num_blocks * block_size, C)."""
+    """The block pool of all layers: `layers[l]` is (num_blocks * block_size + 1, C)."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, device=None,
                  dtype: torch.dtype = torch.float32):
@@ -46,7 +46,10 @@ class BlockPool:
         self.block_size, self.num_blocks = block_size, num_blocks
         # one extra slot past the blocks: padding rows and positions write there and read it masked out
         self.scratch = num_blocks * block_size
-        self.data = torch.zeros(cfg.num_hidden_layers, self.scratch + 1, cfg.latent_dim, device=device, dtype=dtype)
+        # one tensor per layer, not views of one (L, slots, C) tensor: a compiled step then writes its new latents
+        # in place; through a view, functionalisation copied the whole pool back every step (11 ms of a 12 ms step)
+        self.layers = [torch.zeros(self.scratch + 1, cfg.latent_dim, device=device, dtype=dtype)
+                       for _ in range(cfg.num_hidden_layers)]
         self.refcount = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, oldest first
@@ -58,7 +61,7 @@ class BlockPool:
     @property
     def bytes_per_token(self) -> int:
         """Cache bytes per token over all layers: num_layers x C x element size (= `cfg.cache_bytes_per_token`)."""
-        return self.data.shape[0] * self.data.shape[2] * self.data.element_size()
+        return len(self.layers) * self.layers[0].shape[1] * self.layers[0].element_size()
 
     @property
     def used_blocks(self) -> int:
@@ -153,7 +156,7 @@ class BlockPool:
                           dtype=torch.long)  # (rows, nb), -1 = no block
         pos = torch.arange(length)
         b = bt[:, pos // bs]  # (rows, length)
-        return torch.where(b >= 0, b * bs + pos % bs, self.scratch).to(self.data.device)
+        return torch.where(b >= 0, b * bs + pos % bs, self.scratch).to(self.layers[0].device)
 
 
 class PagedBatch:
@@ -168,7 +171,7 @@ class PagedBatch:
 
     def __init__(self, pool: BlockPool, tables: list[BlockTable], counts: list[int] | int, rows: int | None = None,
                  length: int | None = None):
-        device = pool.data.device
+        device = pool.layers[0].device
         counts = [counts] * len(tables) if isinstance(counts, int) else list(counts)
         rows = rows or len(tables)
         self.T = T = max(counts)
@@ -180,7 +183,7 @@ class PagedBatch:
         self.slots = pool.slots(tables, self.S, rows)  # (rows, S) read
         real = torch.arange(T, device=device)[None, :] < n[:, None]  # (rows, T) not padding
         self.write = torch.where(real, self.slots.gather(1, self._positions.clamp_max(self.S - 1)), pool.scratch)
-        self.data = pool.data
+        self.layers = pool.layers
         equal = len(set(starts)) == 1 and len(set(counts)) == 1 and rows == len(tables)
         if T == 1 and equal and length is None:
             self.mask = None  # one new token per row, equal lengths: every gathered slot is attended
@@ -194,8 +197,9 @@ class PagedBatch:
         return self._positions
 
     def update(self, layer: int, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        data = self.data[layer]  # (slots, C)
-        data.index_copy_(0, self.write.reshape(-1), latent.reshape(-1, latent.shape[-1]).to(data.dtype))
+        data = self.layers[layer]  # (slots, C)
+        # index_put_: inductor lowers it to an in-place store (see `layers` in BlockPool)
+        data.index_put_((self.write.reshape(-1),), latent.reshape(-1, latent.shape[-1]).to(data.dtype))
         rows, S = self.slots.shape
         return data.index_select(0, self.slots.reshape(-1)).view(rows, S, -1), self.mask  # (rows, S, C)
 

@@ -19,7 +19,7 @@ from qiusuo.config import ModelConfig
 
 
 class LatentCache:
-    """Contiguous cache for `B` sequences of up to `max_len` tokens: (L, B, max_len, C), one length per row.
+    """Contiguous cache for `B` sequences of up to `max_len` tokens: L x (B, max_len, C), one length per row.
 
     Decoding steps (T == 1) attend over the whole buffer with a length mask, so every step has the same shapes:
     that is what lets `torch.compile` turn a decoding step into one fused kernel program (2.2x faster than eager
@@ -27,7 +27,9 @@ class LatentCache:
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        self.data = torch.zeros(cfg.num_hidden_layers, batch_size, max_len, cfg.latent_dim, device=device, dtype=dtype)
+        # one tensor per layer (not views of one): compiled steps then update them in place (see infer/paged_cache.py)
+        self.layers = [torch.zeros(batch_size, max_len, cfg.latent_dim, device=device, dtype=dtype)
+                       for _ in range(cfg.num_hidden_layers)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
         self.max_len = max_len
         self._positions: torch.Tensor | None = None
@@ -39,14 +41,15 @@ class LatentCache:
     def update(self, layer: int, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         pos = self._positions  # (B, T)
         B, T, C = latent.shape
-        self.data[layer].scatter_(1, pos[:, :, None].expand(B, T, C), latent.to(self.data.dtype))
+        data = self.layers[layer]  # (B, max_len, C)
+        data.scatter_(1, pos[:, :, None].expand(B, T, C), latent.to(data.dtype))
         S = self.max_len if T == 1 else int(pos.max()) + 1
         mask = torch.arange(S, device=pos.device)[None, None, :] <= pos[:, :, None]  # (B, T, S) causal + length
-        return self.data[layer, :, :S], mask[:, None]
+        return data[:, :S], mask[:, None]
 
     def advance(self, T: int) -> None:
         self.lengths += T
 
     @property
     def num_bytes_per_token(self) -> int:
-        return self.data.shape[0] * self.data.shape[-1] * self.data.element_size()
+        return len(self.layers) * self.layers[0].shape[-1] * self.layers[0].element_size()

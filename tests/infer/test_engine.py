@@ -47,11 +47,13 @@ def test_absorbed_decode_equals_expanded_over_paged_cache(model, tok, together):
         for s, t in zip(seqs, tables):
             t.num_cached += len(s) - 1  # the engine advances the tables after each forward
         last = torch.tensor([[s[-1]] for s in seqs])
-        saved = pool.data.clone()
+        saved = [x.clone() for x in pool.layers]
         absorbed = model(last, cache=PagedBatch(pool, tables, 1), absorb=True)[:, -1]
-        pool.data.copy_(saved)
+        for x, y in zip(pool.layers, saved):
+            x.copy_(y)
         expanded = model(last, cache=PagedBatch(pool, tables, 1), absorb=False)[:, -1]
-        pool.data.copy_(saved)
+        for x, y in zip(pool.layers, saved):
+            x.copy_(y)
         padded = torch.cat([last, torch.zeros(2, 1, dtype=torch.long)])  # 4 rows, context gathered to 24
         fixed = model.decode_step(padded, PagedBatch(pool, tables, 1, rows=4, length=24))[:2]
         full = torch.stack([model(torch.tensor([s]))[0, -1] for s in seqs])
@@ -60,14 +62,14 @@ def test_absorbed_decode_equals_expanded_over_paged_cache(model, tok, together):
     assert (fixed - full).abs().max() <= 1e-4
     owned = {b for t in tables for b in t.blocks}
     others = [b for b in range(pool.num_blocks) if b not in owned]
-    untouched = pool.data[:, : pool.scratch].view(pool.data.shape[0], pool.num_blocks, 4, -1)[:, others]
+    untouched = torch.stack(pool.layers)[:, : pool.scratch].view(len(pool.layers), pool.num_blocks, 4, -1)[:, others]
     assert untouched.abs().sum() == 0  # padding rows and positions wrote only to the scratch slot
 
 
 def test_cache_bytes_per_token_matches_formula(model, tok):
     eng = Engine(model, tok, max_batch=2)
     assert eng.pool.bytes_per_token == model.cfg.cache_bytes_per_token(4)
-    assert eng.pool.data.shape[-1] == model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim
+    assert eng.pool.layers[0].shape[-1] == model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim
 
 
 def test_prefix_cache_hit_equals_miss_and_frees(model, tok):

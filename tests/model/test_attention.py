@@ -79,7 +79,7 @@ def test_absorbed_multi_token_chunk_matches_expanded():
 def test_cache_holds_exactly_the_latent():
     cfg = get_config("tiny")
     cache = LatentCache(cfg, batch_size=1, max_len=8)
-    assert cache.data.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert cache.layers[0].shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
     assert cache.num_bytes_per_token == cfg.cache_bytes_per_token(4)  # fp32
     assert LatentCache(cfg, 1, 8, dtype=torch.bfloat16).num_bytes_per_token == cfg.cache_bytes_per_token(2)
 
