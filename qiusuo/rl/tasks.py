@@ -61,18 +61,25 @@ def _draw(make, split: str, n: int, seed: int, test_percent: int, unique: bool) 
 @dataclass(frozen=True)
 class Arithmetic:
     """Integer expressions evaluated left to right: `terms` operands of up to `digits` digits joined by `ops`.
-    A `*` after a sum is parenthesised, so the written expression means what the trace computes."""
+    A `*` after a sum is parenthesised, so the written expression means what the trace computes.
+
+    `direct_percent` of the SFT traces skip the worked steps (`<think></think><answer>N</answer>`): a model
+    fine-tuned on the mix answers some questions at once and works others out, and GRPO can discover which pays
+    (the README demo). It changes only the traces, never the questions or answers."""
 
     digits: int = 1
     terms: int = 2
     ops: str = "+"
     test_percent: int = 20
+    direct_percent: int = 0
 
     def __post_init__(self):
         if self.digits < 1 or self.terms < 2 or not self.ops or set(self.ops) - set("+-*"):
             raise ValueError(f"arithmetic needs digits >= 1, terms >= 2 and ops from '+-*', got {self}")
         if not 0 < self.test_percent < 100:
             raise ValueError(f"test_percent must be in (0, 100), got {self.test_percent}")
+        if not 0 <= self.direct_percent <= 100:
+            raise ValueError(f"direct_percent must be in [0, 100], got {self.direct_percent}")
 
     def make(self, rng: random.Random) -> Problem:
         hi = 10**self.digits - 1
@@ -84,6 +91,8 @@ class Arithmetic:
             steps.append(f"{value}{op}{b}={new}")
             expr = f"({expr})*{b}" if op == "*" and any(c in expr for c in "+-") else f"{expr}{op}{b}"
             value = new
+        if self.direct_percent and rng.randrange(100) < self.direct_percent:  # no draw at 0: same streams as before
+            steps = []
         return Problem(f"Compute {expr}.", str(value), f"<think>{' '.join(steps)}</think><answer>{value}</answer>")
 
     def problems(self, split: str, n: int, seed: int = 0, unique: bool = False) -> list[Problem]:

@@ -180,3 +180,34 @@ def test_mu_updates_kl_and_a_failing_user_reward(sft_model, tmp_path, capsys):
     assert any(r["clip_fraction"] > 0 for r in recs if not r["skipped"])  # mu = 3 with lr 1e-3 leaves the trust region
     ref_w = dict(g.ref.named_parameters())
     assert any(not torch.equal(p, ref_w[n]) for n, p in model.named_parameters())
+    # mu = 3 policy updates per batch: Adam has stepped 3 times per step (no step is skipped with beta > 0)
+    state = g.opt.state[next(model.parameters())]
+    assert int(state["step"]) == cfg.mu * cfg.steps and not any(r["skipped"] for r in recs)
+    assert all(r["ref_s"] > 0 for r in recs)  # the reference and old-policy passes are timed on their own
+
+
+def test_zero_spread_groups_are_counted_and_an_all_flat_batch_is_skipped(sft_model, tmp_path):
+    """A reward that cannot tell completions apart gives every group zero spread: the fraction is 1, and without a
+    KL term the step is skipped (no Adam step, weights unchanged). A reward flat on even answers only leaves at
+    least those groups flat."""
+    f = tmp_path / "flat_rewards.py"
+    f.write_text("def flat(completions, problems):\n    return [0.5 for _ in completions]\n"
+                 "def odd_only(completions, problems):\n"
+                 "    return [float(int(p.answer) % 2 == 1 and len(c) % 2 == 0) for c, p in zip(completions, problems)]\n")
+    model = qiusuo.load_model(sft_model, progress=False)
+    tok = qiusuo.load_tokenizer(sft_model)
+    g = GRPO(GRPOConfig(model=sft_model, task="arithmetic", steps=2, prompts_per_step=4, group_size=4, max_tokens=16,
+                        beta=0.0, rewards=[f"{f}:flat"], threads=1, progress=False), model, tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    rec = g.step()
+    assert rec["zero_spread"] == 1.0 and rec["skipped"] == 1 and rec["reward"] == 0.5
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()) and not g.opt.state
+    assert rec["rollout_s"] > 0 and rec["ref_s"] >= 0 and rec["train_s"] >= 0 and rec["rollout_tokens_per_s"] > 0
+
+    g = GRPO(GRPOConfig(model=sft_model, task="arithmetic", steps=3, prompts_per_step=8, group_size=4, max_tokens=16,
+                        beta=0.0, rewards=[f"{f}:odd_only"], threads=1, progress=False), model, tok)
+    for _ in range(3):
+        batch = g.problems[g.step_no * 8:(g.step_no + 1) * 8]
+        even_share = sum(int(p.answer) % 2 == 0 for p in batch) / 8
+        rec = g.step()
+        assert even_share <= rec["zero_spread"] <= 1.0

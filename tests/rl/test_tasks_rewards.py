@@ -113,3 +113,17 @@ def test_a_reward_function_that_raises_scores_zero_and_is_reported(capsys):
     assert failed == {"boom": 1, "short": 1}
     err = capsys.readouterr().err
     assert "'boom' failed at step 7: KeyError" in err and "returned 1 values for 2 completions" in err
+
+
+def test_direct_traces_skip_the_steps_only():
+    mixed = get_task("arithmetic:terms=4,direct_percent=50").problems("train", 400, seed=3)
+    direct = [p for p in mixed if p.trace.startswith("<think></think>")]
+    assert 120 < len(direct) < 280  # about half
+    for p in mixed:
+        assert format_ok(p.trace) and extract_answer(p.trace) == p.answer and check_answer(p, p.answer)
+        if p not in direct:
+            assert p.trace.count("=") == 3  # three worked steps for four terms
+    assert all(p.trace.startswith("<think></think>") for p in get_task("arithmetic:direct_percent=100").problems("train", 50))
+    assert not any(p.trace.startswith("<think></think>") for p in get_task("arithmetic:terms=3").problems("train", 200))
+    with pytest.raises(ValueError, match="direct_percent"):
+        get_task("arithmetic:direct_percent=101")
