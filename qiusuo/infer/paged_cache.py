@@ -1,8 +1,9 @@
 """Paged latent cache: a pool of fixed-size blocks shared by every request, with a prefix cache.
 
-Each layer's cache is one flat tensor `(num_blocks * block_size + 1, C)` (the last slot is scratch) (C = kv_lora_rank + qk_rope_head_dim, the
-MLA latent); a sequence owns a block table, token position p lives at slot `table[p // bs] * bs + p % bs`.
-Requests of any length join and leave without copying anybody's cache, and memory is bounded by the pool.
+Each layer's cache is one flat tensor `(num_blocks * block_size + 1, C)` (C = kv_lora_rank + qk_rope_head_dim,
+the MLA latent; the last slot is scratch); a sequence owns a block table, token position p lives at slot
+`table[p // bs] * bs + p % bs`. Requests of any length join and leave without copying anybody's cache, and memory
+is bounded by the pool.
 
 Prefix cache (like vLLM's, with small blocks): a FULL block is named by `hash((parent_hash, its token ids))`,
 so two prompts that agree on their first k blocks share them. Blocks have reference counts; a cached block whose
