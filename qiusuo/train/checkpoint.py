@@ -90,16 +90,17 @@ def load_weights(model: nn.Module, path: Path) -> None:
                               f"{path}/run.toml") from e
 
 
-def save(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+def save(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | dict,
          trainer_state: dict, run_toml: str, keep: int) -> Path:
-    """Write checkpoint `step` atomically under RUN/checkpoints and keep only the last `keep`. Returns its path."""
+    """Write checkpoint `step` atomically under RUN/checkpoints and keep only the last `keep`. Returns its path.
+    `optimizer`: the optimizer or its state dict (the distributed trainer passes the gathered full state)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_weights(model, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(trainer_state, tmp / "trainer.pt")
     (tmp / "run.toml").write_text(run_toml)
     files = {}

@@ -105,7 +105,8 @@ class BalanceSection:
 @dataclass
 class ParallelSection:
     dp: str = "none"  # data parallel: "none" | "ddp" | "fsdp" (launched with torchrun; qiusuo.train.distributed)
-    ep: int = 1  # expert-parallel degree
+    ep: int = 1  # expert-parallel degree: each rank owns n_routed_experts / ep experts of every MoE layer
+    timeout_s: float = 300.0  # a collective waiting longer than this (a dead or stuck rank) fails with an error
 
 
 @dataclass
@@ -146,6 +147,8 @@ class RunConfig:
             raise bad("parallel.dp", "use 'none', 'ddp' or 'fsdp'")
         if self.parallel.ep < 1:
             raise bad("parallel.ep", "must be >= 1")
+        if self.parallel.timeout_s <= 0:
+            raise bad("parallel.timeout_s", "must be > 0 seconds")
         if self.checkpoint.keep < 1:
             raise bad("checkpoint.keep", "must be >= 1")
         self.model.build()  # raises ValueError naming a bad model field or preset

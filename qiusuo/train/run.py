@@ -49,6 +49,7 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    from qiusuo.train.distributed import Distributed, DistributedError, launched_by_torchrun
     from qiusuo.train.trainer import Trainer, TrainingDiverged
 
     try:
@@ -59,9 +60,17 @@ def main(args: argparse.Namespace) -> int:
                 return 2
             source = resolve(args.resume) / "run.toml"
         cfg = load_run_config(source, overrides(args))
-        summary = Trainer(cfg, resume=args.resume).train()
-    except (ValueError, FileNotFoundError, DataError, CheckpointError, TrainingDiverged) as e:
+        dist = None
+        if launched_by_torchrun() or cfg.parallel.dp != "none" or cfg.parallel.ep > 1:
+            dist = Distributed.from_env(cfg.parallel, cfg.run.device)
+        try:
+            summary = Trainer(cfg, dist=dist, resume=args.resume).train()
+        finally:
+            if dist is not None:
+                dist.close()
+    except (ValueError, FileNotFoundError, DataError, CheckpointError, TrainingDiverged, DistributedError) as e:
         print(f"qiusuo train: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    if dist is None or dist.rank == 0:
+        print(json.dumps(summary, indent=2))
     return 0

@@ -9,9 +9,11 @@ Exact resume: everything a step depends on is saved (weights and the routers' bi
 loader's position, RNG states, the step); the learning rate is a pure function of the step (or of elapsed time
 under a time budget), so an interrupted and resumed step-budget run on CPU in fp32 repeats the same losses bit for bit.
 
-Distributed training plugs in through `dist` (built by `qiusuo.train.distributed` under torchrun), an object with
-`rank`, `world_size`, `device`, `wrap(model) -> model` (DDP/FSDP/expert parallel applied from outside the model)
-and `all_reduce_sum(tensor)` (in place). Rank 0 alone writes checkpoints, metrics, plots and samples.
+Distributed training plugs in through `dist` (`qiusuo.train.distributed.Distributed`, built under torchrun), an
+object with `rank`, `world_size`, `device`, `wrap(model) -> model` (DDP/FSDP/expert parallel applied from outside
+the model), `all_reduce_sum(tensor)` (in place), `finish_grads(model)`, `clip_grad_norm(params, max_norm)` and
+`full_state` / `load_full_state` (checkpoints in the one-process layout). Rank 0 alone writes checkpoints, metrics,
+plots and samples; gathering the full state for them is collective, so every rank takes part.
 """
 
 from __future__ import annotations
@@ -109,15 +111,21 @@ class Trainer:
         self.model.reset_parameters(cfg.run.seed)
         self.model.to(self.device).train()
         self.model.set_balance_alpha(cfg.balance.alpha)
+        wrapped = dist.wrap(self.model) if dist else self.model  # before the optimizer: wrapping swaps parameters
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        wrapped = dist.wrap(self.model) if dist else self.model
         self.forward = torch.compile(wrapped) if cfg.run.compile else wrapped
         self.loader = BatchLoader(self.train_shards, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.run.seed,
                                   rank=self.rank, world_size=self.world_size)
         self.step, self.elapsed = 0, 0.0
         self.resumed_from = None
         if resume is not None:
-            state = ckpt.load(resume, self.model, self.optimizer)
+            if dist is None:
+                state = ckpt.load(resume, self.model, self.optimizer)
+            else:  # every rank reads the full checkpoint and keeps its pieces
+                full = Transformer(self.model_cfg)
+                state = ckpt.load(resume, full, None)
+                osd = torch.load(Path(state["path"]) / "optimizer.pt", map_location="cpu", weights_only=True)
+                dist.load_full_state(self.model, self.optimizer, full.state_dict(), osd)
             self.step, self.elapsed = state["step"], state["elapsed"]
             self.loader.load_state_dict(state["loader"])
             torch.set_rng_state(state["rng_cpu"])
@@ -169,7 +177,11 @@ class Trainer:
             sums += torch.stack([out.loss.detach(), out.ce, out.mtp]).float()
         sums = self._all_reduce(sums) / (cfg.train.grad_accum * self.world_size)
         clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.dist is not None:
+            self.dist.finish_grads(self.model)
+            grad_norm = self.dist.clip_grad_norm(list(self.model.parameters()), clip)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         loss, ce, mtp = sums.tolist()
         gn = float(grad_norm)
         if not (math.isfinite(loss) and math.isfinite(gn)):
@@ -209,37 +221,56 @@ class Trainer:
         loss = float(total[0] / total[1])
         return EvalResult(loss, loss / math.log(2) / self.val_shards.bytes_per_token, int(total[1]))
 
+    def gathered(self) -> tuple[torch.nn.Module, dict]:
+        """(model, optimizer state dict) in the one-process layout. Under `dist` a full CPU copy, collective: every
+        rank must call it; alone, the live model and optimizer state."""
+        if self.dist is None:
+            return self.model, self.optimizer.state_dict()
+        sd, osd = self.dist.full_state(self.model, self.optimizer)
+        model = Transformer(self.model_cfg)
+        model.load_state_dict(sd)
+        model.set_balance_alpha(self.cfg.balance.alpha)
+        return model, osd
+
     @torch.no_grad()
-    def samples(self) -> list[dict]:
-        """Continuations of the configured prompts (temperature 0.8, seeded: the same run gives the same text)."""
+    def samples(self, model: torch.nn.Module | None = None) -> list[dict]:
+        """Continuations of the configured prompts (temperature 0.8, seeded: the same run gives the same text).
+        `model`: a gathered copy under `dist` (a sharded model cannot generate on rank 0 alone)."""
         if self.tokenizer is None:
             return []
-        self.model.eval()
-        gen = torch.Generator(device=self.device).manual_seed(self.cfg.run.seed)
+        model = model if model is not None else self.model
+        device = next(model.parameters()).device
+        model.eval()
+        gen = torch.Generator(device=device).manual_seed(self.cfg.run.seed)
         out = []
         for prompt in self.cfg.eval.prompts:
-            ids = torch.tensor([self.tokenizer.encode(prompt, parse_special=False)], device=self.device)
+            ids = torch.tensor([self.tokenizer.encode(prompt, parse_special=False)], device=device)
             room = self.model_cfg.max_position_embeddings - ids.shape[1]
             with self._autocast():
-                seq = self.model.generate(ids, min(self.cfg.eval.sample_tokens, room), temperature=0.8,
+                seq = model.generate(ids, min(self.cfg.eval.sample_tokens, room), temperature=0.8,
                                           eos_token_id=self.tokenizer.eos_id, generator=gen)
             out.append({"prompt": prompt, "text": self.tokenizer.decode(seq[0, ids.shape[1]:].tolist(), skip_special_tokens=True)})
         self.model.train()
         return out
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, gathered: tuple | None = None) -> Path:
+        """Collective under `dist` (gathers the full state unless `gathered` is given); rank 0 writes."""
+        model, opt_state = gathered if gathered is not None else self.gathered()
+        if not self.is_main:
+            self.last_checkpoint = self.out_dir / "checkpoints" / f"{ckpt.PREFIX}{self.step:06d}"
+            return self.last_checkpoint
         state = {"step": self.step, "elapsed": self.elapsed, "loader": self.loader.state_dict(),
                  "rng_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        path = ckpt.save(self.out_dir, self.step, self.model, self.optimizer, state, self.cfg.to_toml(), self.cfg.checkpoint.keep)
+        path = ckpt.save(self.out_dir, self.step, model, opt_state, state, self.cfg.to_toml(), self.cfg.checkpoint.keep)
         self.last_checkpoint = path
         return path
 
-    def export(self) -> Path:
-        """The final model as a self-contained Hugging Face folder (weights, config.json, tokenizer) for
-        `qiusuo generate/chat/serve` and transformers."""
-        return ckpt.save_weights(self.model, self.out_dir / "model", tokenizer=self.tokenizer)
+    def export(self, model: torch.nn.Module | None = None) -> Path:
+        """The final model (`model`: a gathered copy under `dist`) as a self-contained Hugging Face folder
+        (weights, config.json, tokenizer) for `qiusuo generate/chat/serve` and transformers."""
+        return ckpt.save_weights(model if model is not None else self.model, self.out_dir / "model", tokenizer=self.tokenizer)
 
     def _mfu(self, tokens_per_s: float) -> float:
         if self._peak is None:
@@ -293,10 +324,11 @@ class Trainer:
                     if log:
                         log.log("val", self.step, loss=ev.loss, bpb=ev.bpb, tokens=ev.tokens)
                     bar.write(f"step {self.step}: val loss {ev.loss:.4f}, {ev.bpb:.4f} bits/byte (unigram {unigram:.4f})")
-                if cfg.eval.sample_every and self.step % cfg.eval.sample_every == 0 and self.is_main:
-                    for s in self.samples():
+                if cfg.eval.sample_every and self.step % cfg.eval.sample_every == 0 and self.tokenizer is not None:
+                    model = self.gathered()[0] if self.dist is not None else None  # collective
+                    for s in self.samples(model) if self.is_main else []:
                         log.log("sample", self.step, **s)
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last and self.is_main:
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
                     self.save_checkpoint()
                 self.elapsed += time.perf_counter() - start
                 if budget:
@@ -311,8 +343,8 @@ class Trainer:
             raise
         except KeyboardInterrupt:
             bar.close()
+            path = self.save_checkpoint()
             if self.is_main:
-                path = self.save_checkpoint()
                 print(f"\ninterrupted at step {self.step}; saved {path} (continue with --resume {self.out_dir})", file=sys.stderr)
             if log:
                 log.close()
@@ -322,12 +354,13 @@ class Trainer:
         summary = {"steps": self.step, "stopped_by": stopped, "tokens": self.step * self.tokens_per_step,
                    "train_seconds": self.elapsed, "val_loss": final.loss, "val_bpb": final.bpb,
                    "val_tokens": final.tokens, "unigram_bpb": unigram}
+        gathered = self.gathered()  # collective under dist
         if self.is_main:
             log.log("val", self.step, loss=final.loss, bpb=final.bpb, tokens=final.tokens)
-            samples = self.samples()
+            samples = self.samples(gathered[0] if self.dist is not None else None)
             for s in samples:
                 log.log("sample", self.step, **s)
             log.close()
-            summary.update(checkpoint=str(self.save_checkpoint()), model=str(self.export()),
+            summary.update(checkpoint=str(self.save_checkpoint(gathered)), model=str(self.export(gathered[0])),
                            plots=[str(p) for p in plot_run(self.out_dir, unigram)], samples=samples)
         return summary
