@@ -25,7 +25,7 @@ import os
 
 import torch
 import torch.distributed as tdist
-import torch.distributed.nn.functional as dist_fn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -35,6 +35,17 @@ from qiusuo.train.config import ParallelSection
 
 class DistributedError(RuntimeError):
     """A bad parallel configuration, or a collective that failed (a rank died or timed out)."""
+
+
+def collective_failure(e: BaseException) -> bool:
+    """Whether an exception is a failed collective (a peer died, or timed out after `parallel.timeout_s`). Gloo
+    raises plain RuntimeErrors for these ("Connection reset by peer", "Timed out waiting ... for recv"), NCCL
+    raises `DistBackendError`; the message is all there is to tell them from other RuntimeErrors."""
+    if isinstance(e, tdist.DistError):
+        return True
+    text = str(e)
+    return any(s in text for s in ("gloo/transport", "NCCL", "Connection reset by peer", "Connection closed by peer",
+                                   "Timed out waiting", "timed out"))
 
 
 def launched_by_torchrun() -> bool:
@@ -93,14 +104,14 @@ class ExpertParallel(Experts):
         send_split_l, recv_split_l = send_split.tolist(), recv_split.tolist()
         self.sent_rows += send_split.cpu()
         xs = x[order // K]  # (N*K, D) in owner order
-        xr = dist_fn.all_to_all_single(xs.new_empty(sum(recv_split_l), x.shape[1]), xs, recv_split_l, send_split_l,
-                                       group=self.group)  # (M, D) grouped by source, then local expert
+        xr = all_to_all_single_autograd(xs, recv_split_l, send_split_l, self.group)  # (M, D) by source, local expert
         local_id = torch.arange(L, device=x.device).repeat(P).repeat_interleave(recv.flatten())  # (M,)
         lorder = local_id.argsort(stable=True)  # rows by local expert
-        ys = self.grouped(xr[lorder], recv.sum(0))  # (M, D)
+        ys = self.grouped(xr[lorder], recv.sum(0)) if len(lorder) else xr  # (M, D)
+        # (no rows arrived: pass the empty received tensor on, so the return all-to-all stays in the autograd graph
+        # and this rank joins its backward; the other ranks would wait for it forever otherwise)
         yr = torch.empty_like(ys).index_copy_(0, lorder, ys)  # back to arrival order
-        yb = dist_fn.all_to_all_single(yr.new_empty(N * K, yr.shape[1]), yr, send_split_l, recv_split_l,
-                                       group=self.group)  # (N*K, D) in owner order
+        yb = all_to_all_single_autograd(yr, send_split_l, recv_split_l, self.group)  # (N*K, D) in owner order
         yb = yb * weights.flatten()[order, None].to(yb.dtype)
         out = torch.empty_like(yb).index_copy_(0, order, yb)  # slot order
         return out.view(N, K, -1).sum(1)
@@ -198,10 +209,11 @@ class Distributed:
         for m in model.modules():
             if isinstance(m, ExpertParallel):
                 for p in m.parameters():
-                    if p.grad is not None:
-                        p.grad.div_(self.world_size)
-                        if self.world_size > self.ep:
-                            tdist.all_reduce(p.grad, group=self.replica_group)
+                    if p.grad is None:  # no token reached these experts: zeros, as one process's full weight gets
+                        p.grad = torch.zeros_like(p)
+                    p.grad.div_(self.world_size)
+                    if self.world_size > self.ep:
+                        tdist.all_reduce(p.grad, group=self.replica_group)
 
     def clip_grad_norm(self, params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
         """`torch.nn.utils.clip_grad_norm_` over the whole distributed model: sharded (FSDP) gradients are summed
@@ -217,7 +229,9 @@ class Distributed:
             tdist.all_reduce(e, group=self.ep_group)
             sq = sq + e
         total = sq.sqrt()
-        torch.nn.utils.clip_grads_with_norm_([p for p in params], max_norm, total)
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_ does
+        for p in params:  # on the local pieces: the total is already global
+            (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(coef)
         return total
 
     # ------------------------------------------------------------------ full state (checkpoints)

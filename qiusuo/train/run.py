@@ -49,9 +49,10 @@ def overrides(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from qiusuo.train.distributed import Distributed, DistributedError, launched_by_torchrun
+    from qiusuo.train.distributed import Distributed, DistributedError, collective_failure, launched_by_torchrun
     from qiusuo.train.trainer import Trainer, TrainingDiverged
 
+    dist = None
     try:
         source = args.config
         if source is None:
@@ -60,7 +61,6 @@ def main(args: argparse.Namespace) -> int:
                 return 2
             source = resolve(args.resume) / "run.toml"
         cfg = load_run_config(source, overrides(args))
-        dist = None
         if launched_by_torchrun() or cfg.parallel.dp != "none" or cfg.parallel.ep > 1:
             dist = Distributed.from_env(cfg.parallel, cfg.run.device)
         try:
@@ -71,6 +71,14 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, DataError, CheckpointError, TrainingDiverged, DistributedError) as e:
         print(f"qiusuo train: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if dist is None or not collective_failure(e):
+            raise
+        print(f"qiusuo train: rank {dist.rank}: a collective failed: another process died or did not answer within "
+              f"parallel.timeout_s={cfg.parallel.timeout_s:g} s; this rank stops. Fix or replace the failed process, "
+              f"then relaunch with --resume {cfg.run.out_dir} (its latest checkpoint). ({type(e).__name__}: "
+              f"{str(e).strip()[:300]})", file=sys.stderr)
+        return 3
     if dist is None or dist.rank == 0:
         print(json.dumps(summary, indent=2))
     return 0
