@@ -25,8 +25,8 @@ import os
 
 import torch
 import torch.distributed as tdist
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch import nn
+from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qiusuo.model.moe import Experts, MoE
@@ -235,9 +235,6 @@ class Distributed:
         return total
 
     # ------------------------------------------------------------------ full state (checkpoints)
-    def _is_expert(self, t: torch.Tensor) -> bool:
-        return id(t) in self.expert_params
-
     def _full(self, t: torch.Tensor, expert: bool) -> torch.Tensor:
         """The full-size tensor on every rank (CPU)."""
         if isinstance(t, DTensor):
