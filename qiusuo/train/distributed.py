@@ -88,11 +88,13 @@ class ExpertParallel(Experts):
         self.gate_up_proj = nn.Parameter(full.gate_up_proj.detach()[lo:lo + self.local].clone())  # (E/P, 2I, D)
         self.down_proj = nn.Parameter(full.down_proj.detach()[lo:lo + self.local].clone())  # (E/P, D, I)
         self.sent_rows = torch.zeros(ep, dtype=torch.long)
+        self.ran_with_grad = False  # a forward since the last `finish_grads` that backward will reach
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (N, D), weights (N, K), idx (N, K) -> (N, D), equal to `Experts.forward` with all E experts."""
         N, K = idx.shape
         P, L = self.ep, self.local
+        self.ran_with_grad |= torch.is_grad_enabled()
         flat = idx.flatten()  # (N*K,)
         order = flat.argsort(stable=True)  # slots sorted by expert, so by owning rank
         counts = torch.bincount(flat, minlength=self.E)  # (E,) rows this rank sends to each expert
@@ -173,10 +175,11 @@ class Distributed:
         return t
 
     # ------------------------------------------------------------------ wrapping
-    def wrap(self, model: nn.Module) -> nn.Module:
+    def wrap(self, model: nn.Module, unused: list[str] = ()) -> nn.Module:
         """Expert parallel first (swap each MoE's `experts` for this rank's `ExpertParallel` slice), then DDP or
         FSDP2 over everything else. Returns the module to call for training steps. Build the optimizer after
-        this: FSDP2 and the expert swap replace parameters."""
+        this: FSDP2 and the expert swap replace parameters. `unused`: names of parameters no loss reaches in this
+        run (the MTP modules when the MTP loss is off); DDP would otherwise wait for their gradients forever."""
         check_parallel(self.cfg, self.world_size, model.cfg.n_routed_experts)
         self.model = model
         if self.ep > 1:
@@ -187,7 +190,7 @@ class Distributed:
         self.expert_params = {id(p) for p in experts}
         if self.cfg.dp == "ddp":
             from torch.nn.parallel import DistributedDataParallel as DDP
-            ignore = [n for n, p in model.named_parameters() if id(p) in self.expert_params]
+            ignore = [n for n, p in model.named_parameters() if id(p) in self.expert_params or n in set(unused)]
             DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
             # buffers: the routing bias is updated identically on every rank; the token counts must stay per rank
             return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -208,9 +211,12 @@ class Distributed:
         """Expert gradients after backward: divide by W (DDP/FSDP average the rest over W) and sum over replicas."""
         for m in model.modules():
             if isinstance(m, ExpertParallel):
+                ran, m.ran_with_grad = m.ran_with_grad, False
                 for p in m.parameters():
-                    if p.grad is None:  # no token reached these experts: zeros, as one process's full weight gets
-                        p.grad = torch.zeros_like(p)
+                    if p.grad is None and ran:  # the layer ran but no token reached these experts: zeros, as one
+                        p.grad = torch.zeros_like(p)  # process's full weight gets for them
+                    if p.grad is None:  # the layer did not run (MTP off): no gradient, as in one process
+                        continue
                     p.grad.div_(self.world_size)
                     if self.world_size > self.ep:
                         tdist.all_reduce(p.grad, group=self.replica_group)

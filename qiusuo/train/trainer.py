@@ -10,8 +10,8 @@ loader's position, RNG states, the step); the learning rate is a pure function o
 under a time budget), so an interrupted and resumed step-budget run on CPU in fp32 repeats the same losses bit for bit.
 
 Distributed training plugs in through `dist` (`qiusuo.train.distributed.Distributed`, built under torchrun), an
-object with `rank`, `world_size`, `device`, `wrap(model) -> model` (DDP/FSDP/expert parallel applied from outside
-the model), `all_reduce_sum(tensor)` (in place), `finish_grads(model)`, `clip_grad_norm(params, max_norm)` and
+object with `rank`, `world_size`, `device`, `wrap(model, unused) -> model` (DDP/FSDP/expert parallel applied from
+outside the model; `unused`: names of parameters this run never gives a gradient), `all_reduce_sum(tensor)` (in place), `finish_grads(model)`, `clip_grad_norm(params, max_norm)` and
 `full_state` / `load_full_state` (checkpoints in the one-process layout). Rank 0 alone writes checkpoints, metrics,
 plots and samples; gathering the full state for them is collective, so every rank takes part.
 """
@@ -111,7 +111,9 @@ class Trainer:
         self.model.reset_parameters(cfg.run.seed)
         self.model.to(self.device).train()
         self.model.set_balance_alpha(cfg.balance.alpha)
-        wrapped = dist.wrap(self.model) if dist else self.model  # before the optimizer: wrapping swaps parameters
+        # before the optimizer: wrapping swaps parameters; MTP modules get no gradient when their loss is off
+        unused = [] if cfg.train.mtp_weight > 0 else [n for n, _ in self.model.named_parameters() if n.startswith("mtp.")]
+        wrapped = dist.wrap(self.model, unused=unused) if dist else self.model
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.forward = torch.compile(wrapped) if cfg.run.compile else wrapped
         self.loader = BatchLoader(self.train_shards, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.run.seed,

@@ -20,7 +20,9 @@ from qiusuo.train.config import load_run_config
 from qiusuo.train.trainer import Trainer
 
 WORLD, B, STEPS = 2, 2, 3
-MODES = {"ddp": ("ddp", 1), "fsdp": ("fsdp", 1), "ep_ddp": ("ddp", 2), "ep_fsdp": ("fsdp", 2)}
+NO_MTP = {"train.mtp_weight": 0.0}  # the MTP modules get no gradient: DDP must not wait for them, EP must not invent one
+MODES = {"ddp": ("ddp", 1, {}), "fsdp": ("fsdp", 1, {}), "ep_ddp": ("ddp", 2, {}), "ep_fsdp": ("fsdp", 2, {}),
+         "ep_ddp_no_mtp": ("ddp", 2, NO_MTP)}
 
 
 def make_cfg(data_dir, out_dir, batch_size, dp="none", ep=1, **kw):
@@ -42,8 +44,8 @@ def worker(data_dir: Path, out: Path, ref_ckpt: Path) -> None:
     from qiusuo.train.distributed import Distributed, ExpertParallel
 
     results, volume = {}, []
-    for name, (dp, ep) in MODES.items():
-        cfg = make_cfg(data_dir, out / name, B, dp, ep)
+    for name, (dp, ep, kw) in MODES.items():
+        cfg = make_cfg(data_dir, out / name, B, dp, ep, **kw)
         dist = Distributed.from_env(cfg.parallel, "cpu")
         t = Trainer(cfg, dist=dist)
         # expected rows per destination rank from the routing itself: slot (n, k) belongs to rank idx // (E/P)
@@ -55,7 +57,7 @@ def worker(data_dir: Path, out: Path, ref_ckpt: Path) -> None:
                 expected[layer] = expected.get(layer, 0) + torch.bincount(owner, minlength=ep)
             r.register_forward_hook(hook)
         steps = [t.train_step() for _ in range(STEPS)]
-        if experts:
+        if experts and not kw:
             volume += [{"rank": dist.rank, "layer": i, "sent": e.sent_rows.tolist(), "expected": expected[i].tolist(),
                         "K": t.model_cfg.num_experts_per_tok}
                        for i, e in enumerate(experts)]
@@ -105,22 +107,29 @@ def runs(tmp_path_factory):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[proc.stderr.find("Traceback"):][:6000]
     vol = [v for r in range(WORLD) for v in json.loads((root / f"volume_{r}.json").read_text())]
+    no_mtp = Trainer(make_cfg(data, root / "ref_no_mtp", WORLD * B, **NO_MTP))
+    no_mtp_loss = [no_mtp.train_step()["loss"] for _ in range(STEPS)]
     return {"root": root, "data": data, "ref_loss": losses, "ref_sd": final_sd, "ref_ckpt_sd": ref_sd,
+            "ref_no_mtp": (no_mtp_loss, no_mtp.model.state_dict()),
             "out": torch.load(root / "results.pt", weights_only=True), "volume": vol}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_two_processes_match_one(runs, mode):
-    got, ref_sd = runs["out"][mode], runs["ref_sd"]
-    torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(runs["ref_loss"][:STEPS]), rtol=0, atol=1e-5)
+    got, ref_loss, ref_sd = runs["out"][mode], runs["ref_loss"][:STEPS], runs["ref_sd"]
+    if MODES[mode][2] == NO_MTP:
+        ref_loss, ref_sd = runs["ref_no_mtp"]
+    torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(ref_loss), rtol=0, atol=1e-5)
     assert set(got["sd"]) == set(ref_sd)
     moved = 0
     for k, v in ref_sd.items():
         torch.testing.assert_close(got["sd"][k], v, rtol=0, atol=1e-5, msg=f"{mode}: {k}")
+        if MODES[mode][2] == NO_MTP and k.startswith("mtp."):  # untouched, exactly (no weight decay step either)
+            assert torch.equal(got["sd"][k], v), k
         if "e_score_correction_bias" in k:  # the balancing bias: identical, and it did move
             assert torch.equal(got["sd"][k], v), k
             moved += int(v.abs().sum() > 0)
-    assert moved >= 2  # the MoE layer and the MTP block's MoE
+    assert moved >= (1 if MODES[mode][2] == NO_MTP else 2)  # the MoE layer and the MTP block's MoE
 
 
 def test_expert_parallel_sends_tokens_only_to_their_experts_ranks(runs):
