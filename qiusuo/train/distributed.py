@@ -260,11 +260,17 @@ class Distributed:
             full = full[self.ep_rank * n:(self.ep_rank + 1) * n]
         return full.to(like.device, like.dtype)
 
-    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-        """(model state dict, optimizer state dict) in the one-process layout, full size, on CPU; collective
-        (every rank calls it, every rank gets the result)."""
+    def full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict | None]:
+        """(model state dict, optimizer state dict) in the one-process layout, full size, on CPU, on rank 0;
+        (None, None) on the others. Collective: every rank calls it. Tensor by tensor, so a rank other than 0
+        holds at most one full tensor at a time."""
+        main = self.rank == 0
         expert_names = {n for n, p in model.named_parameters() if id(p) in self.expert_params}
-        sd = {n: self._full(t, n in expert_names) for n, t in model.state_dict().items()}
+        sd = {}
+        for n, t in model.state_dict().items():
+            full = self._full(t, n in expert_names)
+            if main:
+                sd[n] = full
         osd = optimizer.state_dict()
         params = [p for g in optimizer.param_groups for p in g["params"]]
         state = {}
@@ -272,9 +278,11 @@ class Distributed:
             st = osd["state"].get(i)
             if st is None:
                 continue
-            state[i] = {k: self._full(v, id(p) in self.expert_params) if torch.is_tensor(v) and v.dim() > 0 else
-                        (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in st.items()}
-        return sd, {"state": state, "param_groups": osd["param_groups"]}
+            full = {k: self._full(v, id(p) in self.expert_params) if torch.is_tensor(v) and v.dim() > 0 else
+                    (v.full_tensor() if isinstance(v, DTensor) else v) for k, v in st.items()}
+            if main:
+                state[i] = full
+        return (sd, {"state": state, "param_groups": osd["param_groups"]}) if main else (None, None)
 
     def load_full_state(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, sd: dict,
                         osd: dict | None) -> None:

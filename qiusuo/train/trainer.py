@@ -223,12 +223,14 @@ class Trainer:
         loss = float(total[0] / total[1])
         return EvalResult(loss, loss / math.log(2) / self.val_shards.bytes_per_token, int(total[1]))
 
-    def gathered(self) -> tuple[torch.nn.Module, dict]:
-        """(model, optimizer state dict) in the one-process layout. Under `dist` a full CPU copy, collective: every
-        rank must call it; alone, the live model and optimizer state."""
+    def gathered(self) -> tuple[torch.nn.Module | None, dict | None]:
+        """(model, optimizer state dict) in the one-process layout. Under `dist` a full CPU copy on rank 0 and
+        (None, None) elsewhere, collective: every rank must call it; alone, the live model and optimizer state."""
         if self.dist is None:
             return self.model, self.optimizer.state_dict()
         sd, osd = self.dist.full_state(self.model, self.optimizer)
+        if sd is None:
+            return None, None
         model = Transformer(self.model_cfg)
         model.load_state_dict(sd)
         model.set_balance_alpha(self.cfg.balance.alpha)
