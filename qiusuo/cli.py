@@ -18,8 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("qiusuo.rl.eval", "accuracy of a model on a built-in task's test split"),
     "convert": ("qiusuo.hf.convert", "re-save a checkpoint in Hugging Face layout (dtype, FP8 blocks, shards)"),
     "inspect": ("qiusuo.hf.inspect", "what a checkpoint holds: architecture, parameters, dtype, MTP, FP8, shards"),
-    "generate": ("qiusuo.infer.cli", "continue a prompt, streaming tokens to the terminal"),
-    "chat": ("qiusuo.infer.cli", "interactive chat with the tokenizer's chat template (keeps the cached prefix)"),
+    "generate": ("qiusuo.infer.generate", "continue a prompt, streaming tokens to the terminal"),
+    "chat": ("qiusuo.infer.chat", "interactive chat with the tokenizer's chat template (keeps the cached prefix)"),
     "serve": ("qiusuo.infer.server", "OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)"),
     "bench": ("qiusuo.bench", "benchmarks against transformers in the same run (train, decode, ...)"),
 }

@@ -2,6 +2,7 @@
 
 Field names are exactly those of `config.json` in DeepSeek-V2/V3 checkpoints so that a real config loads as is
 (`ModelConfig.from_hf`). Every size the project talks about lives in `PRESETS`; code never branches on a width.
+A leaf: it imports nothing of the model (parameter and cache-bytes counting live in `qiusuo.model.count`).
 """
 
 from __future__ import annotations
@@ -86,9 +87,6 @@ class ModelConfig:
     def latent_dim(self) -> int:
         """Values cached per token per layer by the absorbed path: the latent plus the shared rotary key."""
         return self.kv_lora_rank + self.qk_rope_head_dim
-
-    def cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
-        return self.latent_dim * self.num_hidden_layers * bytes_per_value
 
     @property
     def yarn(self) -> dict | None:
@@ -252,7 +250,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=512,
         num_nextn_predict_layers=1,
     ),
-    # DESIGN.md section 5: the configuration every benchmark runs on
+    # the configuration every benchmark runs on (`qiusuo bench`; README "Performance")
     "bench": dict(
         model_type="deepseek_v3", vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=None, kv_lora_rank=64,
@@ -291,29 +289,3 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
         raise ValueError(f"unknown model size {name!r}{hint}; known: {', '.join(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
-
-def count_params(cfg: ModelConfig, include_mtp: bool = False) -> dict[str, int]:
-    """Total and active-per-token parameter counts, from a model built on the meta device (nothing allocated).
-
-    Active = everything except the routed experts a token does not visit: embedding, output head, attention,
-    dense MLPs, shared experts, routers, and `num_experts_per_tok` routed experts per MoE layer.
-    """
-    import torch
-
-    from qiusuo.model.transformer import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(cfg if include_mtp else cfg.replace(num_nextn_predict_layers=0))
-    total = routed = 0
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        if ".experts." in name:
-            routed += p.numel()
-    active = total - routed
-    if cfg.is_moe:
-        active += routed * cfg.num_experts_per_tok // cfg.n_routed_experts
-    return {"total": total, "active": active, "routed": routed}

@@ -2,7 +2,8 @@
 
 1. prepare the corpus (default: this Python's standard library) into a BPE tokenizer and token shards, unless
    the data folder already holds them;
-2. train the `demo` MoE preset (qiusuo/presets/demo.toml) for `--minutes` of wall-clock time, with a progress bar;
+2. train the `demo` MoE with the `pretrain-demo` run preset (qiusuo/presets/pretrain-demo.toml) for `--minutes`
+   of wall-clock time, with a progress bar;
 3. print the validation bits per byte against the unigram baseline of the same data, the plots, generated samples,
    and how to chat with or serve the exported model.
 """
@@ -23,7 +24,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock budget")
     p.add_argument("--out", default="runs/demo", help="run folder: checkpoints, metrics, plots, samples, exported model")
     p.add_argument("--data", default="runs/data", help="token shards folder; prepared here when missing")
-    p.add_argument("--config", default="demo", help="run preset or TOML file")
+    p.add_argument("--config", default="pretrain-demo", help="run preset or TOML file")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores other work leaves idle, by load average)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -71,8 +72,8 @@ def report(s: dict) -> str:
     m = s["model"]
     lines += [
         f"  model (Hugging Face layout): {m}",
-        f"  chat with it:   qiusuo chat {m}",
-        f"  serve it:       qiusuo serve {m}   (OpenAI-compatible, 127.0.0.1)",
+        f"  chat with it:   qiusuo chat --model {m}",
+        f"  serve it:       qiusuo serve --model {m}   (OpenAI-compatible, 127.0.0.1)",
         f"  train longer:   qiusuo train --resume {Path(s['checkpoint']).parent.parent} --train.minutes=30",
     ]
     return "\n".join(lines)

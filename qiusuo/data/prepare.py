@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +24,8 @@ from tqdm import tqdm
 
 from qiusuo.data.shards import TokenShards, unigram_bits_per_byte, write_shards
 from qiusuo.data.sources import DataError, Document, iter_documents, split_documents, split_score
-from qiusuo.data.tokenizer import Tokenizer, write_atomic
+from qiusuo.data.tokenizer import Tokenizer
+from qiusuo.io import atomic_dir, write_atomic
 
 ENCODE_CHUNK = 256  # documents per encode_batch call: large enough for the thread pool, small for the bar
 
@@ -53,10 +53,8 @@ def _tokenizer_subset(docs: Sequence[Document], max_bytes: int, seed: int) -> li
 
 
 def _write_split(out: Path, name: str, docs: Sequence[Document], tok: Tokenizer, bar: tqdm) -> dict:
-    """Encode and write one split into a temporary folder, then swap it in, so a reader never sees a mix of
-    an old and a new run."""
-    final, tmp = out / name, out / f".{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Encode and write one split into a temporary folder, then swap it in (`atomic_dir`), so a reader never
+    sees a mix of an old and a new run."""
 
     def encoded():
         for start in range(0, len(docs), ENCODE_CHUNK):
@@ -66,15 +64,8 @@ def _write_split(out: Path, name: str, docs: Sequence[Document], tok: Tokenizer,
                 bar.update(n_bytes)
                 yield ids, n_bytes
 
-    manifest = write_shards(tmp, encoded(), vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256)
-    if final.exists():
-        old = out / f".{name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    return manifest
+    with atomic_dir(out / name) as tmp:
+        return write_shards(tmp, encoded(), vocab_size=tok.vocab_size, eos_id=tok.eos_id, tokenizer_sha256=tok.sha256)
 
 
 def prepare(

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qiusuo.data.tokenizer import write_atomic
+from qiusuo.io import write_atomic
 
 MANIFEST = "manifest.json"
 

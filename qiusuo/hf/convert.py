@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 
 from qiusuo.hf.save import DEFAULT_SHARD_BYTES
-from qiusuo.hf.st import CheckpointError
+from qiusuo.io import CheckpointError
 
 
 def resolve_source(src: str | Path) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def describe(path: str | Path) -> dict:
-    from qiusuo.config import count_params
+    from qiusuo.model.count import count_params
     from qiusuo.hf.load import _layer_index, read_config, read_entries
 
     path = Path(path)

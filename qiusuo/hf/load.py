@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from qiusuo.config import ModelConfig
 from qiusuo.hf.fp8 import BLOCK, dequantize_blocks_, scale_shape
 from qiusuo.hf.names import Slot, hf_layout
-from qiusuo.hf.st import CheckpointError, Entry, read_header, read_into, read_tensor
+from qiusuo.hf.st import Entry, read_header, read_into, read_tensor
+from qiusuo.io import CheckpointError
 from qiusuo.model.rope import Rotary, rope_frequencies
 from qiusuo.model.transformer import Transformer
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from qiusuo.io import CheckpointError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -26,10 +27,6 @@ DTYPES: dict[str, torch.dtype] = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and the tensor."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +103,8 @@ def read_tensor(f, e: Entry) -> torch.Tensor:
 
 def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file tensor by tensor (views of shared storage are fine: each is written as its own
-    bytes), flush and fsync. The header is padded to 8 bytes as the reference implementation does."""
+    bytes). The header is padded to 8 bytes as the reference implementation does. Not fsynced here: files are
+    written inside `qiusuo.io.atomic_dir`, which syncs the whole folder before it takes its name."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
     for name, t in tensors.items():
@@ -122,5 +120,3 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
             if t.numel():
                 t = t.detach().to("cpu").contiguous()
                 f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())

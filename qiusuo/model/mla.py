@@ -19,10 +19,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from qiusuo.config import ModelConfig
+from qiusuo.model.cache import LayerCacheSpec
 from qiusuo.model.rope import RMSNorm, apply_rotary
 
 
 class MLA(nn.Module):
+    @staticmethod
+    def cache_spec(cfg: ModelConfig) -> LayerCacheSpec:
+        """MLA caches the latent: kv_lora_rank + qk_rope_head_dim values per token (the `latent` kind)."""
+        return LayerCacheSpec("latent", cfg.latent_dim)
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -43,7 +49,10 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(H * self.V, D, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None,
-                absorb: bool = False) -> torch.Tensor:
+                absorb: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D). `cache`: a `qiusuo.model.cache.Cache` (this layer writes its latents there and
+        attends to what it returns). `mask` (B, 1, T, T) without a cache: who may attend to whom (packed
+        documents); None: causal."""
         B, T, _ = x.shape
         H, N, P, R = self.H, self.N, self.P, self.R
         cos, sin = rope
@@ -54,10 +63,9 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([R, P], dim=-1)  # (B, T, R), (B, T, P)
         k_pe = apply_rotary(k_pe[:, :, None, :], cos, sin, self.interleave)[:, :, 0]
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # (B, T, C)
-        mask = None
         if cache is not None:
-            latent, mask = cache.update(self.layer_idx, latent)  # (B, S, C), (B, 1, T, S) | None
-        causal = cache is None and T > 1
+            latent, mask = cache.layer(self.layer_idx).update(latent)  # (B, S, C), (B, 1, T, S) | None
+        causal = cache is None and mask is None and T > 1
         if absorb:
             out = self._absorbed(q_nope, q_pe, latent, mask, causal)
         else:

@@ -9,6 +9,8 @@ that received tokens runs the same sorted slices). Nothing loops over tokens, or
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,46 +56,74 @@ def route(scores: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig) -> 
     return weights * cfg.routed_scaling_factor, idx
 
 
+class Routing(NamedTuple):
+    """What one MoE layer's router decided, returned to the caller (never stored on the module): balancing is
+    computed from it by whoever trains (`routing_load`, `sequence_balance_loss`, `update_balance_bias`)."""
+
+    scores: torch.Tensor  # (N, E) fp32, the unbiased scores
+    idx: torch.Tensor  # (N, K) chosen experts
+
+
 class Router(nn.Module):
-    """Scores in fp32 (softmax for V2, sigmoid for V3), top-k selection, and the bookkeeping balancing needs:
-    `tokens_per_expert` accumulates this step's load in training (the aux-loss-free bias update reads and clears
-    it), and `balance_loss` holds the sequence-wise balance loss of the last forward when `balance_alpha > 0`."""
+    """Scores in fp32 (softmax for V2, sigmoid for V3) and top-k selection. A pure function of its input and its
+    two tensors: the weight and the selection bias `e_score_correction_bias` (a persistent buffer, because
+    checkpoints carry it under this name; the train step moves it, `update_balance_bias`). It counts nothing and
+    does not look at `self.training`: the loads balancing needs are returned (torchtitan's way), so RL, the
+    benchmarks and evaluation need no tricks to keep it from counting."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
         E = cfg.n_routed_experts
         self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
-        # selection bias, moved by `update_balance_bias`; a buffer, not a parameter: no gradient flows into it
+        # selection bias; a buffer, not a parameter: no gradient flows into it
         self.register_buffer("e_score_correction_bias", torch.zeros(E), persistent=cfg.topk_method == "noaux_tc")
-        self.register_buffer("tokens_per_expert", torch.zeros(E), persistent=False)
-        self.balance_alpha = 0.0
-        self.balance_loss: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) -> weights (N, K) fp32, indices (N, K)."""
-        B, T, D = x.shape
-        logits = F.linear(x.reshape(-1, D).float(), self.weight.float())  # (N, E)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        """x (N, D) -> weights (N, K) fp32 and the `Routing` (scores, indices)."""
+        logits = F.linear(x.float(), self.weight.float())  # (N, E)
         scores = logits.sigmoid() if self.cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         bias = self.e_score_correction_bias if self.cfg.topk_method == "noaux_tc" else None
         weights, idx = route(scores, bias, self.cfg)
-        if self.training:
-            with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(idx.flatten(), minlength=scores.shape[1]).float()
-            self.balance_loss = self._sequence_balance_loss(scores.view(B, T, -1), idx.view(B, T, -1)) \
-                if self.balance_alpha > 0 else None
-        return weights, idx
+        return weights, Routing(scores, idx)
 
-    def _sequence_balance_loss(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """DeepSeek-V3 eq. 17-20: alpha * sum_i f_i * P_i per sequence, averaged over sequences.
-        f_i = E/(K*T) * #tokens of the sequence routed to i; P_i = mean over tokens of normalised scores."""
-        B, T, E = scores.shape
-        K = idx.shape[-1]
-        counts = torch.zeros(B, E, device=scores.device).scatter_add_(1, idx.view(B, -1),
-                                                                      torch.ones(B, T * K, device=scores.device))
-        f = counts * E / (K * T)
-        p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E)
-        return self.balance_alpha * (f * p).sum(-1).mean()
+
+def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V3 eq. 17-20 without alpha: sum_i f_i * P_i per sequence, averaged over sequences.
+    scores (B, T, E), idx (B, T, K). f_i = E/(K*T) * #tokens of the sequence routed to i; P_i = mean over tokens
+    of the normalised scores."""
+    B, T, E = scores.shape
+    K = idx.shape[-1]
+    counts = torch.zeros(B, E, device=scores.device).scatter_add_(1, idx.reshape(B, -1),
+                                                                  torch.ones(B, T * K, device=scores.device))
+    f = counts * E / (K * T)
+    p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E)
+    return (f * p).sum(-1).mean()
+
+
+def routing_load(routings: list[Routing], num_routers: int, num_experts: int) -> torch.Tensor:
+    """(num_routers, E) tokens routed to each expert by each router of a forward, in module order; routers that
+    did not run (MTP depths past the sequence, or off) get zero rows. The train step sums these over
+    micro-batches and ranks and hands the sum to `update_balance_bias`."""
+    device = routings[0].idx.device if routings else None
+    load = torch.zeros(num_routers, num_experts, device=device)
+    for i, r in enumerate(routings):
+        load[i] = torch.bincount(r.idx.flatten(), minlength=num_experts).float()
+    return load
+
+
+def dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_experts: int, run) -> torch.Tensor:
+    """The one token dispatch every expert layout shares (single process and expert parallel): sort the N*K
+    (token, expert) slots by expert, `run(xs (N*K, D) sorted, counts (E,)) -> ys (N*K, D)` in the same order,
+    weight each slot, put the slots back in order and sum over K. x (N, D), weights/idx (N, K) -> (N, D)."""
+    N, K = idx.shape
+    flat = idx.flatten()  # (N*K,) slot n*K+k is token n's k-th expert
+    order = flat.argsort(stable=True)  # slots sorted by expert
+    counts = torch.bincount(flat, minlength=num_experts)  # (E,)
+    ys = run(x[order // K], counts)  # (N*K, D)
+    ys = ys * weights.flatten()[order, None].to(ys.dtype)
+    out = torch.empty_like(ys).index_copy_(0, order, ys)  # back to slot order: deterministic, no atomics
+    return out.view(N, K, -1).sum(1)
 
 
 class Experts(nn.Module):
@@ -103,23 +133,22 @@ class Experts(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.num_experts = E  # experts the router picks from (an expert-parallel rank holds only some of them)
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (N, D), weights (N, K), idx (N, K) -> (N, D)."""
         N, K = idx.shape
-        E = self.gate_up_proj.shape[0]
+        E = self.num_experts
         if torch.compiler.is_compiling() and not torch.is_grad_enabled() and N * K <= 8 * E and not x.is_cuda:
             return self._gathered(x, weights, idx)  # compiled decoding steps (batch 32 here: 27 vs 39 ms a step)
-        flat = idx.flatten()  # (N*K,) slot n*K+k is token n's k-th expert
-        order = flat.argsort(stable=True)  # slots sorted by expert
-        counts = torch.bincount(flat, minlength=E)  # (E,)
-        xs = x[order // K]  # (N*K, D) tokens in expert order
-        ys = self.grouped(xs, counts)  # (N*K, D)
-        ys = ys * weights.flatten()[order, None].to(ys.dtype)
-        out = torch.empty_like(ys).index_copy_(0, order, ys)  # back to slot order: deterministic, no atomics
-        return out.view(N, K, -1).sum(1)
+        return dispatch(x, weights, idx, E, self.run_sorted)
+
+    def run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The experts on rows sorted by expert (`counts[e]` rows for expert e): here all E are local.
+        `ExpertParallel` overrides this with the all-to-all round trip to the ranks owning them."""
+        return self.grouped(xs, counts)
 
     def _gathered(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Few tokens in a compiled inference step (decoding): each (token, expert) pair as a multiply-and-sum
@@ -163,8 +192,16 @@ def _expert_loop(xs: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor, w_d
     return torch.cat(outs) if outs else xs.new_zeros(0, w_d.shape[1])
 
 
+class DenseMLP(MLP):
+    """A dense layer's MLP in the block's MLP-kind interface: forward(x) -> (output, no routing)."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return super().forward(x), None
+
+
 class MoE(nn.Module):
-    """Routed experts plus `n_shared_experts` shared experts run as one dense MLP of width n_shared * I."""
+    """Routed experts plus `n_shared_experts` shared experts run as one dense MLP of width n_shared * I.
+    forward(x (B, T, D)) -> (output (B, T, D), `Routing`)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -173,31 +210,35 @@ class MoE(nn.Module):
         n_shared = cfg.n_shared_experts or 0
         self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         B, T, D = x.shape
-        weights, idx = self.gate(x)
-        out = self.experts(x.reshape(-1, D), weights, idx).view(B, T, D)
+        flat = x.reshape(-1, D)
+        weights, routing = self.gate(flat)
+        out = self.experts(flat, weights, routing.idx).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        return out, routing
 
 
 def moe_routers(model: nn.Module) -> list[Router]:
+    """The routers in module order (main layers, then MTP modules): the rows of `routing_load`."""
     return [m for m in model.modules() if isinstance(m, Router)]
 
 
 @torch.no_grad()
-def update_balance_bias(model: nn.Module, gamma: float, all_reduce=None) -> dict[str, list[float]]:
+def update_balance_bias(model: nn.Module, load: torch.Tensor | None, gamma: float,
+                        all_reduce=None) -> dict[str, list]:
     """Aux-loss-free balancing (DeepSeek-V3 section 2.1.2), once per optimizer step:
-    `bias_i += gamma * sign(mean_load - load_i)` from the step's token counts, then clear the counts.
+    `bias_i += gamma * sign(mean_load - load_i)` from the step's loads (num_routers, E) (`LossOutput.load`
+    summed over the step's micro-batches; None: no forward of this step routed, nothing to do).
 
-    `all_reduce(tensor)` sums counts over ranks (the distributed trainer passes one) so every rank applies the same
-    update. Returns per-router loads and MaxVio = (max - mean) / mean for logging.
-    """
+    `all_reduce(tensor)` sums the loads over ranks (the distributed step passes one) so every rank applies the
+    same update. Returns per-router loads and MaxVio = (max - mean) / mean for logging. Called from the train
+    step (`qiusuo.train.step.TrainStep`), the only place the bias moves."""
     routers = moe_routers(model)
-    if not routers:
+    if not routers or load is None:
         return {"max_vio": [], "load": []}
-    counts = torch.stack([r.tokens_per_expert for r in routers])  # (L_moe, E)
+    counts = load.clone()
     if all_reduce is not None:
         all_reduce(counts)
     mean = counts.mean(-1, keepdim=True)
@@ -205,5 +246,4 @@ def update_balance_bias(model: nn.Module, gamma: float, all_reduce=None) -> dict
     for r, c in zip(routers, counts):
         if gamma > 0 and r.cfg.topk_method == "noaux_tc" and c.sum() > 0:
             r.e_score_correction_bias += gamma * torch.sign(c.mean() - c)
-        r.tokens_per_expert.zero_()
     return {"max_vio": max_vio, "load": counts.tolist()}

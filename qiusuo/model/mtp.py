@@ -13,6 +13,7 @@ from torch import nn
 
 from qiusuo.config import ModelConfig
 from qiusuo.model.block import Block
+from qiusuo.model.moe import Routing
 from qiusuo.model.rope import RMSNorm
 
 
@@ -26,7 +27,8 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_idx)
         self.norm = RMSNorm(D, cfg.rms_norm_eps)  # `shared_head.norm` in checkpoints
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope) -> torch.Tensor:
-        """h (B, T', D) previous depth's states, emb (B, T', D) embeddings of the tokens k ahead -> (B, T', D)."""
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope) -> tuple[torch.Tensor, Routing | None]:
+        """h (B, T', D) previous depth's states, emb (B, T', D) embeddings of the tokens k ahead -> (B, T', D)
+        and the block's routing (None for a dense block)."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
         return self.block(x, rope)

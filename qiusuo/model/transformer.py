@@ -1,7 +1,11 @@
-"""The full model: embedding, blocks, final norm, output head, MTP modules; losses; simple cached generation.
+"""The full model: embedding, blocks, final norm, output head, MTP modules; losses; a greedy reference decoder.
 
 One class serves training and inference. Parameter names mirror Hugging Face's without the `model.` prefix
 (`embed_tokens`, `layers.N.self_attn.kv_b_proj`, ...); MTP modules live under `mtp.K`. `qiusuo.hf` maps names.
+
+State travels in arguments and return values: the cache (`qiusuo.model.cache.Cache`) is passed in and advanced
+here; a packed batch's documents come as `doc_ids`; the routers' decisions come back in `LossOutput.load` for the
+train step to balance with (`qiusuo.train.step`), and the balance-loss weight is an argument.
 """
 
 from __future__ import annotations
@@ -13,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from qiusuo.config import ModelConfig
-from qiusuo.model.block import Block
-from qiusuo.model.cache import LatentCache
-from qiusuo.model.moe import Experts, Router, moe_routers
+from qiusuo.model.block import Block, layer_cache_specs
+from qiusuo.model.cache import ContiguousCache, LayerCacheSpec
+from qiusuo.model.moe import Experts, Router, Routing, moe_routers, routing_load, sequence_balance_loss
 from qiusuo.model.mtp import MTPModule
 from qiusuo.model.rope import RMSNorm, Rotary
 
@@ -24,13 +28,29 @@ IGNORE_INDEX = -100
 
 @dataclass
 class LossOutput:
-    """`loss` is what to backpropagate: ce + mtp_weight * mean(mtp depth losses) + balance. The parts are
-    reported separately (detached values are for logging; `loss` carries the graph)."""
+    """`loss` is what to backpropagate: ce + mtp_weight * mean(mtp depth losses) + balance_alpha * balance. The
+    parts are reported separately (detached values are for logging; `loss` carries the graph). `load`
+    (num_routers, E): tokens each router sent to each expert in this forward (main layers, then MTP modules),
+    what the aux-loss-free bias update needs; empty for a dense model."""
 
     loss: torch.Tensor
     ce: torch.Tensor
     mtp: torch.Tensor
     balance: torch.Tensor
+    load: torch.Tensor
+
+
+def document_positions_and_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows (several documents per row, `doc_ids` (B, T), padding its own id): positions that restart at
+    0 for each document (B, T), and a mask (B, 1, T, T) causal within a document only, so one forward treats
+    each document as if it were alone (same rotary positions, no attention across documents)."""
+    B, T = doc_ids.shape
+    t = torch.arange(T, device=doc_ids.device)
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.cummax(torch.where(start, t, 0), dim=1).values  # (B, T) index of the document's first token
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    return t - first, (same & (t[None, :, None] >= t[None, None, :]))[:, None]
 
 
 class Transformer(nn.Module):
@@ -45,6 +65,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
         self.rotary = Rotary(cfg)
+        self.num_routers = len(moe_routers(self))
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -67,10 +88,9 @@ class Transformer(nn.Module):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
                 m.e_score_correction_bias.zero_()
 
-    def set_balance_alpha(self, alpha: float) -> None:
-        """Weight of the sequence-wise balance loss (0 turns it off; DeepSeek-V3 used 1e-4)."""
-        for r in moe_routers(self):
-            r.balance_alpha = alpha
+    def cache_specs(self) -> list[LayerCacheSpec]:
+        """What each layer caches per token (its attention kind's cache kind): what every cache is built from."""
+        return layer_cache_specs(self.cfg)
 
     def _check_inputs(self, input_ids: torch.Tensor, start: int) -> None:
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
@@ -81,38 +101,61 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {end} positions exceeds max_position_embeddings="
                              f"{self.cfg.max_position_embeddings}; shorten the input or raise the limit (with YaRN)")
 
-    def hidden(self, input_ids: torch.Tensor, cache=None, absorb: bool | None = None) -> torch.Tensor:
-        """Final hidden states (B, T, D), before the last norm."""
+    def _run(self, input_ids: torch.Tensor, cache=None, absorb: bool | None = None,
+             doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Routing]]:
+        """Final hidden states (B, T, D) before the last norm, and the routing of every MoE layer."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if cache is not None and doc_ids is not None:
+            raise ValueError("doc_ids (packed documents) and a cache cannot be combined; pack for training only")
         B, T = input_ids.shape
-        if cache is None:
-            self._check_inputs(input_ids, 0)
-            positions = torch.arange(T, device=input_ids.device)  # (T,)
-        else:
+        mask = None
+        if cache is not None:
             positions = cache.positions(T)  # (B, T)
             end = int(positions.max()) + 1 if T else 0
             self._check_inputs(input_ids, end - T)
             if end > getattr(cache, "max_len", end):
                 raise ValueError(f"the cache holds {cache.max_len} tokens per sequence; {end} do not fit")
+        elif doc_ids is not None:
+            self._check_inputs(input_ids, 0)
+            positions, mask = document_positions_and_mask(doc_ids)
+        else:
+            self._check_inputs(input_ids, 0)
+            positions = torch.arange(T, device=input_ids.device)  # (T,)
         if absorb is None:
             absorb = cache is not None and T == 1
         rope = self.rotary(positions)
         x = self.embed_tokens(input_ids)
+        routings = []
         for layer in self.layers:
-            x = layer(x, rope, cache, absorb)
+            x, routing = layer(x, rope, cache, absorb, mask)
+            if routing is not None:
+                routings.append(routing)
         if cache is not None:
             cache.advance(T)
-        return x
+        return x, routings
+
+    def hidden(self, input_ids: torch.Tensor, cache=None, absorb: bool | None = None,
+               doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, D), before the last norm. With a cache, the new tokens' entries are written
+        and the cache advanced by T."""
+        return self._run(input_ids, cache, absorb, doc_ids)[0]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Output logits from final hidden states: lm_head(norm(h)). (..., D) -> (..., vocab)."""
+        return self.lm_head(self.norm(h))
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, cache=None,
-                absorb: bool | None = None, mtp_weight: float = 0.3):
+                absorb: bool | None = None, mtp_weight: float = 0.3, balance_alpha: float = 0.0,
+                doc_ids: torch.Tensor | None = None):
         """Without labels: logits (B, T, vocab). With labels (B, T), already aligned (labels[t] is the target at
         position t, -100 ignored): a `LossOutput`. The MTP module k sees the input token k steps ahead and is
-        scored on labels k steps ahead; the last k positions, which have no such token, are dropped."""
-        h = self.hidden(input_ids, cache, absorb)
+        scored on labels k steps ahead; the last k positions, which have no such token, are dropped.
+        `balance_alpha`: weight of the sequence-wise balance loss (0: off; DeepSeek-V3 used 1e-4). `doc_ids`
+        (B, T): packed documents, each attended as if alone (the MTP loss ignores it: pass mtp_weight=0)."""
+        h, routings = self._run(input_ids, cache, absorb, doc_ids)
         if labels is None:
-            return self.lm_head(self.norm(h))
+            return self.logits(h)
         ce = self._ce(self.norm(h), labels)
         mtp = h.new_zeros((), dtype=torch.float32)
         if self.mtp and mtp_weight > 0:
@@ -122,58 +165,66 @@ class Transformer(nn.Module):
             for k, module in enumerate(self.mtp, start=1):
                 if T - k <= 0:
                     break
-                h = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), tuple(r[: T - k] for r in rope))
+                h, routing = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), tuple(r[: T - k] for r in rope))
+                if routing is not None:
+                    routings.append(routing)
                 depth_losses.append(self._ce(module.norm(h), labels[:, k:]))
             if depth_losses:
                 mtp = torch.stack(depth_losses).mean()
+        B = input_ids.shape[0]
         balance = h.new_zeros((), dtype=torch.float32)
-        for r in moe_routers(self):
-            if r.balance_loss is not None:
-                balance = balance + r.balance_loss
-                r.balance_loss = None
-        return LossOutput(ce + mtp_weight * mtp + balance, ce.detach(), mtp.detach(), balance.detach())
+        if balance_alpha > 0:
+            for r in routings:
+                balance = balance + sequence_balance_loss(r.scores.view(B, -1, r.scores.shape[-1]),
+                                                          r.idx.view(B, -1, r.idx.shape[-1]))
+            balance = balance_alpha * balance
+        with torch.no_grad():
+            load = routing_load(routings, self.num_routers, self.cfg.n_routed_experts or 0)
+        return LossOutput(ce + mtp_weight * mtp + balance, ce.detach(), mtp.detach(), balance.detach(), load)
 
     def _ce(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h).float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
-    def decode_step(self, tokens: torch.Tensor, cache) -> torch.Tensor:
-        """One decoding step, tokens (B, 1) -> next-token logits (B, V), absorbed attention, no input checks and
-        no host syncs: the unit `torch.compile` captures whole. Callers validate ids and lengths up front."""
+    def decode_logits(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """One decoding step without advancing the cache: tokens (B, 1) -> next-token logits (B, V), absorbed
+        attention, no input checks and no host syncs: the unit `torch.compile` captures whole (advancing mutates
+        Python-side state, which a compiled graph must not guard on). Callers validate ids and lengths up front."""
         rope = self.rotary(cache.positions(1))
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, rope, cache, True)
+            x, _ = layer(x, rope, cache, True)
+        return self.logits(x[:, -1])
+
+    def decode_step(self, tokens: torch.Tensor, cache, compiled=None) -> torch.Tensor:
+        """`decode_logits` (or its compiled form `compiled`), then advance the cache by the one new token."""
+        logits = (compiled or self.decode_logits)(tokens, cache)
         cache.advance(1)
-        return self.lm_head(self.norm(x[:, -1]))
+        return logits
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None,
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
                  cache_dtype: torch.dtype | None = None, compile: bool = False) -> torch.Tensor:
-        """Prefill (expanded path) then decode token by token (absorbed path) over a contiguous latent cache.
-        Rows advance together; for ragged batches and serving use `qiusuo.infer`. Returns (B, T + new).
-        `compile=True` runs decoding steps through `torch.compile` (worth it past ~100 tokens: compiling takes
-        tens of seconds on a CPU)."""
+        """Greedy decoding over a contiguous cache: prefill (expanded path), then token by token (absorbed path).
+        Rows advance together. This is the simple, slow reference the serving engine (`qiusuo.infer`, ragged
+        batches, paged cache, sampling) is tested against, and what `qiusuo bench decode` times. Returns
+        (B, T + new). `compile=True` runs decoding steps through `torch.compile` (worth it past ~100 tokens:
+        compiling takes tens of seconds on a CPU)."""
         B, T = input_ids.shape
         self._check_inputs(input_ids, max_new_tokens)  # the whole generation must fit the positions
         dtype = cache_dtype or next(self.parameters()).dtype
-        cache = LatentCache(self.cfg, B, T + max_new_tokens, device=input_ids.device, dtype=dtype)
-        step = torch.compile(self.decode_step, dynamic=False) if compile else self.decode_step
-        logits = self.lm_head(self.norm(self.hidden(input_ids, cache)[:, -1]))  # only the last position's logits
+        cache = ContiguousCache(self.cache_specs(), B, T + max_new_tokens, device=input_ids.device, dtype=dtype)
+        compiled = torch.compile(self.decode_logits, dynamic=False) if compile else None
+        logits = self.logits(self.hidden(input_ids, cache)[:, -1])  # only the last position's logits
         out = [input_ids]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
-            if temperature > 0:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
-            else:
-                nxt = logits.argmax(-1, keepdim=True)
+            nxt = logits.argmax(-1, keepdim=True)
             out.append(nxt)
             if eos_token_id is not None:
                 done |= nxt[:, 0] == eos_token_id
                 if bool(done.all()):
                     break
             if i + 1 < max_new_tokens:
-                logits = step(nxt, cache)
+                logits = self.decode_step(nxt, cache, compiled)
         return torch.cat(out, dim=1)

@@ -44,14 +44,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    import qiusuo
-    from qiusuo.train.trainer import cpu_threads
+    from qiusuo.hf.load import load_model, load_tokenizer
+    from qiusuo.runtime import set_threads
 
-    torch.set_num_threads(cpu_threads(args.threads))
+    set_threads(torch.device("cpu"), args.threads)
     try:
         task = get_task(args.task)
-        model = qiusuo.load_model(args.model, progress=False)
-        result = evaluate(model, qiusuo.load_tokenizer(args.model), task, args.n, args.seed, args.max_tokens)
+        model = load_model(args.model, progress=False)
+        result = evaluate(model, load_tokenizer(args.model), task, args.n, args.seed, args.max_tokens)
     except (ValueError, FileNotFoundError) as e:
         print(f"qiusuo eval: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,12 @@ updates (with mu = 1 they equal the current ones, so ratio = 1 and only the grad
 from the sampler, which does not report the stop token's (rollout.py). The reference is a frozen copy of the
 starting model, built only when beta > 0.
 
+The optimizer step is the trainer's (`qiusuo.train.step.TrainStep`: clipping, the non-finite guard, the
+learning rate, Adam), with the batch's micro-batches and this objective as its loss; the routing bias is not
+moved in RL (`balance.gamma = 0` in the `grpo` run preset): balancing is a pretraining concern, and moving it
+would move the policy off its gradient. Settings are the run config's (`[grpo]` plus the shared sections, defaults
+in the `grpo` run preset; `qiusuo grpo --help` lists every key).
+
 Learning rate: Adam moves every weight by about lr per step whatever the size of its gradient, and a small SFT'd
 policy is sharp (on the `tiny` preset a step of L2 norm 0.01 along the raw policy gradient already lowers the
 reward, and so does the opposite step), so lr must stay well below the SFT one. Measured on `tiny` (P=16, G=8,
@@ -32,14 +38,12 @@ accuracy (kind `eval`). Plots: reward.png and grpo.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tqdm import tqdm
@@ -47,6 +51,10 @@ from tqdm import tqdm
 from qiusuo.rl.rewards import RewardSpec, accuracy_reward, load_reward, score
 from qiusuo.rl.rollout import pack_rollouts, sample_groups, token_logprobs
 from qiusuo.rl.tasks import chat_messages, get_task
+from qiusuo.runtime import resolve_device, resolve_precision, set_threads
+from qiusuo.train.config import RunConfig
+from qiusuo.train.optim import build_optimizer, lr_factor
+from qiusuo.train.step import TrainingDiverged, TrainStep
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -90,200 +98,141 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return loss, stats
 
 
-@dataclass
-class GRPOConfig:
-    model: str = ""  # a model folder with its tokenizer (e.g. the output of `qiusuo sft`: RUN/model)
-    task: str = "arithmetic"  # task spec (qiusuo.rl.tasks), e.g. arithmetic:digits=2 or countdown:count=3
-    out_dir: str = "runs/grpo"
-    steps: int = 50
-    prompts_per_step: int = 8  # P
-    group_size: int = 8  # G
-    max_tokens: int = 48  # per completion
-    temperature: float = 1.0
-    lr: float = 1e-4  # see the module docstring: small models need it small too
-    warmup_steps: int = 10
-    grad_clip: float = 1.0
-    epsilon: float = 0.2  # clip range
-    beta: float = 0.04  # KL weight (0: no reference model)
-    mu: int = 1  # policy updates per batch
-    loss_norm: str = "token"  # "token" | "sequence"
-    adv_eps: float = 1e-4
-    rewards: list = field(default_factory=lambda: ["accuracy", "format=0.1"])
-    micro_batch: int = 64  # completions per forward/backward
-    block_size: int = 4  # engine cache block (small: short prompts still share their prefix across the group)
-    eval_every: int = 10  # steps between test-accuracy checks (0: start and end only)
-    eval_n: int = 100  # test problems per check
-    seed: int = 0
-    threads: int = 0
-    device: str = "auto"
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.group_size < 2:
-            raise ValueError(f"--group-size {self.group_size}: GRPO needs at least 2 completions per prompt, since "
-                             "its advantage compares completions of the same prompt (TRL and R1 use 8-64)")
-        checks = [("prompts_per_step", self.prompts_per_step >= 1), ("steps", self.steps >= 1),
-                  ("mu", self.mu >= 1), ("max_tokens", self.max_tokens >= 1), ("micro_batch", self.micro_batch >= 1),
-                  ("epsilon", 0 < self.epsilon < 1), ("beta", self.beta >= 0), ("temperature", self.temperature > 0),
-                  ("loss_norm", self.loss_norm in ("token", "sequence"))]
-        for name, ok in checks:
-            if not ok:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is out of range")
-        if not self.model:
-            raise ValueError("pass --model DIR (a model folder with its tokenizer, e.g. the output of qiusuo sft)")
-
-
 class GRPO:
-    """The run: `GRPO(cfg).train()`; `step()` does one rollout + update and returns its metrics."""
+    """The run: `GRPO(run_cfg).train()`; `step()` does one rollout + update and returns its metrics.
+    `model`/`tokenizer`: an already loaded policy (default: loaded from `grpo.model`)."""
 
-    def __init__(self, cfg: GRPOConfig, model=None, tokenizer=None):
-        from qiusuo.train.trainer import cpu_threads, resolve_device
-
+    def __init__(self, cfg: RunConfig, model=None, tokenizer=None):
         cfg.validate()
-        self.cfg = cfg
-        self.device = resolve_device(cfg.device)
-        if self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads(cfg.threads))
+        self.cfg, g = cfg, cfg.grpo
+        self.device = resolve_device(cfg.run.device)
+        set_threads(self.device, cfg.run.threads)
         if model is None:
-            import qiusuo
+            from qiusuo.hf.load import load_model, load_tokenizer
 
-            model, tokenizer = qiusuo.load_model(cfg.model, device=self.device, progress=False), qiusuo.load_tokenizer(cfg.model)
+            if not g.model:
+                raise ValueError("pass --model DIR (a model folder with its tokenizer, e.g. the output of qiusuo sft)")
+            model, tokenizer = load_model(g.model, device=self.device, progress=False), load_tokenizer(g.model)
         self.model, self.tok = model, tokenizer
-        self.task = get_task(cfg.task)
-        self.rewards: list[RewardSpec] = [load_reward(s) for s in cfg.rewards]
+        self.task = get_task(g.task)
+        self.rewards: list[RewardSpec] = [load_reward(s) for s in g.rewards]
         names = [r.name for r in self.rewards]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"--reward: need at least one, each name once; got {names}")
         self.ref = None
-        if cfg.beta > 0:
+        if g.beta > 0:
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
-        from qiusuo.train.optim import param_groups
-
-        self.opt = torch.optim.AdamW(param_groups(model, 0.0), lr=cfg.lr, betas=(0.9, 0.99))
-        self.problems = self.task.problems("train", cfg.prompts_per_step * cfg.steps, seed=cfg.seed)
+        self.opt = build_optimizer(model, cfg.optim)
+        self.train_step = TrainStep(model, self.opt, grad_clip=cfg.train.grad_clip, gamma=cfg.balance.gamma,
+                                    autocast=resolve_precision(cfg.run.precision, self.device),
+                                    on_diverged=lambda: "; lower --optim.lr")
+        self.problems = self.task.problems("train", g.prompts_per_step * cfg.train.steps, seed=cfg.run.seed)
         self.pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.step_no = 0
 
     def _forward_logprobs(self, model, ids):
-        ctx = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
-        with ctx:
-            return token_logprobs(model, ids, self.cfg.temperature)
+        with self.train_step.autocast_context():
+            return token_logprobs(model, ids, self.cfg.grpo.temperature)
 
     def prompt_ids(self, problems) -> list[list[int]]:
         tok = self.tok
         return [tok.encode(tok.apply_chat_template(chat_messages(p, with_answer=False))) for p in problems]
 
     def step(self) -> dict:
-        cfg, model = self.cfg, self.model
-        P, G = cfg.prompts_per_step, cfg.group_size
+        cfg, g, model = self.cfg, self.cfg.grpo, self.model
+        P, G = g.prompts_per_step, g.group_size
         problems = self.problems[self.step_no * P:(self.step_no + 1) * P]
         t0 = time.perf_counter()
-        groups, stats = sample_groups(model, self.tok, self.prompt_ids(problems), G, cfg.temperature, cfg.max_tokens,
-                                      seed=cfg.seed * 1_000_003 + self.step_no * P * G, block_size=cfg.block_size)
+        groups, stats = sample_groups(model, self.tok, self.prompt_ids(problems), G, g.temperature, g.max_tokens,
+                                      seed=cfg.run.seed * 1_000_003 + self.step_no * P * G, block_size=g.block_size)
         t_roll = time.perf_counter() - t0
-        rollouts = [r for g in groups for r in g]
+        rollouts = [r for grp in groups for r in grp]
         probs = [p for p in problems for _ in range(G)]
         texts = [r.text for r in rollouts]
         total, per, failed = score(self.rewards, texts, probs, step=self.step_no + 1)
         r = torch.tensor(total).view(P, G)
-        adv = group_advantages(r, cfg.adv_eps).view(-1)  # (P*G,)
+        adv = group_advantages(r, g.adv_eps).view(-1).to(self.device)  # (P*G,)
 
         t1 = time.perf_counter()
-        # the policy stays in eval mode (the engine sets it): there is no dropout, and training mode would only
-        # make MoE routers count tokens for a bias update that RL does not do (it would move the policy off-gradient)
         ids, mask = pack_rollouts(rollouts, self.pad, self.device)
         n = len(rollouts)
-        chunks = [slice(i, min(i + cfg.micro_batch, n)) for i in range(0, n, cfg.micro_batch)]
+        chunks = [slice(i, min(i + g.micro_batch, n)) for i in range(0, n, g.micro_batch)]
         # a batch whose groups all have equal rewards carries no policy gradient; without a KL term there is nothing
         # to learn from it, and an Adam step would still move the weights on stale momentum, so it is skipped
-        skip = cfg.beta == 0 and not bool(adv.abs().max() > 0)
+        skip = g.beta == 0 and not bool(adv.abs().max() > 0)
         with torch.no_grad():
-            old = [self._forward_logprobs(model, ids[c]) for c in chunks] if cfg.mu > 1 and not skip else None
+            old = [self._forward_logprobs(model, ids[c]) for c in chunks] if g.mu > 1 and not skip else None
             ref = [self._forward_logprobs(self.ref, ids[c]) for c in chunks] if self.ref is not None else None
         t_ref = time.perf_counter() - t1  # no-grad passes: the reference (beta > 0) and the old policy (mu > 1)
-        denom = float(mask.sum().clamp(min=1)) if cfg.loss_norm == "token" else float(n)
+        denom = float(mask.sum().clamp(min=1)) if g.loss_norm == "token" else float(n)
         sums = {"kl_sum": 0.0, "clipped_sum": 0.0, "tokens": 0.0, "loss": 0.0}
-        adv = adv.to(self.device)
-        gn, lr = torch.zeros(()), cfg.lr
-        for _ in range(0 if skip else cfg.mu):
-            for k, c in enumerate(chunks):
-                logp = self._forward_logprobs(model, ids[c])
-                loss, st = grpo_loss(logp, old[k] if old is not None else logp.detach(),
-                                     ref[k] if ref is not None else None, adv[c], mask[c], cfg.epsilon, cfg.beta,
-                                     cfg.loss_norm, denom)
-                loss.backward()
-                sums["loss"] += float(loss.detach())
-                for key in st:
-                    sums[key] += st[key]
-            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if not math.isfinite(float(gn)):
-                self.opt.zero_grad(set_to_none=True)
-                raise RuntimeError(f"gradient norm is {float(gn)} at GRPO step {self.step_no + 1}; lower --lr")
-            lr = cfg.lr * min(1.0, (self.step_no + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-            for g in self.opt.param_groups:
-                g["lr"] = lr
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+
+        def loss_fn(k: int):
+            c = chunks[k]
+            logp = self._forward_logprobs(model, ids[c])
+            loss, st = grpo_loss(logp, old[k] if old is not None else logp.detach(), ref[k] if ref is not None else None,
+                                 adv[c], mask[c], g.epsilon, g.beta, g.loss_norm, denom)
+            sums["loss"] += float(loss.detach())
+            for key in st:
+                sums[key] += st[key]
+            return SimpleNamespace(loss=loss)
+
+        gn, lr = 0.0, cfg.optim.lr * lr_factor(cfg.schedule, self.step_no, 0.0)
+        for _ in range(0 if skip else g.mu):
+            # micro-batch losses are already normalised over the whole batch (denom): summed, not averaged
+            gn = self.train_step(range(len(chunks)), loss_fn, lr, average=False)["grad_norm"]
         t_train = time.perf_counter() - t1 - t_ref
         self.step_no += 1
-
         spread = r.max(1).values - r.min(1).values
-        gen = stats["generated_tokens"]
-        rec = {
+        return {
             "reward": float(r.mean()),
             **{f"reward/{k}": sum(v) / n for k, v in per.items()},
             **{f"failed/{k}": v for k, v in failed.items()},
             "accuracy": sum(accuracy_reward(texts, probs)) / n,
             "kl": sums["kl_sum"] / max(sums["tokens"], 1),
             "clip_fraction": sums["clipped_sum"] / max(sums["tokens"], 1),
-            "loss": sums["loss"] / cfg.mu,
+            "loss": sums["loss"] / g.mu,
             "response_length": sum(len(x.completion_ids) for x in rollouts) / n,
             "zero_spread": float((spread == 0).float().mean()),
-            "grad_norm": float(gn),
-            "skipped": int(skip),
-            "lr": lr,
-            "rollout_s": t_roll,
-            "ref_s": t_ref,
-            "train_s": t_train,
-            "rollout_tokens_per_s": gen / t_roll,
+            "grad_norm": gn, "skipped": int(skip), "lr": lr,
+            "rollout_s": t_roll, "ref_s": t_ref, "train_s": t_train,
+            "rollout_tokens_per_s": stats["generated_tokens"] / t_roll,
             "prefix_cached": stats["cached_prompt_tokens"] / max(stats["prompt_tokens"], 1),
         }
-        return rec
 
     def evaluate(self) -> dict:
         from qiusuo.rl.eval import evaluate
 
-        return evaluate(self.model, self.tok, self.task, n=self.cfg.eval_n, seed=self.cfg.seed,
-                        max_tokens=self.cfg.max_tokens)
+        g = self.cfg.grpo
+        return evaluate(self.model, self.tok, self.task, n=g.eval_n, seed=self.cfg.run.seed, max_tokens=g.max_tokens)
 
     def train(self) -> dict:
         from qiusuo.train.metrics import MetricsLog
 
-        cfg = self.cfg
-        out = Path(cfg.out_dir)
+        cfg, g = self.cfg, self.cfg.grpo
+        out = Path(cfg.run.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "grpo_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        (out / "run.toml").write_text(cfg.to_toml())
         log = MetricsLog(out, tensorboard=False)
         t0 = time.perf_counter()
         before = self.evaluate()
         log.log("eval", 0, **before)
         recs = []
-        bar = tqdm(total=cfg.steps, desc="grpo", disable=not cfg.progress, file=sys.stderr)
-        while self.step_no < cfg.steps:
+        bar = tqdm(total=cfg.train.steps, desc="grpo", disable=not cfg.run.progress, file=sys.stderr)
+        while self.step_no < cfg.train.steps:
             rec = self.step()
             recs.append(rec)
             log.log("grpo", self.step_no, **rec)
             bar.update(1)
             bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}")
-            if cfg.eval_every and self.step_no % cfg.eval_every == 0 and self.step_no < cfg.steps:
+            if g.eval_every and self.step_no % g.eval_every == 0 and self.step_no < cfg.train.steps:
                 log.log("eval", self.step_no, **self.evaluate())
         bar.close()
         after = self.evaluate()
         log.log("eval", self.step_no, **after)
         log.close()
         plots = plot_grpo(out)
-        from qiusuo.hf import save_hf
+        from qiusuo.hf.save import save_hf
 
         final = save_hf(self.model, out / "model", tokenizer=self.tok, progress=False)
         roll = sum(x["rollout_s"] for x in recs)
@@ -354,43 +303,41 @@ def plot_grpo(run_dir: str | Path) -> list[Path]:
     return out
 
 
+ALIASES = {
+    "--model": ("grpo.model", {"help": "model folder with its tokenizer (e.g. RUN/model from qiusuo sft)"}),
+    "--task": ("grpo.task", {}),
+    "--out-dir": ("run.out_dir", {}),
+    "--steps": ("train.steps", {}),
+    "--prompts-per-step": ("grpo.prompts_per_step", {}),
+    "--group-size": ("grpo.group_size", {}),
+    "--max-tokens": ("grpo.max_tokens", {}),
+    "--temperature": ("grpo.temperature", {}),
+    "--lr": ("optim.lr", {}),
+    "--beta": ("grpo.beta", {}),
+    "--mu": ("grpo.mu", {}),
+    "--reward": ("grpo.rewards", {"action": "append", "help": "NAME[=WEIGHT], repeatable: accuracy, format, "
+                                  "module:function or file.py:function"}),
+    "--seed": ("run.seed", {}),
+    "--threads": ("run.threads", {}),
+    "--device": ("run.device", {}),
+    "--no-progress": ("run.progress", {"action": "store_const", "const": False, "help": "no progress bar"}),
+}
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
-    d = GRPOConfig()
-    p.add_argument("--model", required=True, help="model folder with its tokenizer (e.g. RUN/model from qiusuo sft)")
-    p.add_argument("--task", default=d.task, help="task spec, e.g. arithmetic:digits=2,terms=2 or countdown:count=3")
-    p.add_argument("--out-dir", default=d.out_dir, help="metrics.jsonl, reward.png, grpo.png, final model in model/")
-    p.add_argument("--steps", type=int, default=d.steps, help="rollout + update rounds")
-    p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step, help="prompts per step (P)")
-    p.add_argument("--group-size", type=int, default=d.group_size, help="completions per prompt (G >= 2)")
-    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="max tokens per completion")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="sampling temperature")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (constant after warmup)")
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup steps")
-    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
-    p.add_argument("--epsilon", type=float, default=d.epsilon, help="clip range of the probability ratio")
-    p.add_argument("--beta", type=float, default=d.beta, help="KL penalty weight to the frozen reference (0: none)")
-    p.add_argument("--mu", type=int, default=d.mu, help="policy updates per rollout batch")
-    p.add_argument("--loss-norm", choices=("token", "sequence"), default=d.loss_norm,
-                   help="average over all completion tokens, or per completion then over completions")
-    p.add_argument("--adv-eps", type=float, default=d.adv_eps, help="epsilon in (r - mean) / (std + eps)")
-    p.add_argument("--reward", dest="rewards", action="append", default=None,
-                   help="reward NAME[=WEIGHT], repeatable: accuracy, format, module:function or file.py:function "
-                        f"(default: {' '.join(d.rewards)})")
-    p.add_argument("--micro-batch", type=int, default=d.micro_batch, help="completions per forward/backward")
-    p.add_argument("--block-size", type=int, default=d.block_size, help="engine cache block size (tokens)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between test-accuracy checks (0: start/end)")
-    p.add_argument("--eval-n", type=int, default=d.eval_n, help="test problems per check")
-    p.add_argument("--seed", type=int, default=d.seed, help="prompt order and sampling")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads (0: the idle cores)")
-    p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    from qiusuo.train.config import add_config_args
+
+    p.usage = "qiusuo grpo --model DIR [--config PRESET_OR_TOML] [--section.key VALUE ...]"
+    add_config_args(p, "grpo", ALIASES)
 
 
 def main(args: argparse.Namespace) -> int:
-    kw = {k: v for k, v in vars(args).items() if k in GRPOConfig.__dataclass_fields__ and v is not None}
+    from qiusuo.train.config import load_run_config, overrides
+
     try:
-        summary = GRPO(GRPOConfig(**kw)).train()
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        cfg = load_run_config(args.config or args.default_config, overrides(args))
+        summary = GRPO(cfg).train()
+    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
         print(f"qiusuo grpo: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

@@ -8,14 +8,16 @@ Layout: `RUN/checkpoints/step_000500/`
     meta.json            step, code version, and the sha256 + size of every file above; written last
 
 Why this shape: a checkpoint is written into `.tmp-step_...`, every file fsynced, the folder renamed into place and
-the parent fsynced, so a crash leaves either the old set of checkpoints or the new one, never a half folder under
-a real name. `meta.json` (last file, with hashes) lets `load` tell a complete checkpoint from a damaged one even
-when the damage happened after the rename (a truncated copy, a full disk on another machine).
+the parent fsynced (`qiusuo.io.atomic_dir`), so a crash leaves either the old set of checkpoints or the new one,
+never a half folder under a real name. `meta.json` (last file, with hashes) lets `load` tell a complete
+checkpoint from a damaged one even when the damage happened after the rename (a truncated copy, a full disk on
+another machine).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import shutil
@@ -27,21 +29,16 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import qiusuo
-from qiusuo.hf import from_hf_state_dict, save_hf
-from qiusuo.hf.save import fsync_dir
+from qiusuo.hf.names import from_hf_state_dict
+from qiusuo.hf.save import save_hf, write_hf
+from qiusuo.io import CheckpointError, atomic_dir
+
+__all__ = ["CheckpointError", "code_version", "complete_checkpoints", "load", "load_weights", "resolve", "save",
+           "save_weights", "verify"]
 
 META = "meta.json"
 PREFIX = "step_"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or damaged; the message says which file and what to do."""
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+PACKAGE = Path(__file__).resolve().parent.parent  # the qiusuo package folder
 
 
 def _sha256(path: Path) -> str:
@@ -52,15 +49,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml); "0.1.0" when run from a bare source tree."""
+    try:
+        return importlib.metadata.version("qiusuo")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0"
+
+
 def code_version() -> dict:
     """qiusuo's version, the git commit (and whether the tree was dirty) when run from a checkout, and a hash
     of the package's .py files, which identifies the code even outside git."""
-    root = Path(qiusuo.__file__).parent
+    root = PACKAGE
     h = hashlib.sha256()
     for p in sorted(root.rglob("*.py")):
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
-    out = {"qiusuo": getattr(qiusuo, "__version__", "0.1.0"), "torch": torch.__version__, "source_sha256": h.hexdigest()}
+    out = {"qiusuo": _version(), "torch": torch.__version__, "source_sha256": h.hexdigest()}
     try:
         git = ["git", "-C", str(root.parent)]
         out["git_commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True).stdout.strip()
@@ -71,9 +76,9 @@ def code_version() -> dict:
 
 
 def save_weights(model: nn.Module, path: Path, tokenizer=None) -> Path:
-    """Weights in the Hugging Face layout (`qiusuo.hf.save_hf`: model.safetensors, config.json), so a checkpoint
-    folder is also a model folder that `qiusuo.load_model`, `qiusuo chat` and transformers read. `path` must
-    not exist yet (save_hf writes it atomically)."""
+    """Weights in the Hugging Face layout (`qiusuo.hf.save_hf`: model.safetensors, config.json) as the folder
+    `path`, written atomically (replacing one already there): the run's final model, which `qiusuo.load_model`,
+    `qiusuo chat` and transformers read. Checkpoints hold the same files (`write_hf` in `save`)."""
     return save_hf(model, path, tokenizer=tokenizer, progress=False)
 
 
@@ -93,28 +98,19 @@ def load_weights(model: nn.Module, path: Path) -> None:
 def save(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | dict,
          trainer_state: dict, run_toml: str, keep: int) -> Path:
     """Write checkpoint `step` atomically under RUN/checkpoints and keep only the last `keep`. Returns its path.
-    `optimizer`: the optimizer or its state dict (the distributed trainer passes the gathered full state)."""
+    `optimizer`: the optimizer or its state dict (the distributed trainer passes the gathered full state).
+    A write that fails leaves its `.tmp-step_N-PID` folder, as a crash would, for `resolve` to report."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(model, tmp)
-    torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(trainer_state, tmp / "trainer.pt")
-    (tmp / "run.toml").write_text(run_toml)
-    files = {}
-    for p in sorted(tmp.iterdir()):
-        _fsync_file(p)
-        files[p.name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
-    meta = {"step": step, "code": code_version(), "files": files}
-    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    _fsync_file(tmp / META)
-    fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. final == periodic): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
+    with atomic_dir(final, tmp_name=f".tmp-{final.name}-{os.getpid()}", keep_on_error=True) as tmp:
+        write_hf(model, tmp, progress=False)
+        torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(trainer_state, tmp / "trainer.pt")
+        (tmp / "run.toml").write_text(run_toml)
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        meta = {"step": step, "code": code_version(), "files": files}
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final

@@ -1,9 +1,16 @@
-"""Run configuration: small dataclasses, one per section, read from TOML and overridden on the command line.
+"""Run configuration: THE config system of every command that trains (`train`, `sft`, `grpo`, `bench train`,
+`bench quality`). Small dataclasses, one per section, layered: the dataclass defaults, then a run preset
+(`qiusuo/presets/*.toml`) or a TOML file (`--config`), then `--section.key=value` overrides.
 
-A run config names a model preset (`[model] preset = "demo"`) and may override any `ModelConfig` field in the
-same table (`hidden_size = 192`). Every other section is a dataclass below; its fields and defaults are the
-documentation (`qiusuo train --help` prints them all). Overrides use dotted keys: `--optim.lr=3e-4`,
-`--train.minutes=2`, `--model.num_hidden_layers=3`. An unknown key is an error that names the closest known key.
+A run config names a model size (`[model] preset = "demo"`, a name from `qiusuo.config.PRESETS`) and may override
+any `ModelConfig` field in the same table (`hidden_size = 192`). Every other section is a dataclass below; its
+fields and defaults are the documentation (`qiusuo train --help` prints them all). Overrides use dotted keys:
+`--optim.lr=3e-4`, `--train.minutes=2`, `--model.num_hidden_layers=3`. An unknown key is an error that names the
+closest known key. `add_config_args` gives a command its `--config`, one option per key, and the short aliases
+users already type (`qiusuo sft --lr 1e-3` is `--optim.lr=1e-3`).
+
+Run presets are named for the job (`pretrain-demo`, `pretrain-tiny`, `pretrain-bench`, `sft`, `grpo`) and model
+sizes for the model (`tiny`, `bench`, `demo`, `deepseek-v3`, ...), so one name never means two things.
 
 Precision: `run.precision = "auto"` trains in fp32 on CPU and with bf16 autocast on CUDA. CPUs without native
 bf16 (AVX2-only, e.g. the 2-core EPYC this was tuned on) run bf16 matmuls ~50x slower than fp32, so bf16 on CPU is
@@ -12,8 +19,10 @@ opt-in (`--run.precision=bf16`), worth it only on CPUs with AMX/AVX512-BF16.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import functools
 import importlib.resources
 import inspect
 import re
@@ -110,6 +119,36 @@ class ParallelSection:
 
 
 @dataclass
+class SFTSection:
+    data: str = ""  # chat .jsonl ({"messages": [...]} per line) or task:SPEC (generated worked traces)
+    init: str = ""  # model folder to fine-tune (Hugging Face layout); empty: a fresh [model] preset model
+    tokenizer: str = ""  # tokenizer folder; empty: the init folder's, or one trained on the data
+    vocab_size: int = 320  # BPE vocabulary when a tokenizer is trained on the data
+    examples: int = 2000  # chats generated for task:SPEC data
+    pack: bool = True  # several chats per row, attention kept within each (the MTP loss needs pack = false)
+
+
+@dataclass
+class GRPOSection:
+    model: str = ""  # the policy: a model folder with its tokenizer (e.g. the output of qiusuo sft: RUN/model)
+    task: str = "arithmetic"  # task spec (qiusuo.rl.tasks), e.g. arithmetic:digits=2 or countdown:count=3
+    prompts_per_step: int = 8  # P
+    group_size: int = 8  # G: completions per prompt (>= 2)
+    max_tokens: int = 48  # per completion
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    epsilon: float = 0.2  # clip range of the probability ratio
+    beta: float = 0.04  # KL weight to the frozen reference (0: no reference model)
+    mu: int = 1  # policy updates per rollout batch
+    loss_norm: str = "token"  # "token" (all completion tokens) | "sequence" (per completion, then over them)
+    adv_eps: float = 1e-4  # epsilon in (r - mean) / (std + eps)
+    rewards: list = field(default_factory=lambda: ["accuracy", "format=0.1"])  # NAME[=WEIGHT]: accuracy, format, module:function, file.py:function
+    micro_batch: int = 64  # completions per forward/backward
+    block_size: int = 4  # engine cache block (small: short prompts still share their prefix across the group)
+    eval_every: int = 10  # steps between test-accuracy checks (0: start and end only)
+    eval_n: int = 100  # test problems per check
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -121,6 +160,8 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     balance: BalanceSection = field(default_factory=BalanceSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)
+    sft: SFTSection = field(default_factory=SFTSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
 
     def validate(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -151,6 +192,18 @@ class RunConfig:
             raise bad("parallel.timeout_s", "must be > 0 seconds")
         if self.checkpoint.keep < 1:
             raise bad("checkpoint.keep", "must be >= 1")
+        g = self.grpo
+        if g.group_size < 2:
+            raise ValueError(f"run config grpo.group_size={g.group_size} (--group-size {g.group_size}): GRPO needs at "
+                             "least 2 completions per prompt, since its advantage compares completions of the same "
+                             "prompt (TRL and R1 use 8-64)")
+        for key, ok in (("grpo.prompts_per_step", g.prompts_per_step >= 1), ("grpo.mu", g.mu >= 1),
+                        ("grpo.max_tokens", g.max_tokens >= 1), ("grpo.micro_batch", g.micro_batch >= 1),
+                        ("grpo.epsilon", 0 < g.epsilon < 1), ("grpo.beta", g.beta >= 0),
+                        ("grpo.temperature", g.temperature > 0),
+                        ("grpo.loss_norm", g.loss_norm in ("token", "sequence"))):
+            if not ok:
+                raise bad(key, "is out of range")
         self.model.build()  # raises ValueError naming a bad model field or preset
 
     def to_dict(self) -> dict:
@@ -276,7 +329,7 @@ def preset_names() -> list[str]:
 
 
 def load_run_config(source: str | Path, overrides: list[str] | dict | None = None) -> RunConfig:
-    """A preset name (`demo`, `tiny`, `bench`) or a TOML path, then overrides: `["--optim.lr=3e-4", ...]` or a
+    """A run preset name (`pretrain-demo`, `sft`, ...) or a TOML path, then overrides: `["--optim.lr=3e-4", ...]` or a
     dict of dotted keys. The result is validated."""
     path = Path(source)
     if not path.is_file():
@@ -327,3 +380,50 @@ def key_help() -> list[tuple[str, Any, str]]:
         comments = _field_comments(type(obj))
         rows += [(f"{section}.{f.name}", getattr(obj, f.name), comments.get(f.name, "")) for f in dataclasses.fields(obj)]
     return rows
+
+
+# ------------------------------------------------------------------ the command line of every command that trains
+
+def _error_with_hint(p: argparse.ArgumentParser, message: str):
+    """argparse's error, plus the closest real key for a mistyped `--section.key` (Python 3.11's argparse does not
+    suggest). Bound on the instance because cli.py builds the parser."""
+    hints = []
+    if message.startswith("unrecognized arguments:"):
+        for arg in message.split(":", 1)[1].split():
+            key = arg.removeprefix("--").partition("=")[0]
+            near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5) if arg.startswith("--") else []
+            hints += [f"--{key}: did you mean --{near[0]}?"] if near else []
+    argparse.ArgumentParser.error(p, "; ".join([message, *hints]))
+
+
+def add_override_args(p: argparse.ArgumentParser) -> None:
+    """One `--section.key VALUE` option per run config key, so `--help` lists them all with their defaults.
+    Unset keys stay out of the namespace (SUPPRESS); `overrides(args)` collects the set ones."""
+    p.error = functools.partial(_error_with_hint, p)
+    g = p.add_argument_group("run config keys (override the --config file; e.g. --optim.lr=3e-4)")
+    for key, default, why in key_help():
+        shown = "" if default is None else f" (default: {default!r})"
+        g.add_argument(f"--{key}", dest=key, metavar="V", default=argparse.SUPPRESS, help=f"{why}{shown}")
+
+
+def add_config_args(p: argparse.ArgumentParser, default_config: str | None, aliases: dict | None = None) -> None:
+    """`--config PRESET_OR_TOML` (unset: `default_config`, or with --resume the run's own run.toml), every
+    `--section.key`, and short aliases:
+    `aliases` maps a flag to (dotted key, argparse keywords), e.g. {"--lr": ("optim.lr", {})} or
+    {"--no-pack": ("sft.pack", {"action": "store_const", "const": False})}. An alias sets its key as if typed
+    `--key=value`; the help says which key it stands for."""
+    shown = f"; default: {default_config}" if default_config else ""
+    p.add_argument("--config", default=None, help=f"run preset ({', '.join(preset_names())}) or a TOML file{shown}; "
+                                                  "with --resume and no --config, the run's own run.toml")
+    p.set_defaults(default_config=default_config)
+    if aliases:
+        g = p.add_argument_group("short forms (each sets one run config key)")
+        for flag, (key, kw) in aliases.items():
+            kw = {"metavar": "V", **kw} if "action" not in kw or kw["action"] == "append" else dict(kw)
+            g.add_argument(flag, dest=key, default=argparse.SUPPRESS, help=f"= --{key}" + (f"; {kw.pop('help')}" if "help" in kw else ""), **kw)
+    add_override_args(p)
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """The dotted keys set on the command line (by `--section.key` or an alias)."""
+    return {k: v for k, v in vars(args).items() if "." in k}

@@ -1,5 +1,5 @@
 """Training on several processes: data parallel (DDP or FSDP2) and expert parallel, applied to the single-device
-`Transformer` from outside (DESIGN.md section 1), under `torchrun`.
+`Transformer` from outside (the model code stays single-device, as in torchtitan), under `torchrun`.
 
 Legend: W world size, P expert-parallel degree (divides W), E routed experts, E/P experts per rank, N tokens of a
 rank's micro-batch, K experts per token, D hidden.
@@ -70,19 +70,21 @@ def check_parallel(cfg: ParallelSection, world_size: int, n_routed_experts: int 
 class ExpertParallel(Experts):
     """This rank's E/P experts of one MoE layer; tokens travel to the ranks owning their experts and back.
 
-    Forward: sort the N*K (token, expert) slots by expert (so by owning rank), exchange per-expert counts with one
-    all-to-all, send each slot's token row to its owner with `all_to_all_single`, run the local experts on what
-    arrived (sorted by local expert), send the outputs back the same way, weight and sum over K as `Experts` does.
-    A token goes only to the ranks owning one of its experts, once per chosen expert there (a rank that owns two of
-    its experts receives it twice: simpler than de-duplicating, and at most K rows per token either way).
-    Both all-to-alls are autograd functions: their backward sends the gradients along the reverse path.
+    The token dispatch is `Experts.forward`'s own (`qiusuo.model.moe.dispatch`: sort the N*K (token, expert)
+    slots by expert, so by owning rank; weight, unsort and sum over K afterwards); only `run_sorted` differs:
+    exchange per-expert counts with one all-to-all, send each slot's token row to its owner with
+    `all_to_all_single`, run the local experts on what arrived (sorted by local expert), send the outputs back
+    the same way. A token goes only to the ranks owning one of its experts, once per chosen expert there (a
+    rank that owns two of its experts receives it twice: simpler than de-duplicating, and at most K rows per
+    token either way). Both all-to-alls are autograd functions: their backward sends the gradients along the
+    reverse path.
 
     `sent_rows[p]` counts rows sent to rank p (group-local index) since the last reset, for measuring volume."""
 
     def __init__(self, full: Experts, group, ep_rank: int, ep: int):
         nn.Module.__init__(self)
         E = full.gate_up_proj.shape[0]
-        self.E, self.ep, self.ep_rank, self.group = E, ep, ep_rank, group
+        self.num_experts, self.ep, self.ep_rank, self.group = E, ep, ep_rank, group
         self.local = E // ep
         lo = ep_rank * self.local
         self.gate_up_proj = nn.Parameter(full.gate_up_proj.detach()[lo:lo + self.local].clone())  # (E/P, 2I, D)
@@ -90,14 +92,11 @@ class ExpertParallel(Experts):
         self.sent_rows = torch.zeros(ep, dtype=torch.long)
         self.ran_with_grad = False  # a forward since the last `finish_grads` that backward will reach
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """x (N, D), weights (N, K), idx (N, K) -> (N, D), equal to `Experts.forward` with all E experts."""
-        N, K = idx.shape
+    def run_sorted(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs (N*K, D) sorted by global expert, counts (E,) -> the experts' outputs (N*K, D) in the same order,
+        computed on the ranks that own them."""
         P, L = self.ep, self.local
         self.ran_with_grad |= torch.is_grad_enabled()
-        flat = idx.flatten()  # (N*K,)
-        order = flat.argsort(stable=True)  # slots sorted by expert, so by owning rank
-        counts = torch.bincount(flat, minlength=self.E)  # (E,) rows this rank sends to each expert
         recv_counts = torch.empty_like(counts)  # (P*L,) [src, local expert]: rows each source sends here
         tdist.all_to_all_single(recv_counts, counts, group=self.group)
         send_split = counts.view(P, L).sum(1)  # (P,)
@@ -105,18 +104,14 @@ class ExpertParallel(Experts):
         recv_split = recv.sum(1)  # (P,)
         send_split_l, recv_split_l = send_split.tolist(), recv_split.tolist()
         self.sent_rows += send_split.cpu()
-        xs = x[order // K]  # (N*K, D) in owner order
         xr = all_to_all_single_autograd(xs, recv_split_l, send_split_l, self.group)  # (M, D) by source, local expert
-        local_id = torch.arange(L, device=x.device).repeat(P).repeat_interleave(recv.flatten())  # (M,)
+        local_id = torch.arange(L, device=xs.device).repeat(P).repeat_interleave(recv.flatten())  # (M,)
         lorder = local_id.argsort(stable=True)  # rows by local expert
         ys = self.grouped(xr[lorder], recv.sum(0)) if len(lorder) else xr  # (M, D)
         # (no rows arrived: pass the empty received tensor on, so the return all-to-all stays in the autograd graph
         # and this rank joins its backward; the other ranks would wait for it forever otherwise)
         yr = torch.empty_like(ys).index_copy_(0, lorder, ys)  # back to arrival order
-        yb = all_to_all_single_autograd(yr, send_split_l, recv_split_l, self.group)  # (N*K, D) in owner order
-        yb = yb * weights.flatten()[order, None].to(yb.dtype)
-        out = torch.empty_like(yb).index_copy_(0, order, yb)  # slot order
-        return out.view(N, K, -1).sum(1)
+        return all_to_all_single_autograd(yr, send_split_l, recv_split_l, self.group)  # (N*K, D) in owner order
 
 
 class Distributed:
@@ -192,7 +187,7 @@ class Distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
             ignore = [n for n, p in model.named_parameters() if id(p) in self.expert_params or n in set(unused)]
             DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
-            # buffers: the routing bias is updated identically on every rank; the token counts must stay per rank
+            # buffers: the routing bias is updated identically on every rank (from loads summed over ranks)
             return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                        broadcast_buffers=False)
         if self.cfg.dp == "fsdp":

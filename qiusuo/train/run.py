@@ -3,49 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import difflib
-import functools
 import json
 import sys
 
 from qiusuo.data.sources import DataError
 from qiusuo.train.checkpoint import CheckpointError, resolve
-from qiusuo.train.config import all_keys, key_help, load_run_config, preset_names
+from qiusuo.train.config import add_config_args, load_run_config, overrides
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.usage = "qiusuo train --config PRESET_OR_TOML [--section.key VALUE ...] [--resume DIR]"
-    p.add_argument("--config", default=None,
-                   help=f"run preset ({', '.join(preset_names())}) or a TOML file; with --resume and no --config, the "
-                        "checkpoint's own run.toml")
-    p.add_argument("--resume", default=None, help="continue from a run folder (its latest complete checkpoint) or one checkpoint folder")
-    add_override_args(p)
+    add_resume_arg(p)
+    add_config_args(p, None, {"--steps": ("train.steps", {}), "--minutes": ("train.minutes", {}),
+                              "--lr": ("optim.lr", {}), "--data": ("data.dir", {}), "--out": ("run.out_dir", {})})
 
 
-def _error_with_hint(p: argparse.ArgumentParser, message: str):
-    """argparse's error, plus the closest real key for a mistyped `--section.key` (Python 3.11's argparse does not
-    suggest). Bound on the instance because cli.py builds the parser."""
-    hints = []
-    if message.startswith("unrecognized arguments:"):
-        for arg in message.split(":", 1)[1].split():
-            key = arg.removeprefix("--").partition("=")[0]
-            near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5) if arg.startswith("--") else []
-            hints += [f"--{key}: did you mean --{near[0]}?"] if near else []
-    argparse.ArgumentParser.error(p, "; ".join([message, *hints]))
+def add_resume_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", default=None, help="continue from a run folder (its latest complete checkpoint) or one "
+                   "checkpoint folder; without --config, with the checkpoint's own run.toml")
 
 
-def add_override_args(p: argparse.ArgumentParser) -> None:
-    """One `--section.key VALUE` option per run config key, so `--help` lists them all with their defaults.
-    Unset keys stay out of the namespace (SUPPRESS); `overrides(args)` collects the set ones."""
-    p.error = functools.partial(_error_with_hint, p)
-    g = p.add_argument_group("run config keys (override the --config file; e.g. --optim.lr=3e-4)")
-    for key, default, why in key_help():
-        shown = "" if default is None else f" (default: {default!r})"
-        g.add_argument(f"--{key}", dest=key, metavar="V", default=argparse.SUPPRESS, help=f"{why}{shown}")
-
-
-def overrides(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if "." in k}
+def config_source(args: argparse.Namespace, default: str | None = None) -> str:
+    """--config; else with --resume the checkpoint's own run.toml; else the command's default preset
+    (`default`; None: ValueError, `qiusuo train` needs one of them)."""
+    if args.config is not None:
+        return args.config
+    if args.resume is not None:
+        return str(resolve(args.resume) / "run.toml")
+    if default is None:
+        raise ValueError("pass --config PRESET_OR_TOML (or --resume DIR)")
+    return default
 
 
 def main(args: argparse.Namespace) -> int:
@@ -54,13 +41,7 @@ def main(args: argparse.Namespace) -> int:
 
     dist = None
     try:
-        source = args.config
-        if source is None:
-            if args.resume is None:
-                print("qiusuo train: pass --config PRESET_OR_TOML (or --resume DIR)", file=sys.stderr)
-                return 2
-            source = resolve(args.resume) / "run.toml"
-        cfg = load_run_config(source, overrides(args))
+        cfg = load_run_config(config_source(args), overrides(args))
         if launched_by_torchrun() or cfg.parallel.dp != "none" or cfg.parallel.ep > 1:
             dist = Distributed.from_env(cfg.parallel, cfg.run.device)
         try:

@@ -1,26 +1,33 @@
-"""The pretraining loop: token shards -> AdamW steps on a `Transformer`, with evaluation, samples, checkpoints,
-metrics and plots. `Trainer(run_cfg).train()` is the whole job; `qiusuo train` and `qiusuo demo` call it.
+"""The training loop: batches from a source -> optimizer steps through the one train step
+(`qiusuo.train.step.TrainStep`), with evaluation, samples, checkpoints, metrics and plots.
+`Trainer(run_cfg).train()` is the whole job; `qiusuo train`, `qiusuo demo` and `qiusuo sft` call it.
 
-One optimizer step = `grad_accum` micro-batches of (batch_size, seq_len) tokens per rank; then gradient clipping,
-the learning rate for this step, `AdamW.step`, and the aux-loss-free balancing update (once per optimizer step,
-from the token counts of all micro-batches, summed over ranks).
+The batch source is the only thing that differs between pretraining and SFT: `TokenSource` (token shards from
+`qiusuo prepare`, next-token labels, a validation split) or SFT's chat source (`qiusuo.rl.sft.ChatSource`:
+packed chats, assistant-only labels, per-document attention). A source provides `tokenizer`,
+`model_config(model_section)`, `init_model(model_cfg, seed)`, `tokens_per_batch`, `next_batch()`,
+`loss(forward, batch, run_cfg) -> LossOutput`, `state_dict()`/`load_state_dict()` (exact resume), and
+`val_shards` (None: no evaluation).
 
-Exact resume: everything a step depends on is saved (weights and the routers' bias buffers, AdamW state, the
-loader's position, RNG states, the step); the learning rate is a pure function of the step (or of elapsed time
+One optimizer step = `grad_accum` micro-batches per rank; then the step does gradient clipping, the learning
+rate for this step, the optimizer step, and the aux-loss-free balancing update (once per optimizer step, from the
+loads of all micro-batches, summed over ranks).
+
+Exact resume: everything a step depends on is saved (weights and the routers' bias buffers, optimizer state, the
+source's position, RNG states, the step); the learning rate is a pure function of the step (or of elapsed time
 under a time budget), so an interrupted and resumed step-budget run on CPU in fp32 repeats the same losses bit for bit.
 
 Distributed training plugs in through `dist` (`qiusuo.train.distributed.Distributed`, built under torchrun), an
 object with `rank`, `world_size`, `device`, `wrap(model, unused) -> model` (DDP/FSDP/expert parallel applied from
-outside the model; `unused`: names of parameters this run never gives a gradient), `all_reduce_sum(tensor)` (in place), `finish_grads(model)`, `clip_grad_norm(params, max_norm)` and
-`full_state` / `load_full_state` (checkpoints in the one-process layout). Rank 0 alone writes checkpoints, metrics,
-plots and samples; gathering the full state for them is collective, so every rank takes part.
+outside the model; `unused`: names of parameters this run never gives a gradient), `all_reduce_sum(tensor)` (in
+place), `finish_grads(model)`, `clip_grad_norm(params, max_norm)` and `full_state` / `load_full_state` (checkpoints
+in the one-process layout). Rank 0 alone writes checkpoints, metrics, plots and samples; gathering the full state
+for them is collective, so every rank takes part.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -29,20 +36,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from qiusuo.config import count_params
 from qiusuo.data.shards import BatchLoader, TokenShards, unigram_bits_per_byte
 from qiusuo.data.tokenizer import Tokenizer
-from qiusuo.model.moe import update_balance_bias
+from qiusuo.model.count import count_params, train_flops_per_token
 from qiusuo.model.transformer import Transformer
-from qiusuo.perf.common import matmul_peak, train_flops_per_token
+from qiusuo.runtime import matmul_peak, resolve_device, resolve_precision, set_threads
 from qiusuo.train import checkpoint as ckpt
-from qiusuo.train.config import RunConfig
+from qiusuo.train.config import DataSection, ModelSection, RunConfig
 from qiusuo.train.metrics import MetricsLog, plot_run
-from qiusuo.train.optim import build_optimizer, lr_factor, set_lr
+from qiusuo.train.optim import build_optimizer, lr_factor
+from qiusuo.train.step import TrainingDiverged, TrainStep
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite; nothing from that step was applied."""
+__all__ = ["EvalResult", "TokenSource", "Trainer", "TrainingDiverged"]
 
 
 @dataclass
@@ -52,37 +57,55 @@ class EvalResult:
     tokens: int
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device={name!r} but CUDA is not available; use --run.device=cpu")
-    return device
+def random_model(model_cfg, seed: int) -> Transformer:
+    """A freshly initialised model (seeded: the same run starts from the same weights)."""
+    torch.manual_seed(seed)
+    model = Transformer(model_cfg)
+    model.reset_parameters(seed)
+    return model
 
 
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. "auto": bf16 on CUDA, fp32 on CPU (see config.py)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if name == "bf16" else None
+class TokenSource:
+    """Pretraining batches: windows of `seq_len` tokens from the prepared shards (`qiusuo prepare`), labels the
+    next token; the validation split is evaluated in order."""
 
+    def __init__(self, data: DataSection, seed: int, rank: int = 0, world_size: int = 1):
+        data_dir = Path(data.dir)
+        self.train_shards = TokenShards(data_dir / "train")
+        self.val_shards = TokenShards(data_dir / "val")
+        self.tokenizer = Tokenizer.from_dir(data_dir) if (data_dir / "tokenizer.json").is_file() else None
+        self.vocab_size = self.train_shards.manifest["vocab_size"]
+        self.loader = BatchLoader(self.train_shards, data.batch_size, data.seq_len, seed=seed, rank=rank,
+                                  world_size=world_size)
+        self.tokens_per_batch = data.batch_size * data.seq_len
 
-def cpu_threads(requested: int) -> int:
-    """`requested`, or for 0 the cores left idle by other work (1-minute load average), at least 1.
+    def model_config(self, model: ModelSection):
+        cfg = model.build(vocab_size=self.vocab_size)
+        if cfg.vocab_size < self.vocab_size:
+            raise ValueError(f"model.vocab_size={cfg.vocab_size} is smaller than the data's vocabulary "
+                             f"({self.vocab_size}); drop the override or re-run `qiusuo prepare --vocab-size`")
+        tok = self.tokenizer
+        return cfg if tok is None else cfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
 
-    Why: torch's OpenMP threads wait for each other after every op; when other processes hold the cores, each
-    wait costs a scheduler slice. Measured on 2 shared cores at load ~7: a `tiny` training step took 10 s with 2
-    threads and 1.75 s with 1."""
-    if requested > 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - busy + 1)))
+    init_model = staticmethod(random_model)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self.loader)  # (B, T), (B, T)
+
+    @staticmethod
+    def loss(forward, batch, cfg: RunConfig):
+        x, y = batch
+        return forward(x, labels=y, mtp_weight=cfg.train.mtp_weight, balance_alpha=cfg.balance.alpha)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist=None, resume: str | Path | None = None):
+    def __init__(self, cfg: RunConfig, dist=None, resume: str | Path | None = None, source=None):
         cfg.validate()
         self.cfg, self.dist = cfg, dist
         self.rank, self.world_size = (dist.rank, dist.world_size) if dist else (0, 1)
@@ -90,64 +113,60 @@ class Trainer:
         self.device = dist.device if dist else resolve_device(cfg.run.device)
         self.autocast_dtype = resolve_precision(cfg.run.precision, self.device)
         self.out_dir = Path(cfg.run.out_dir)
-        if self.device.type == "cpu":
-            torch.set_num_threads(cpu_threads(cfg.run.threads))
+        set_threads(self.device, cfg.run.threads)
 
-        data_dir = Path(cfg.data.dir)
-        self.train_shards = TokenShards(data_dir / "train")
-        self.val_shards = TokenShards(data_dir / "val")
-        self.tokenizer = Tokenizer.from_dir(data_dir) if (data_dir / "tokenizer.json").is_file() else None
-        vocab = self.train_shards.manifest["vocab_size"]
-        self.model_cfg = cfg.model.build(vocab_size=vocab)
-        if self.model_cfg.vocab_size < vocab:
-            raise ValueError(f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the data's vocabulary "
-                             f"({vocab}); drop the override or re-run `qiusuo prepare --vocab-size`")
-        if self.tokenizer is not None:
-            self.model_cfg = self.model_cfg.replace(bos_token_id=self.tokenizer.bos_id, eos_token_id=self.tokenizer.eos_id,
-                                                    pad_token_id=self.tokenizer.pad_id)
-
-        torch.manual_seed(cfg.run.seed)
-        self.model = Transformer(self.model_cfg)
-        self.model.reset_parameters(cfg.run.seed)
+        self.source = source or TokenSource(cfg.data, cfg.run.seed, self.rank, self.world_size)
+        self.tokenizer = self.source.tokenizer
+        self.model_cfg = self.source.model_config(cfg.model)
+        self.model = self.source.init_model(self.model_cfg, cfg.run.seed)
         self.model.to(self.device).train()
-        self.model.set_balance_alpha(cfg.balance.alpha)
         # before the optimizer: wrapping swaps parameters; MTP modules get no gradient when their loss is off
         unused = [] if cfg.train.mtp_weight > 0 else [n for n, _ in self.model.named_parameters() if n.startswith("mtp.")]
         wrapped = dist.wrap(self.model, unused=unused) if dist else self.model
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.forward = torch.compile(wrapped) if cfg.run.compile else wrapped
-        self.loader = BatchLoader(self.train_shards, cfg.data.batch_size, cfg.data.seq_len, seed=cfg.run.seed,
-                                  rank=self.rank, world_size=self.world_size)
-        self.step, self.elapsed = 0, 0.0
+        self.step_fn = TrainStep(self.model, self.optimizer, grad_clip=cfg.train.grad_clip, gamma=cfg.balance.gamma,
+                                 dist=dist, autocast=self.autocast_dtype, on_diverged=self._advice)
+        self.elapsed = 0.0
         self.resumed_from = None
         if resume is not None:
-            if dist is None:
-                state = ckpt.load(resume, self.model, self.optimizer)
-            else:  # every rank reads the full checkpoint and keeps its pieces
-                full = Transformer(self.model_cfg)
-                state = ckpt.load(resume, full, None)
-                osd = torch.load(Path(state["path"]) / "optimizer.pt", map_location="cpu", weights_only=True)
-                dist.load_full_state(self.model, self.optimizer, full.state_dict(), osd)
-            self.step, self.elapsed = state["step"], state["elapsed"]
-            self.loader.load_state_dict(state["loader"])
-            torch.set_rng_state(state["rng_cpu"])
-            if self.device.type == "cuda" and "rng_cuda" in state:
-                torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-            self.resumed_from = state["path"]
+            self._resume(resume)
         self.last_checkpoint: Path | None = Path(self.resumed_from) if self.resumed_from else None
 
-        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * cfg.train.grad_accum * self.world_size
+        self.tokens_per_step = self.source.tokens_per_batch * cfg.train.grad_accum * self.world_size
         with_mtp = cfg.train.mtp_weight > 0 and self.model_cfg.num_nextn_predict_layers > 0
         active = count_params(self.model_cfg, include_mtp=with_mtp)["active"]
         self.flops_per_token = train_flops_per_token(self.model_cfg, cfg.data.seq_len, active)
-        self._peak = None
+
+    def _resume(self, resume: str | Path) -> None:
+        if self.dist is None:
+            state = ckpt.load(resume, self.model, self.optimizer)
+        else:  # every rank reads the full checkpoint and keeps its pieces
+            full = Transformer(self.model_cfg)
+            state = ckpt.load(resume, full, None)
+            osd = torch.load(Path(state["path"]) / "optimizer.pt", map_location="cpu", weights_only=True)
+            self.dist.load_full_state(self.model, self.optimizer, full.state_dict(), osd)
+        self.step, self.elapsed = state["step"], state["elapsed"]
+        self.source.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        self.resumed_from = state["path"]
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (counted by the train step, restored on resume)."""
+        return self.step_fn.steps
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.step_fn.steps = value
+
+    def _advice(self) -> str:
+        keep = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+        return f"; {keep}. Resume from it with a lower --optim.lr or more --schedule.warmup_steps"
 
     # ------------------------------------------------------------------ pieces
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def progress(self) -> float:
         """Share of the run done, driving the schedule: elapsed/budget under a time budget, else steps after
         warmup over the steps after warmup."""
@@ -159,69 +178,47 @@ class Trainer:
     def lr(self) -> float:
         return self.cfg.optim.lr * lr_factor(self.cfg.schedule, self.step, self.progress())
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dist is not None:
-            self.dist.all_reduce_sum(t)
-        return t
-
     def train_step(self) -> dict:
-        """One optimizer step. Raises `TrainingDiverged` before touching the weights if the loss or the gradient
-        norm is not finite."""
-        cfg = self.cfg
+        """One optimizer step on `grad_accum` micro-batches from the source. Raises `TrainingDiverged` before
+        touching the weights if the loss or the gradient norm is not finite."""
         self.model.train()
-        sums = torch.zeros(3, device=self.device)  # loss, ce, mtp summed over micro-batches
-        for _ in range(cfg.train.grad_accum):
-            x, y = next(self.loader)  # (B, T), (B, T)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with self._autocast():
-                out = self.forward(x, labels=y, mtp_weight=cfg.train.mtp_weight)
-            (out.loss / cfg.train.grad_accum).backward()
-            sums += torch.stack([out.loss.detach(), out.ce, out.mtp]).float()
-        sums = self._all_reduce(sums) / (cfg.train.grad_accum * self.world_size)
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        if self.dist is not None:
-            self.dist.finish_grads(self.model)
-            grad_norm = self.dist.clip_grad_norm(list(self.model.parameters()), clip)
-        else:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        loss, ce, mtp = sums.tolist()
-        gn = float(grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(gn)):
-            self.optimizer.zero_grad(set_to_none=True)
-            what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {gn}"
-            keep = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
-            raise TrainingDiverged(f"{what} at step {self.step + 1}; training stopped and nothing from that step was "
-                                   f"applied; {keep}. Resume from it with a lower --optim.lr or more --schedule.warmup_steps")
-        lr = self.lr()
-        set_lr(self.optimizer, lr)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        balance = update_balance_bias(self.model, self.cfg.balance.gamma,
-                                      all_reduce=self.dist.all_reduce_sum if self.dist else None)
-        self.step += 1
-        return {"loss": loss, "ce": ce, "mtp": mtp, "lr": lr, "grad_norm": gn, **balance}
+        batches = [tuple(t.to(self.device, non_blocking=True) for t in self.source.next_batch())
+                   for _ in range(self.cfg.train.grad_accum)]
+        return self.step_fn(batches, lambda b: self.source.loss(self.forward, b, self.cfg), self.lr())
 
     @torch.no_grad()
-    def evaluate(self, batches: int | None = None) -> EvalResult:
+    def evaluate(self, batches: int | None = None) -> EvalResult | None:
         """Mean validation cross-entropy over the first `batches` batches of the validation split in order
-        (None: all of it), and bits per byte = loss / ln 2 / (bytes per token of the validation manifest)."""
+        (None: all of it), and bits per byte = loss / ln 2 / (bytes per token of the validation manifest).
+        None when the source has no validation split (SFT)."""
+        val = getattr(self.source, "val_shards", None)
+        if val is None:
+            return None
         self.model.eval()
         T = self.cfg.data.seq_len
-        windows = (len(self.val_shards) - 1) // T
+        windows = (len(val) - 1) // T
         B = max(1, min(self.cfg.data.batch_size, windows // self.world_size))
-        loader = BatchLoader(self.val_shards, B, T, shuffle=False, rank=self.rank, world_size=self.world_size)
+        loader = BatchLoader(val, B, T, shuffle=False, rank=self.rank, world_size=self.world_size)
         n = loader.steps_per_epoch if batches is None else min(batches, loader.steps_per_epoch)
         total = torch.zeros(2, device=self.device, dtype=torch.float64)  # summed nats, tokens
         for _ in range(n):
             x, y = next(loader)
             x, y = x.to(self.device), y.to(self.device)
-            with self._autocast():
+            with self.step_fn.autocast_context():
                 out = self.model(x, labels=y, mtp_weight=0.0)
             total += torch.tensor([out.ce.item() * y.numel(), y.numel()], device=self.device, dtype=torch.float64)
-        total = self._all_reduce(total)
+        if self.dist is not None:
+            self.dist.all_reduce_sum(total)
         self.model.train()
         loss = float(total[0] / total[1])
-        return EvalResult(loss, loss / math.log(2) / self.val_shards.bytes_per_token, int(total[1]))
+        return EvalResult(loss, loss / math.log(2) / val.bytes_per_token, int(total[1]))
+
+    def unigram_bpb(self) -> float | None:
+        """Bits per byte of the best context-free model of the data: the line to beat (None without val)."""
+        src = self.source
+        if getattr(src, "val_shards", None) is None:
+            return None
+        return unigram_bits_per_byte(src.train_shards, src.val_shards, self.model_cfg.vocab_size)
 
     def gathered(self) -> tuple[torch.nn.Module | None, dict | None]:
         """(model, optimizer state dict) in the one-process layout. Under `dist` a full CPU copy on rank 0 and
@@ -233,29 +230,29 @@ class Trainer:
             return None, None
         model = Transformer(self.model_cfg)
         model.load_state_dict(sd)
-        model.set_balance_alpha(self.cfg.balance.alpha)
         return model, osd
 
     @torch.no_grad()
     def samples(self, model: torch.nn.Module | None = None) -> list[dict]:
-        """Continuations of the configured prompts (temperature 0.8, seeded: the same run gives the same text).
-        `model`: a gathered copy under `dist` (a sharded model cannot generate on rank 0 alone)."""
-        if self.tokenizer is None:
+        """Continuations of the configured prompts from the serving engine (temperature 0.8, seeded per prompt:
+        the same run gives the same text). `model`: a gathered copy under `dist` (a sharded model cannot
+        generate on rank 0 alone)."""
+        from qiusuo.infer.engine import Engine
+        from qiusuo.infer.sampling import SamplingParams
+
+        prompts = self.cfg.eval.prompts
+        if self.tokenizer is None or not prompts:
             return []
         model = model if model is not None else self.model
-        device = next(model.parameters()).device
-        model.eval()
-        gen = torch.Generator(device=device).manual_seed(self.cfg.run.seed)
-        out = []
-        for prompt in self.cfg.eval.prompts:
-            ids = torch.tensor([self.tokenizer.encode(prompt, parse_special=False)], device=device)
-            room = self.model_cfg.max_position_embeddings - ids.shape[1]
-            with self._autocast():
-                seq = model.generate(ids, min(self.cfg.eval.sample_tokens, room), temperature=0.8,
-                                          eos_token_id=self.tokenizer.eos_id, generator=gen)
-            out.append({"prompt": prompt, "text": self.tokenizer.decode(seq[0, ids.shape[1]:].tolist(), skip_special_tokens=True)})
+        ids = [self.tokenizer.encode(p, parse_special=False) for p in prompts]
+        longest = max(len(i) for i in ids)
+        room = self.model_cfg.max_position_embeddings - longest
+        new = max(1, min(self.cfg.eval.sample_tokens, room))
+        engine = Engine(model, self.tokenizer, max_batch=len(ids), max_model_len=longest + new)
+        params = [SamplingParams(max_tokens=new, temperature=0.8, seed=self.cfg.run.seed + i) for i in range(len(ids))]
+        outs = engine.generate(ids, params)
         self.model.train()
-        return out
+        return [{"prompt": p, "text": o.outputs[0].text} for p, o in zip(prompts, outs)]
 
     def save_checkpoint(self, gathered: tuple | None = None) -> Path:
         """Collective under `dist` (gathers the full state unless `gathered` is given); rank 0 writes."""
@@ -263,7 +260,7 @@ class Trainer:
         if not self.is_main:
             self.last_checkpoint = self.out_dir / "checkpoints" / f"{ckpt.PREFIX}{self.step:06d}"
             return self.last_checkpoint
-        state = {"step": self.step, "elapsed": self.elapsed, "loader": self.loader.state_dict(),
+        state = {"step": self.step, "elapsed": self.elapsed, "loader": self.source.state_dict(),
                  "rng_cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -276,70 +273,30 @@ class Trainer:
         (weights, config.json, tokenizer) for `qiusuo generate/chat/serve` and transformers."""
         return ckpt.save_weights(model if model is not None else self.model, self.out_dir / "model", tokenizer=self.tokenizer)
 
-    def _mfu(self, tokens_per_s: float) -> float:
-        if self._peak is None:
-            self._peak = matmul_peak(self.device, self.autocast_dtype or torch.float32, n=1024, repeats=3)
-        return tokens_per_s * self.flops_per_token / self._peak
+    def mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation against this machine's matmul peak (`runtime.matmul_peak`: measured once per
+        process and cached, before the clock starts)."""
+        peak = matmul_peak(self.device, self.autocast_dtype or torch.float32, n=1024, repeats=3)
+        return tokens_per_s * self.flops_per_token / peak
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict:
         """Run to `train.steps` or until `train.minutes` are spent; returns a summary (final validation loss and
-        bits per byte, the unigram baseline, paths of plots, samples, checkpoint and exported model)."""
+        bits per byte and the unigram baseline when the source has a validation split, paths of plots, samples,
+        checkpoint and exported model)."""
         cfg, t = self.cfg, self.cfg.train
         budget = 60 * t.minutes if t.minutes > 0 else None
         log = MetricsLog(self.out_dir, resume_step=self.step if self.resumed_from else None) if self.is_main else None
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "run.toml").write_text(cfg.to_toml())
-        unigram = unigram_bits_per_byte(self.train_shards, self.val_shards, self.model_cfg.vocab_size)
-        self._mfu(1.0)  # measure the peak before the clock starts
+        unigram = self.unigram_bpb()
+        self.mfu(1.0)  # measure the peak before the clock starts
         bar = tqdm(total=round(budget) if budget else t.steps, initial=round(self.elapsed) if budget else self.step,
                    unit="s" if budget else "step", desc="train", file=sys.stderr, dynamic_ncols=True,
                    disable=not (cfg.run.progress and self.is_main))
-        window_t, window_steps, window_load, window_vio = time.perf_counter(), 0, None, []
-        stopped = "steps"
         try:
-            while self.step < t.steps:
-                if budget is not None and self.elapsed >= budget:
-                    stopped = "time"
-                    break
-                start = time.perf_counter()
-                m = self.train_step()
-                window_steps += 1
-                if m["load"]:
-                    loads = torch.tensor(m["load"])
-                    window_load = loads if window_load is None else window_load + loads
-                    window_vio.append(m["max_vio"])
-                # the last step of the run: log it, and leave evaluation and the checkpoint to the end of the run
-                last = self.step == t.steps or (budget is not None and self.elapsed + time.perf_counter() - start >= budget)
-                if self.step % t.log_every == 0 or last:
-                    now = time.perf_counter()
-                    tps = window_steps * self.tokens_per_step / max(now - window_t, 1e-9)
-                    mfu = self._mfu(tps)
-                    if log:
-                        vio = torch.tensor(window_vio).mean(0).tolist() if window_vio else []
-                        log.log("train", self.step, loss=m["loss"], ce=m["ce"], mtp=m["mtp"], lr=m["lr"],
-                                grad_norm=m["grad_norm"], tokens_per_s=tps, mfu=mfu, max_vio=vio,
-                                load=window_load.tolist() if window_load is not None else [])
-                    bar.set_postfix(step=self.step, loss=f"{m['ce']:.3f}", tok_s=f"{tps:.0f}", mfu=f"{100 * mfu:.1f}%")
-                    window_t, window_steps, window_load, window_vio = now, 0, None, []
-                if cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
-                    ev = self.evaluate(cfg.eval.batches)
-                    if log:
-                        log.log("val", self.step, loss=ev.loss, bpb=ev.bpb, tokens=ev.tokens)
-                    bar.write(f"step {self.step}: val loss {ev.loss:.4f}, {ev.bpb:.4f} bits/byte (unigram {unigram:.4f})")
-                if cfg.eval.sample_every and self.step % cfg.eval.sample_every == 0 and self.tokenizer is not None:
-                    model = self.gathered()[0] if self.dist is not None else None  # collective
-                    for s in self.samples(model) if self.is_main else []:
-                        log.log("sample", self.step, **s)
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
-                    self.save_checkpoint()
-                self.elapsed += time.perf_counter() - start
-                if budget:
-                    bar.n = min(round(self.elapsed), bar.total)
-                    bar.refresh()
-                else:
-                    bar.update(1)
+            stopped = self._loop(budget, log, bar, unigram)
         except TrainingDiverged:
             bar.close()
             if log:
@@ -354,13 +311,59 @@ class Trainer:
                 log.close()
             raise
         bar.close()
+        return self._finish(stopped, log, unigram)
+
+    def _loop(self, budget: float | None, log: MetricsLog | None, bar, unigram: float | None) -> str:
+        """Steps until the step or time budget is spent, with periodic logs, evaluations, samples and
+        checkpoints. Returns what stopped it ("steps" or "time")."""
+        cfg, t = self.cfg, self.cfg.train
+        window = _Window()
+        while self.step < t.steps:
+            if budget is not None and self.elapsed >= budget:
+                return "time"
+            start = time.perf_counter()
+            m = self.train_step()
+            window.add(m)
+            # the last step of the run: log it, and leave evaluation and the checkpoint to the end of the run
+            last = self.step == t.steps or (budget is not None and self.elapsed + time.perf_counter() - start >= budget)
+            if self.step % t.log_every == 0 or last:
+                tps, vio, load = window.flush(self.tokens_per_step)
+                mfu = self.mfu(tps)
+                if log:
+                    log.log("train", self.step, loss=m["loss"], ce=m["ce"], mtp=m["mtp"], lr=m["lr"],
+                            grad_norm=m["grad_norm"], tokens_per_s=tps, mfu=mfu, max_vio=vio, load=load)
+                bar.set_postfix(step=self.step, loss=f"{m['ce']:.3f}", tok_s=f"{tps:.0f}", mfu=f"{100 * mfu:.1f}%")
+            if cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
+                ev = self.evaluate(cfg.eval.batches)
+                if ev is not None:
+                    if log:
+                        log.log("val", self.step, loss=ev.loss, bpb=ev.bpb, tokens=ev.tokens)
+                    bar.write(f"step {self.step}: val loss {ev.loss:.4f}, {ev.bpb:.4f} bits/byte (unigram {unigram:.4f})")
+            if cfg.eval.sample_every and self.step % cfg.eval.sample_every == 0 and self.tokenizer is not None:
+                model = self.gathered()[0] if self.dist is not None else None  # collective
+                for s in self.samples(model) if self.is_main else []:
+                    log.log("sample", self.step, **s)
+            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
+                self.save_checkpoint()
+            self.elapsed += time.perf_counter() - start
+            if budget:
+                bar.n = min(round(self.elapsed), bar.total)
+                bar.refresh()
+            else:
+                bar.update(1)
+        return "steps"
+
+    def _finish(self, stopped: str, log: MetricsLog | None, unigram: float | None) -> dict:
+        """Final evaluation (the whole validation split), samples, checkpoint, export and plots."""
         final = self.evaluate(None)
         summary = {"steps": self.step, "stopped_by": stopped, "tokens": self.step * self.tokens_per_step,
-                   "train_seconds": self.elapsed, "val_loss": final.loss, "val_bpb": final.bpb,
-                   "val_tokens": final.tokens, "unigram_bpb": unigram}
+                   "train_seconds": self.elapsed}
+        if final is not None:
+            summary.update(val_loss=final.loss, val_bpb=final.bpb, val_tokens=final.tokens, unigram_bpb=unigram)
         gathered = self.gathered()  # collective under dist
         if self.is_main:
-            log.log("val", self.step, loss=final.loss, bpb=final.bpb, tokens=final.tokens)
+            if final is not None:
+                log.log("val", self.step, loss=final.loss, bpb=final.bpb, tokens=final.tokens)
             samples = self.samples(gathered[0] if self.dist is not None else None)
             for s in samples:
                 log.log("sample", self.step, **s)
@@ -368,3 +371,25 @@ class Trainer:
             summary.update(checkpoint=str(self.save_checkpoint(gathered)), model=str(self.export(gathered[0])),
                            plots=[str(p) for p in plot_run(self.out_dir, unigram)], samples=samples)
         return summary
+
+
+class _Window:
+    """Steps since the last log line: their count and wall time (tokens/s), and their routing loads and MaxVio."""
+
+    def __init__(self):
+        self.t, self.steps, self.load, self.vio = time.perf_counter(), 0, None, []
+
+    def add(self, m: dict) -> None:
+        self.steps += 1
+        if m["load"]:
+            loads = torch.tensor(m["load"])
+            self.load = loads if self.load is None else self.load + loads
+            self.vio.append(m["max_vio"])
+
+    def flush(self, tokens_per_step: int) -> tuple[float, list, list]:
+        now = time.perf_counter()
+        tps = self.steps * tokens_per_step / max(now - self.t, 1e-9)
+        vio = torch.tensor(self.vio).mean(0).tolist() if self.vio else []
+        load = self.load.tolist() if self.load is not None else []
+        self.__init__()
+        return tps, vio, load

@@ -32,7 +32,7 @@ def test_parallel_without_torchrun(monkeypatch, tmp_path, capsys):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(DistributedError, match="not launched by torchrun"):
         Distributed.from_env(ParallelSection(dp="ddp"))
-    assert cli_main(["train", "--config", "tiny", "--parallel.ep=2", "--parallel.dp=ddp",
+    assert cli_main(["train", "--config", "pretrain-tiny", "--parallel.ep=2", "--parallel.dp=ddp",
                      f"--run.out_dir={tmp_path}"]) == 2
     assert "torchrun --nproc_per_node=N -m qiusuo train" in capsys.readouterr().err
 
@@ -76,7 +76,7 @@ def _lost_rank_worker(root: str, fate: str) -> None:
         if fate == "dies":
             os._exit(1)
         time.sleep(600)  # alive, but never joins another collective
-    sys.exit(cli_main(["train", "--config", "tiny", f"--data.dir={root}/data", f"--run.out_dir={root}/run",
+    sys.exit(cli_main(["train", "--config", "pretrain-tiny", f"--data.dir={root}/data", f"--run.out_dir={root}/run",
                        "--run.progress=false", "--run.threads=1", "--parallel.dp=ddp", "--parallel.timeout_s=5",
                        "--data.batch_size=1", "--data.seq_len=16", "--model.max_position_embeddings=32"]))
 

@@ -35,7 +35,7 @@ def make_cfg(data_dir, out_dir, batch_size, dp="none", ep=1, **kw):
             "eval.every": 0, "checkpoint.every": 0, "model.max_position_embeddings": 32, "model.hidden_size": 32,
             "model.intermediate_size": 64, "model.moe_intermediate_size": 16, "parallel.dp": dp, "parallel.ep": ep,
             "parallel.timeout_s": 60}
-    return load_run_config("tiny", {**over, **kw})
+    return load_run_config("pretrain-tiny", {**over, **kw})
 
 
 def worker(data_dir: Path, out: Path, ref_ckpt: Path) -> None:
@@ -53,7 +53,7 @@ def worker(data_dir: Path, out: Path, ref_ckpt: Path) -> None:
         experts = [m for m in t.model.modules() if isinstance(m, ExpertParallel)]
         for layer, r in enumerate(moe_routers(t.model)):
             def hook(mod, inp, output, layer=layer):
-                owner = output[1].flatten() // (t.model_cfg.n_routed_experts // ep)
+                owner = output[1].idx.flatten() // (t.model_cfg.n_routed_experts // ep)
                 expected[layer] = expected.get(layer, 0) + torch.bincount(owner, minlength=ep)
             r.register_forward_hook(hook)
         steps = [t.train_step() for _ in range(STEPS)]

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from qiusuo.infer import Engine
-from qiusuo.infer.server import ThinkSplitter, create_app, serve_in_thread
+from qiusuo.infer.server import create_app, serve_in_thread
 
 MODEL = "qiusuo-tiny"
 KEY = "sk-test"
@@ -208,18 +208,3 @@ def test_health_503_while_loading(model, tok):
         engine.shutdown()
     finally:
         srv.should_exit = True
-
-
-def test_think_splitter_streamed_equals_whole():
-    text = "<think>step one, step two</think>\n\nThe answer is 4."
-    whole = ThinkSplitter().feed(text, final=True)
-    assert whole == ("step one, step two", "The answer is 4.")
-    for k in (1, 2, 3, 5):
-        sp, r, c = ThinkSplitter(), [], []
-        pieces = [text[i:i + k] for i in range(0, len(text), k)]
-        for i, p in enumerate(pieces):
-            a, b = sp.feed(p, final=i == len(pieces) - 1)
-            r.append(a)
-            c.append(b)
-        assert ("".join(r), "".join(c)) == whole
-    assert ThinkSplitter(thinking=True).feed("hmm</think>ok", final=True) == ("hmm", "ok")

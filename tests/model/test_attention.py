@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from qiusuo.config import get_config
-from qiusuo.model.cache import LatentCache
+from qiusuo.model.block import layer_cache_specs
+from qiusuo.model.cache import ContiguousCache
+from qiusuo.model.count import cache_bytes_per_token
 from qiusuo.model.transformer import Transformer
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
@@ -46,7 +48,7 @@ def test_absorbed_decoding_matches_expanded(kw):
     x = torch.randint(0, model.cfg.vocab_size, (3, T))
     with torch.no_grad():
         full = model(x)  # expanded, causal, no cache
-        cache = LatentCache(model.cfg, 3, T)
+        cache = ContiguousCache(model.cache_specs(), 3, T)
         steps = torch.cat([model(x[:, t:t + 1], cache=cache, absorb=True) for t in range(T)], dim=1)
     assert (steps - full).abs().max() <= 1e-4
 
@@ -56,7 +58,7 @@ def test_prefill_then_absorbed_decode_matches_expanded():
     x = torch.randint(0, model.cfg.vocab_size, (2, 30))
     with torch.no_grad():
         full = model(x)
-        cache = LatentCache(model.cfg, 2, 30)
+        cache = ContiguousCache(model.cache_specs(), 2, 30)
         pre = model(x[:, :20], cache=cache)  # expanded prefill into the cache
         rest = torch.cat([model(x[:, t:t + 1], cache=cache) for t in range(20, 30)], dim=1)  # absorbed by default
         # an expanded step over the cache gives the same too
@@ -70,7 +72,7 @@ def test_absorbed_multi_token_chunk_matches_expanded():
     x = torch.randint(0, model.cfg.vocab_size, (2, 24))
     with torch.no_grad():
         full = model(x)
-        cache = LatentCache(model.cfg, 2, 24)
+        cache = ContiguousCache(model.cache_specs(), 2, 24)
         a = model(x[:, :10], cache=cache, absorb=True)
         b = model(x[:, 10:], cache=cache, absorb=True)
     assert (torch.cat([a, b], 1) - full).abs().max() <= 1e-4
@@ -78,10 +80,10 @@ def test_absorbed_multi_token_chunk_matches_expanded():
 
 def test_cache_holds_exactly_the_latent():
     cfg = get_config("tiny")
-    cache = LatentCache(cfg, batch_size=1, max_len=8)
-    assert cache.layers[0].shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    assert cache.num_bytes_per_token == cfg.cache_bytes_per_token(4)  # fp32
-    assert LatentCache(cfg, 1, 8, dtype=torch.bfloat16).num_bytes_per_token == cfg.cache_bytes_per_token(2)
+    cache = ContiguousCache(layer_cache_specs(cfg), batch_size=1, max_len=8)
+    assert cache.buffers[0].shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert cache.num_bytes_per_token == cache_bytes_per_token(cfg, 4)  # fp32
+    assert ContiguousCache(layer_cache_specs(cfg), 1, 8, dtype=torch.bfloat16).num_bytes_per_token == cache_bytes_per_token(cfg, 2)
 
 
 def test_generate_greedy_equals_full_recompute():
@@ -117,6 +119,6 @@ def test_compiled_decoding_equals_eager():
 
 def test_cache_overflow_is_a_clear_error():
     model = make()
-    cache = LatentCache(model.cfg, 1, 4)
+    cache = ContiguousCache(model.cache_specs(), 1, 4)
     with pytest.raises(ValueError, match="holds 4 tokens"):
         model(torch.zeros(1, 5, dtype=torch.long), cache=cache)

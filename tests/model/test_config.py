@@ -1,6 +1,7 @@
 import pytest
 
-from qiusuo.config import PRESETS, ModelConfig, count_params, get_config
+from qiusuo.config import PRESETS, ModelConfig, get_config
+from qiusuo.model.count import cache_bytes_per_token, count_params
 
 
 def test_published_parameter_counts():
@@ -20,7 +21,7 @@ def test_mtp_counted_only_when_asked():
 def test_v3_cache_formula():
     cfg = get_config("deepseek-v3")
     assert cfg.latent_dim == 576
-    assert cfg.cache_bytes_per_token(2) == 70_272
+    assert cache_bytes_per_token(cfg, 2) == 70_272
 
 
 def test_from_hf_hub_form():

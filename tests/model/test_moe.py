@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from qiusuo.config import get_config
-from qiusuo.model.moe import MoE, Router, route, update_balance_bias
+from qiusuo.model.moe import MoE, route, sequence_balance_loss, update_balance_bias
 from qiusuo.model.transformer import Transformer
 
 
@@ -69,8 +69,9 @@ def test_bias_changes_selection_not_weights():
 def per_token_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """The slow twin of the grouped experts: every token, every chosen expert, one at a time."""
     B, T, D = x.shape
-    weights, idx = moe.gate(x)
     flat = x.reshape(-1, D)
+    weights, routing = moe.gate(flat)
+    idx = routing.idx
     out = []
     for n in range(flat.shape[0]):
         acc = torch.zeros(D)
@@ -93,7 +94,7 @@ def test_grouped_experts_match_per_token_loop_outputs_and_grads(T, gathered, mon
     if gathered:  # the path `torch.compile` takes for N*K <= E, run eagerly here
         monkeypatch.setattr(moe.experts, "forward", moe.experts._gathered)
     x = torch.randn(2, T, cfg.hidden_size, requires_grad=True)
-    fast = moe(x)
+    fast, _ = moe(x)
     grads_fast = torch.autograd.grad(fast.pow(2).sum(), [x, moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight])
     slow = per_token_moe(moe, x)
     grads_slow = torch.autograd.grad(slow.pow(2).sum(), [x, moe.experts.gate_up_proj, moe.experts.down_proj, moe.gate.weight])
@@ -109,53 +110,68 @@ def test_experts_that_get_no_tokens_are_fine():
     moe.gate.e_score_correction_bias[:] = -100.0
     moe.gate.e_score_correction_bias[:2] = 100.0  # only experts 0 and 1 get tokens
     x = torch.randn(1, 5, cfg.hidden_size)
-    assert torch.allclose(moe(x), per_token_moe(moe, x), atol=1e-5)
+    assert torch.allclose(moe(x)[0], per_token_moe(moe, x), atol=1e-5)
 
 
 def test_bias_update_balances_a_skewed_load_and_not_in_eval():
     torch.manual_seed(0)
     cfg = get_config("tiny", num_hidden_layers=2, num_nextn_predict_layers=0)
     model = Transformer(cfg)
-    router: Router = model.layers[1].mlp.gate
+    router = model.layers[1].mlp.gate
     router.e_score_correction_bias[:2] = 0.5  # skew: experts 0 and 1 picked by every token
     x = torch.randint(0, cfg.vocab_size, (8, 32))
     model.eval()
     with torch.no_grad():
-        model(x)
-    assert router.tokens_per_expert.sum() == 0  # eval: no counting
-    assert update_balance_bias(model, gamma=0.01)["load"][0] == [0.0] * cfg.n_routed_experts
+        logits = model(x)  # inference: logits only, nothing counted anywhere
+    assert torch.is_tensor(logits)
+    assert update_balance_bias(model, None, gamma=0.01)["load"] == []  # no loads handed over: no update
     assert router.e_score_correction_bias[:2].tolist() == [0.5, 0.5]  # and no update
     model.train()
     vios = []
     for _ in range(60):
         with torch.no_grad():
-            model(x)
-        vios.append(update_balance_bias(model, gamma=0.01)["max_vio"][0])
+            load = model(x, labels=x).load
+        vios.append(update_balance_bias(model, load, gamma=0.01)["max_vio"][0])
     assert vios[0] > 2.0  # skewed at the start
     assert max(vios[-5:]) < 0.25 * vios[0]
     assert router.e_score_correction_bias[:2].max() < 0.5
 
 
+def test_load_counts_each_routers_choices_in_module_order():
+    """`LossOutput.load` is what balancing reads: per router (main layers, then MTP), tokens per expert."""
+    torch.manual_seed(0)
+    cfg = get_config("tiny", num_hidden_layers=3, num_nextn_predict_layers=1)
+    model = Transformer(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 12))
+    seen = []
+    hooks = [m.gate.register_forward_hook(lambda mod, inp, out: seen.append(out[1].idx))
+             for m in model.modules() if isinstance(m, MoE)]
+    out = model(x, labels=x, mtp_weight=0.3)
+    for h in hooks:
+        h.remove()
+    assert out.load.shape == (3, cfg.n_routed_experts)  # layers 1, 2 and the MTP block
+    for row, idx in zip(out.load, seen):
+        assert torch.equal(row, torch.bincount(idx.flatten(), minlength=cfg.n_routed_experts).float())
+    assert out.load[-1].sum() == 2 * 11 * cfg.num_experts_per_tok  # MTP depth 1 sees T - 1 positions
+    assert model(x, labels=x, mtp_weight=0.0).load[-1].sum() == 0  # MTP off: its router did not run
+
+
 def test_sequence_balance_loss_is_reported_and_has_gradient():
     torch.manual_seed(0)
     model = Transformer(get_config("tiny")).train()
-    model.set_balance_alpha(0.01)
     x = torch.randint(0, model.cfg.vocab_size, (2, 16))
-    out = model(x, labels=x)
+    out = model(x, labels=x, balance_alpha=0.01)
     assert out.balance > 0
     out.loss.backward()
     assert model.layers[1].mlp.gate.weight.grad.abs().sum() > 0
-    model.set_balance_alpha(0.0)
-    assert model(x, labels=x).balance == 0
+    assert model(x, labels=x, balance_alpha=0.0).balance == 0
 
 
 def test_sequence_balance_loss_formula():
     """Perfectly uniform routing gives alpha * K / E * E / K * ... = alpha (f_i = 1, sum_i P_i = 1)."""
     cfg = get_config("tiny")
-    r = Router(cfg)
-    r.balance_alpha = 0.5
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
     T = E // K
     idx = torch.arange(E).view(1, T, K)  # each expert exactly once
     scores = torch.rand(1, T, E)
-    assert torch.allclose(r._sequence_balance_loss(scores, idx), torch.tensor(0.5))
+    assert torch.allclose(0.5 * sequence_balance_loss(scores, idx), torch.tensor(0.5))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from qiusuo.config import get_config
-from qiusuo.model.cache import LatentCache
+from qiusuo.model.cache import ContiguousCache
 from qiusuo.model.transformer import IGNORE_INDEX, Transformer
 
 
@@ -38,7 +38,7 @@ def test_mtp_targets_are_k_steps_ahead():
         out = model(x, labels=labels)
         h = model.hidden(x)
         rope = model.rotary(torch.arange(9))
-        h1 = model.mtp[0](h[:, :9], model.embed_tokens(x[:, 1:]), rope)
+        h1, _ = model.mtp[0](h[:, :9], model.embed_tokens(x[:, 1:]), rope)
         ref = F.cross_entropy(model.lm_head(model.mtp[0].norm(h1)).flatten(0, 1), labels[:, 1:].flatten())
     assert torch.allclose(out.mtp, ref, atol=1e-6)
 
@@ -115,6 +115,6 @@ def test_cuda_absorbed_decoding_bf16():
     x = torch.randint(0, model.cfg.vocab_size, (2, 16), device="cuda")
     with torch.no_grad():
         full = model(x).float()
-        cache = LatentCache(model.cfg, 2, 16, device="cuda", dtype=torch.bfloat16)
+        cache = ContiguousCache(model.cache_specs(), 2, 16, device="cuda", dtype=torch.bfloat16)
         steps = torch.cat([model(x[:, t:t + 1], cache=cache) for t in range(16)], 1).float()
     assert (steps - full).abs().max() < 0.05 * full.abs().max()

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import qiusuo
-from qiusuo.rl.grpo import GRPO, GRPOConfig, group_advantages, grpo_loss
+from qiusuo.rl.grpo import GRPO, group_advantages, grpo_loss
 from qiusuo.rl.rollout import pack_rollouts, sample_groups, token_logprobs
-from qiusuo.rl.sft import SFTConfig, run_sft
+from qiusuo.rl.sft import run_sft
+from qiusuo.train.config import load_run_config
 
 
 def _hand_loss(logp, old, ref, adv, mask, eps, beta, norm):
@@ -34,6 +35,14 @@ def _hand_loss(logp, old, ref, adv, mask, eps, beta, norm):
         loss = sum(sum(t) / len(t) for t in rows) / len(rows)
     return loss, clipped, kls / n_tok
 
+
+RUN_KEYS = {"steps": "train.steps", "lr": "optim.lr", "threads": "run.threads", "seed": "run.seed"}
+
+
+def grpo_config(**kw):
+    """The `grpo` run preset with GRPO settings by their short names (`group_size=4` is `grpo.group_size`)."""
+    over = {RUN_KEYS.get(k, f"grpo.{k}"): v for k, v in kw.items()}
+    return load_run_config("grpo", {"run.progress": False, **over})
 
 @pytest.mark.parametrize("norm", ["token", "sequence"])
 def test_grpo_loss_matches_hand_computation(norm):
@@ -93,7 +102,7 @@ def test_group_advantages_and_group_size_one():
     with pytest.raises(ValueError, match="at least 2 completions"):
         group_advantages(torch.ones(4, 1))
     with pytest.raises(ValueError, match="--group-size 1"):
-        GRPOConfig(model="m", group_size=1).validate()
+        grpo_config(model="m", group_size=1)
 
 
 def test_cli_rejects_group_size_one(tmp_path, capsys):
@@ -108,16 +117,17 @@ def sft_model(tmp_path_factory):
     """The tiny preset briefly SFT'd on 1-digit addition: it follows the R1 format about half the time when
     sampling and is rarely right, so rewards have spread."""
     out = tmp_path_factory.mktemp("sft")
-    s = run_sft(SFTConfig(data="task:arithmetic", model="tiny", out_dir=str(out), examples=800, steps=80,
-                          batch_size=16, seq_len=64, threads=1, progress=False, seed=0))
+    s = run_sft(load_run_config("sft", {"sft.data": "task:arithmetic", "model.preset": "tiny", "run.out_dir": str(out),
+                                        "sft.examples": 800, "train.steps": 80, "data.batch_size": 16,
+                                        "data.seq_len": 64, "run.threads": 1, "run.progress": False, "run.seed": 0}))
     return s["model"]
 
 
 def test_sampled_logprobs_equal_training_forward(sft_model):
     model = qiusuo.load_model(sft_model, progress=False)
     tok = qiusuo.load_tokenizer(sft_model)
-    g = GRPO(GRPOConfig(model=sft_model, task="arithmetic", prompts_per_step=4, group_size=6, max_tokens=20, beta=0.0,
-                        threads=1, progress=False), model, tok)
+    g = GRPO(grpo_config(model=sft_model, task="arithmetic", prompts_per_step=4, group_size=6, max_tokens=20, beta=0.0,
+                        threads=1), model, tok)
     prompts = g.prompt_ids(g.problems[:4])
     groups, stats = sample_groups(model, tok, prompts, 6, 1.0, 20, seed=3)
     assert stats["cached_prompt_tokens"] > 0  # the G copies share the prompt's blocks
@@ -143,20 +153,20 @@ def test_short_grpo_run_raises_mean_reward(sft_model):
     torch.manual_seed(0)
     model = qiusuo.load_model(sft_model, progress=False)
     tok = qiusuo.load_tokenizer(sft_model)
-    cfg = GRPOConfig(model=sft_model, task="arithmetic", steps=20, prompts_per_step=8, group_size=8, max_tokens=24,
-                     lr=1e-3, beta=0.0, rewards=["accuracy", "format"], threads=1, progress=False)
+    cfg = grpo_config(model=sft_model, task="arithmetic", steps=20, prompts_per_step=8, group_size=8, max_tokens=24,
+                     lr=1e-3, beta=0.0, rewards=["accuracy", "format"], threads=1)
     g = GRPO(cfg, model, tok)
     probe = g.task.problems("train", 32, seed=123)
 
     def mean_reward() -> float:  # the same prompts and sampling seeds before and after
         from qiusuo.rl.rewards import score
 
-        groups, _ = sample_groups(model, tok, g.prompt_ids(probe), 8, cfg.temperature, cfg.max_tokens, seed=999)
+        groups, _ = sample_groups(model, tok, g.prompt_ids(probe), 8, cfg.grpo.temperature, cfg.grpo.max_tokens, seed=999)
         texts = [r.text for grp in groups for r in grp]
         return sum(score(g.rewards, texts, [p for p in probe for _ in range(8)])[0]) / len(texts)
 
     before = mean_reward()
-    recs = [g.step() for _ in range(cfg.steps)]
+    recs = [g.step() for _ in range(cfg.train.steps)]
     after = mean_reward()
     print(f"mean reward {before:.3f} -> {after:.3f}")
     assert after > before + 0.15
@@ -169,11 +179,11 @@ def test_mu_updates_kl_and_a_failing_user_reward(sft_model, tmp_path, capsys):
     f.write_text("def picky(completions, problems):\n    raise RuntimeError('cannot score this')\n")
     model = qiusuo.load_model(sft_model, progress=False)
     tok = qiusuo.load_tokenizer(sft_model)
-    cfg = GRPOConfig(model=sft_model, task="arithmetic", steps=3, prompts_per_step=3, group_size=4, max_tokens=16,
+    cfg = grpo_config(model=sft_model, task="arithmetic", steps=3, prompts_per_step=3, group_size=4, max_tokens=16,
                      lr=1e-3, beta=0.1, mu=3, loss_norm="sequence", micro_batch=5,
-                     rewards=["accuracy", "format", f"{f}:picky"], threads=1, progress=False)
+                     rewards=["accuracy", "format", f"{f}:picky"], threads=1)
     g = GRPO(cfg, model, tok)
-    recs = [g.step() for _ in range(cfg.steps)]
+    recs = [g.step() for _ in range(cfg.train.steps)]
     assert all(r["failed/picky"] == 1 and r["reward/picky"] == 0.0 for r in recs)  # the run went on
     assert "reward function 'picky' failed at step 1: RuntimeError: cannot score this" in capsys.readouterr().err
     assert recs[0]["kl"] >= 0 and recs[-1]["kl"] > 0  # the policy has moved away from the frozen reference
@@ -182,7 +192,7 @@ def test_mu_updates_kl_and_a_failing_user_reward(sft_model, tmp_path, capsys):
     assert any(not torch.equal(p, ref_w[n]) for n, p in model.named_parameters())
     # mu = 3 policy updates per batch: Adam has stepped 3 times per step (no step is skipped with beta > 0)
     state = g.opt.state[next(model.parameters())]
-    assert int(state["step"]) == cfg.mu * cfg.steps and not any(r["skipped"] for r in recs)
+    assert int(state["step"]) == cfg.grpo.mu * cfg.train.steps and not any(r["skipped"] for r in recs)
     assert all(r["ref_s"] > 0 for r in recs)  # the reference and old-policy passes are timed on their own
 
 
@@ -196,16 +206,16 @@ def test_zero_spread_groups_are_counted_and_an_all_flat_batch_is_skipped(sft_mod
                  "    return [float(int(p.answer) % 2 == 1 and len(c) % 2 == 0) for c, p in zip(completions, problems)]\n")
     model = qiusuo.load_model(sft_model, progress=False)
     tok = qiusuo.load_tokenizer(sft_model)
-    g = GRPO(GRPOConfig(model=sft_model, task="arithmetic", steps=2, prompts_per_step=4, group_size=4, max_tokens=16,
-                        beta=0.0, rewards=[f"{f}:flat"], threads=1, progress=False), model, tok)
+    g = GRPO(grpo_config(model=sft_model, task="arithmetic", steps=2, prompts_per_step=4, group_size=4, max_tokens=16,
+                        beta=0.0, rewards=[f"{f}:flat"], threads=1), model, tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     rec = g.step()
     assert rec["zero_spread"] == 1.0 and rec["skipped"] == 1 and rec["reward"] == 0.5
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()) and not g.opt.state
     assert rec["rollout_s"] > 0 and rec["ref_s"] >= 0 and rec["train_s"] >= 0 and rec["rollout_tokens_per_s"] > 0
 
-    g = GRPO(GRPOConfig(model=sft_model, task="arithmetic", steps=3, prompts_per_step=8, group_size=4, max_tokens=16,
-                        beta=0.0, rewards=[f"{f}:odd_only"], threads=1, progress=False), model, tok)
+    g = GRPO(grpo_config(model=sft_model, task="arithmetic", steps=3, prompts_per_step=8, group_size=4, max_tokens=16,
+                        beta=0.0, rewards=[f"{f}:odd_only"], threads=1), model, tok)
     for _ in range(3):
         batch = g.problems[g.step_no * 8:(g.step_no + 1) * 8]
         even_share = sum(int(p.answer) % 2 == 0 for p in batch) / 8

@@ -8,8 +8,9 @@ import torch
 import qiusuo
 from qiusuo.data.tokenizer import Tokenizer
 from qiusuo.model.transformer import IGNORE_INDEX
-from qiusuo.rl.sft import (ChatDataError, DocumentMask, Example, SFTConfig, build_rows, read_chats, run_sft,
-                           tokenize_chat)
+from qiusuo.rl.sft import ChatDataError, Example, build_rows, read_chats, run_sft, tokenize_chat
+from qiusuo.train.config import load_run_config
+from qiusuo.train.metrics import read
 
 CHATS = [
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Compute 3+4."},
@@ -96,7 +97,7 @@ def test_packing_never_attends_across_examples(tok):
     ids, labels, docs = build_rows(examples, 96, tok.pad_id, pack=True)
     assert ids.shape[0] == 1 and set(docs[0].tolist()) == {-1, 0, 1, 2}  # all three in one row, then padding
     with torch.no_grad():
-        packed = model(ids, cache=DocumentMask(docs), absorb=False)  # (1, 96, V)
+        packed = model(ids, doc_ids=docs)  # (1, 96, V)
         plain = model(ids)  # causal over the whole row: later chats see earlier ones
         pos = 0
         for ex in examples:
@@ -109,7 +110,7 @@ def test_packing_never_attends_across_examples(tok):
             pos += n
     # the packed loss is the token-weighted mean of the per-chat losses
     with torch.no_grad():
-        out = model(ids, labels=labels, cache=DocumentMask(docs), absorb=False, mtp_weight=0.0)
+        out = model(ids, labels=labels, doc_ids=docs, mtp_weight=0.0)
         ce_sum, count = 0.0, 0
         for ex in examples:
             _, lab, _ = build_rows([ex], len(ex.ids), tok.pad_id, pack=False)
@@ -128,8 +129,10 @@ def test_too_long_chat_is_an_error(tok):
 def test_sft_run_learns_and_resumes(tmp_path):
     f = tmp_path / "chats.jsonl"
     f.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS * 8))
-    cfg = SFTConfig(data=str(f), model="tiny", out_dir=str(tmp_path / "run"), steps=30, batch_size=4, seq_len=96,
-                    lr=3e-3, warmup_steps=5, log_every=5, checkpoint_every=20, threads=1, progress=False)
+    cfg = load_run_config("sft", {"sft.data": str(f), "model.preset": "tiny", "run.out_dir": str(tmp_path / "run"),
+                                  "train.steps": 30, "data.batch_size": 4, "data.seq_len": 96, "optim.lr": 3e-3,
+                                  "schedule.warmup_steps": 5, "train.log_every": 5, "checkpoint.every": 20,
+                                  "run.threads": 1, "run.progress": False})
     summary = run_sft(cfg)
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["ce"] < 0.5 * recs[0]["ce"]
@@ -137,6 +140,24 @@ def test_sft_run_learns_and_resumes(tmp_path):
     model = qiusuo.load_model(summary["model"], progress=False)
     assert model.cfg.vocab_size == qiusuo.load_tokenizer(summary["model"]).vocab_size
     # resume from the step-20 checkpoint reaches step 30 again
-    again = run_sft(SFTConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "run")}),
-                    resume=str(tmp_path / "run" / "checkpoints" / "step_000020"))
+    again = run_sft(cfg, resume=str(tmp_path / "run" / "checkpoints" / "step_000020"))
     assert again["steps"] == 30
+
+
+def test_sft_resume_through_its_own_run_toml_is_exact(tmp_path):
+    """SFT is the trainer: `qiusuo sft --resume RUN` reads the run's run.toml and repeats the same losses."""
+    from qiusuo.cli import main
+
+    f = tmp_path / "chats.jsonl"
+    f.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS * 4))
+    base = ["sft", "--data", str(f), "--steps", "6", "--batch-size", "2", "--seq-len", "96", "--threads", "1",
+            "--no-progress", "--train.log_every=1"]
+    assert main([*base, "--out-dir", str(tmp_path / "a")]) == 0
+    assert main([*base, "--out-dir", str(tmp_path / "b"), "--checkpoint.every=3", "--train.steps=3"]) == 0
+    assert main(["sft", "--resume", str(tmp_path / "b"), "--train.steps=6"]) == 0
+
+    def losses(run):
+        return [r["loss"] for r in read(run) if r["kind"] == "train"]
+
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")  # bit for bit
+    assert load_run_config(tmp_path / "b" / "run.toml").sft.data == str(f)

@@ -14,8 +14,8 @@ from qiusuo.train.optim import build_optimizer, lr_factor, param_groups
 
 
 def test_presets_load_and_round_trip_through_toml(tmp_path):
-    assert {"demo", "tiny", "bench"} <= set(preset_names())
-    for name in ("demo", "tiny", "bench"):
+    assert {"pretrain-demo", "pretrain-tiny", "pretrain-bench", "sft", "grpo"} <= set(preset_names())
+    for name in preset_names():
         cfg = load_run_config(name)
         path = tmp_path / f"{name}.toml"
         path.write_text(cfg.to_toml())
@@ -23,20 +23,20 @@ def test_presets_load_and_round_trip_through_toml(tmp_path):
 
 
 def test_overrides_set_typed_values_and_model_fields():
-    cfg = load_run_config("tiny", ["--optim.lr=3e-4", "--train.minutes=2", "--model.hidden_size=96",
+    cfg = load_run_config("pretrain-tiny", ["--optim.lr=3e-4", "--train.minutes=2", "--model.hidden_size=96",
                                    "--run.compile=true", "--eval.prompts=[\"x\", \"y\"]"])
     assert cfg.optim.lr == 3e-4 and cfg.train.minutes == 2.0 and cfg.run.compile is True
     assert cfg.eval.prompts == ["x", "y"]
     assert cfg.model.build().hidden_size == 96
     assert cfg.model.build(vocab_size=300).vocab_size == 300  # the data's vocabulary wins...
-    assert load_run_config("tiny", {"model.vocab_size": 1000}).model.build(vocab_size=300).vocab_size == 1000  # ...unless set
+    assert load_run_config("pretrain-tiny", {"model.vocab_size": 1000}).model.build(vocab_size=300).vocab_size == 1000  # ...unless set
 
 
 @pytest.mark.parametrize("key, near", [("optim.lrr", "optim.lr"), ("train.step", "train.steps"),
                                        ("model.hiden_size", "model.hidden_size"), ("balance.gama", "balance.gamma")])
 def test_unknown_key_suggests_the_closest(key, near, tmp_path):
     with pytest.raises(ValueError, match=f"unknown run config key '{key}'; did you mean '{near}'"):
-        load_run_config("tiny", {key: 1})
+        load_run_config("pretrain-tiny", {key: 1})
     section, name = key.split(".")
     path = tmp_path / "bad.toml"
     path.write_text(f"[{section}]\n{name} = 1\n")
@@ -46,13 +46,13 @@ def test_unknown_key_suggests_the_closest(key, near, tmp_path):
 
 def test_bad_values_are_named():
     with pytest.raises(ValueError, match="optim.lr='fast': expected float"):
-        load_run_config("tiny", {"optim.lr": "fast"})
+        load_run_config("pretrain-tiny", {"optim.lr": "fast"})
     with pytest.raises(ValueError, match="schedule.kind"):
-        load_run_config("tiny", {"schedule.kind": "linear"})
+        load_run_config("pretrain-tiny", {"schedule.kind": "linear"})
     with pytest.raises(ValueError, match="num_experts_per_tok"):
-        load_run_config("tiny", {"model.num_experts_per_tok": 99})
+        load_run_config("pretrain-tiny", {"model.num_experts_per_tok": 99})
     with pytest.raises(ValueError, match="unknown model size 'tinny'.*did you mean 'tiny'"):
-        load_run_config("tiny", {"model.preset": "tinny"})
+        load_run_config("pretrain-tiny", {"model.preset": "tinny"})
     with pytest.raises(FileNotFoundError, match="neither a TOML file nor a preset"):
         load_run_config("no_such_preset")
 
@@ -64,10 +64,10 @@ def test_cli_lists_every_key_and_hints_on_typos(capsys):
     for key in all_keys():
         assert f"--{key}" in text, key
     assert "(default: 0.003)" in text  # optim.lr's default is shown
-    args = p.parse_args(["--config", "tiny", "--optim.lr", "1e-4", "--model.num_hidden_layers=3"])
+    args = p.parse_args(["--config", "pretrain-tiny", "--optim.lr", "1e-4", "--model.num_hidden_layers=3"])
     assert run.overrides(args) == {"optim.lr": "1e-4", "model.num_hidden_layers": "3"}
     with pytest.raises(SystemExit):
-        p.parse_args(["--config", "tiny", "--optim.lrr=1"])
+        p.parse_args(["--config", "pretrain-tiny", "--optim.lrr=1"])
     assert "did you mean --optim.lr?" in capsys.readouterr().err
 
 
@@ -126,3 +126,38 @@ def test_adamw_matches_torch_reference_on_one_step():
         o.step()
     for (n, a), b in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("command", ["train", "sft", "grpo"])
+def test_every_training_command_lists_its_keys_and_takes_optim_lr(command, capsys):
+    """One config system: `--help` of each command that trains lists every run config key (its own section
+    included), and `--optim.lr=...` sets the learning rate."""
+    from qiusuo.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    for key in ("--optim.lr", "--train.steps", "--sft.data", "--grpo.group_size", "--balance.gamma"):
+        assert key in text, (command, key)
+    import importlib
+
+    from qiusuo.cli import COMMANDS
+
+    module = importlib.import_module(COMMANDS[command][0])
+    p = argparse.ArgumentParser()
+    module.add_args(p)
+    args = p.parse_args(["--config", "pretrain-tiny", "--optim.lr=1.5e-4"] if command == "train" else ["--optim.lr=1.5e-4"])
+    source = args.config or args.default_config
+    assert load_run_config(source, run.overrides(args)).optim.lr == 1.5e-4
+
+
+def test_aliases_set_their_keys():
+    """The short flags users type are aliases of keys: `qiusuo sft --lr 1e-3 --no-pack --model tiny`."""
+    from qiusuo.rl import sft
+
+    p = argparse.ArgumentParser()
+    sft.add_args(p)
+    cfg = sft.config_from_args(p.parse_args(["--data", "x.jsonl", "--lr", "1e-3", "--no-pack", "--model", "bench",
+                                             "--steps", "7"]))
+    assert (cfg.optim.lr, cfg.sft.pack, cfg.model.preset, cfg.train.steps, cfg.sft.data) == (1e-3, False, "bench", 7, "x.jsonl")
+    assert cfg.optim.weight_decay == 0.0  # the `sft` preset's default, not pretraining's

@@ -29,7 +29,7 @@ def tiny_cfg(data_dir, out_dir, **overrides):
             "data.seq_len": 32, "train.steps": 12, "train.log_every": 1, "schedule.warmup_steps": 3,
             "eval.every": 0, "eval.batches": 2, "eval.sample_tokens": 4, "eval.prompts": ["def "],
             "checkpoint.every": 0, "model.max_position_embeddings": 64}
-    return load_run_config("tiny", {**base, **overrides})
+    return load_run_config("pretrain-tiny", {**base, **overrides})
 
 
 def train_losses(run_dir):
@@ -42,7 +42,7 @@ def test_tiny_run_lowers_val_loss_and_writes_everything(data_dir, tmp_path):
     before = trainer.evaluate()
     summary = trainer.train()
     assert summary["val_loss"] < before.loss - 0.5, (before, summary)
-    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2) / trainer.val_shards.bytes_per_token)
+    assert summary["val_bpb"] == pytest.approx(summary["val_loss"] / math.log(2) / trainer.source.val_shards.bytes_per_token)
     assert summary["val_bpb"] < summary["unigram_bpb"] * 1.5  # sane scale: near the unigram floor after 40 steps
     run = tmp_path / "run"
     for name in ("metrics.jsonl", "run.toml", "loss.png", "lr.png", "throughput.png", "expert_load.png"):
@@ -167,7 +167,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_
 
 def test_missing_data_and_empty_corpus_give_the_data_stage_errors(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="qiusuo prepare"):
-        Trainer(load_run_config("tiny", {"data.dir": str(tmp_path / "nowhere")}))
+        Trainer(load_run_config("pretrain-tiny", {"data.dir": str(tmp_path / "nowhere")}))
     import argparse
 
     from qiusuo import demo

@@ -3,7 +3,7 @@ the same wall-clock budget on the same data, compared by held-out bits per byte 
 
 The dense twin is derived from the MoE config (`dense_twin`), not hand-written: every layer becomes a dense MLP
 whose width makes the active MLP parameters equal (shared + top-k routed experts + router, averaged over the
-layers), with attention, embeddings and head unchanged. So `--moe bench` gets its own twin for free.
+layers), with attention, embeddings and head unchanged. So any MoE size (`--model.preset=bench`) gets its own twin.
 
 Why interleaved: the two runs live in one process and take optimizer steps in turn, each step charged to the
 model that took it, always stepping the one that has spent less time. On a shared machine the load changes
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from qiusuo.config import ModelConfig, count_params
-from qiusuo.data.shards import unigram_bits_per_byte
-from qiusuo.train.config import RunConfig, load_run_config
+from qiusuo.config import ModelConfig
+from qiusuo.model.count import count_params
+from qiusuo.train.config import RunConfig, add_config_args, load_run_config, overrides
 
 
 def dense_twin(cfg: ModelConfig) -> dict:
@@ -66,10 +66,11 @@ class Arm:
         return point
 
 
-def run_config(base: str, overrides: list[str], data_dir: str, out_dir: Path, minutes: float, steps: int | None,
+def run_config(base: str, settings: dict, data_dir: str, out_dir: Path, minutes: float, steps: int | None,
                model_overrides: dict | None = None) -> RunConfig:
-    """The base run config (a preset name or TOML) with the user's overrides, this data, this budget."""
-    cfg = load_run_config(base, overrides)
+    """The base run config (a preset name or TOML) with the user's `--section.key` settings, this data, this
+    budget."""
+    cfg = load_run_config(base, settings)
     cfg.data.dir = data_dir
     cfg.run.out_dir = str(out_dir)
     cfg.run.progress = False
@@ -114,7 +115,7 @@ def compare(moe_cfg: RunConfig, dense_cfg: RunConfig, eval_every_s: float, eval_
     for arm in arms:
         arm.record(None)  # the whole validation split
     t0 = arms[0].trainer
-    result = {"device": str(t0.device), "unigram_bpb": unigram_bits_per_byte(t0.train_shards, t0.val_shards, t0.model_cfg.vocab_size),
+    result = {"device": str(t0.device), "unigram_bpb": t0.unigram_bpb(),
               "budget_seconds": budget if math.isfinite(budget) else None, "max_steps": max_steps}
     for arm in arms:
         t = arm.trainer
@@ -150,40 +151,41 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
-def add_quality_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="demo", help="base run config (preset or TOML) for both models; its model is the MoE")
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.usage = "qiusuo bench quality [--config PRESET_OR_TOML] [--minutes M] [--section.key VALUE ...]"
     p.add_argument("--data", default="runs/data", help="prepared data (`qiusuo prepare`); the default corpus is prepared there if missing")
     p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock budget PER MODEL (the run takes about twice this plus evaluation)")
     p.add_argument("--steps", type=int, default=None, help="also stop each model after this many optimizer steps")
     p.add_argument("--eval-every", type=float, default=30.0, help="charged training seconds between validation points")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches per intermediate point (the final point reads the whole split)")
     p.add_argument("--out", default="runs/quality", help="folder for quality.json and quality.png")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="run config override for both models, repeatable (e.g. --set optim.lr=2e-3)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # the base run config of both models (its model is the MoE) and --section.key VALUE for both (--optim.lr=2e-3)
+    add_config_args(p, "pretrain-demo")
 
 
-def run_quality(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Both arms trained and compared; 2 with a one-line message on stderr for a bad setting or missing data.
+    The settings are checked before any data is prepared."""
     from qiusuo.data.sources import DataError
 
-    out = Path(args.out)
+    out, settings, base = Path(args.out), overrides(args), args.config or args.default_config
     try:
+        moe = run_config(base, settings, args.data, out / "moe", args.minutes, args.steps)
         if not (Path(args.data) / "val" / "manifest.json").is_file():
             from qiusuo.data.prepare import prepare
 
             print(f"preparing the default corpus in {args.data}", file=sys.stderr)
             prepare(args.data, progress=not args.no_progress)
-        overrides = ["--" + o.removeprefix("--") for o in args.overrides]
-        moe = run_config(args.config, overrides, args.data, out / "moe", args.minutes, args.steps)
         vocab = json.loads((Path(args.data) / "train" / "manifest.json").read_text())["vocab_size"]
         twin = dense_twin(moe.model.build(vocab_size=vocab))
-        dense = run_config(args.config, overrides, args.data, out / "dense", args.minutes, args.steps, twin)
+        dense = run_config(base, settings, args.data, out / "dense", args.minutes, args.steps, twin)
         result = compare(moe, dense, args.eval_every, args.eval_batches, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"qiusuo bench quality: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    result["config"] = {"base": args.config, "overrides": args.overrides, "dense_twin": twin}
+    result["config"] = {"base": base, "overrides": settings, "dense_twin": twin}
     (out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     png = plot(result, out / "quality.png")
     print(f"{'model':6} {'active':>9} {'total':>9} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'val bpb':>8}")

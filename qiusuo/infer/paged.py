@@ -1,9 +1,12 @@
-"""Paged latent cache: a pool of fixed-size blocks shared by every request, with a prefix cache.
+"""Paged layer caches: a pool of fixed-size blocks shared by every request, with a prefix cache.
 
-Each layer's cache is one flat tensor `(num_blocks * block_size + 1, C)` (C = kv_lora_rank + qk_rope_head_dim,
-the MLA latent; the last slot is scratch); a sequence owns a block table, token position p lives at slot
-`table[p // bs] * bs + p % bs`. Requests of any length join and leave without copying anybody's cache, and memory
-is bounded by the pool.
+A sequence owns a block table; token position p lives at slot `table[p // bs] * bs + p % bs` of every layer's
+storage. Requests of any length join and leave without copying anybody's cache, and memory is bounded by the
+pool. What a layer stores per slot is its kind's business (`LayerCacheSpec` from `model.cache_specs()`): the
+`latent` kind (MLA) keeps one flat tensor `(num_blocks * block_size + 1, C)`, C = kv_lora_rank +
+qk_rope_head_dim, the last slot scratch. A new attention kind (V3.2's indexer keys, V4's compressed pools) adds a
+class to `LAYER_KINDS` with its storage and its `update`; the pool, the block tables and the scheduler, which see
+only blocks and bytes per token, do not change.
 
 Prefix cache (like vLLM's, with small blocks): a FULL block is named by `hash((parent_hash, its token ids))`,
 so two prompts that agree on their first k blocks share them. Blocks have reference counts; a cached block whose
@@ -11,9 +14,9 @@ count drops to 0 is not wiped but parked in an LRU list, reused by the next prom
 evicted (oldest first) when fresh blocks run out. Blocks are only written while their owner is the only
 reader: a shared block is full, and writes go to positions past the shared prefix.
 
-`PagedBatch` is the view the model sees for one forward pass (the latent cache protocol of
-`qiusuo.model.cache`): it writes the new latents to their slots and gathers every row's context, padded to the
-longest row and masked.
+`PagedBatch` is the view the model sees for one forward pass (the `Cache` protocol of `qiusuo.model.cache`):
+its layer caches write the new entries to their slots and gather every row's context, padded to the longest row
+and masked; `advance` then moves every row's block table on by the tokens it added.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qiusuo.config import ModelConfig
+from qiusuo.model.cache import LayerCacheSpec
+from qiusuo.model.count import specs_bytes_per_token
 
 
 @dataclass
@@ -37,20 +41,44 @@ class BlockTable:
     num_hashed: int = 0  # leading blocks already named (registering is incremental)
 
 
-class BlockPool:
-    """The block pool of all layers: `layers[l]` is (num_blocks * block_size + 1, C)."""
+class PagedLatent:
+    """Layer cache of kind `latent` for one forward pass: writes the new latents (B, T, C) to their slots and
+    returns every row's gathered context (rows, S, C) with the batch's mask."""
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, device=None,
+    @staticmethod
+    def storage(spec: LayerCacheSpec, num_slots: int, device, dtype: torch.dtype) -> torch.Tensor:
+        return torch.zeros(num_slots, spec.width, device=device, dtype=dtype)
+
+    def __init__(self, batch: "PagedBatch", data: torch.Tensor):
+        self.batch, self.data = batch, data  # data (slots, C)
+
+    def update(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, data = self.batch, self.data
+        # index_put_: inductor lowers it to an in-place store (see `layers` in BlockPool)
+        data.index_put_((b.write.reshape(-1),), latent.reshape(-1, latent.shape[-1]).to(data.dtype))
+        rows, S = b.slots.shape
+        return data.index_select(0, b.slots.reshape(-1)).view(rows, S, -1), b.mask  # (rows, S, C)
+
+
+# layer-cache kind (LayerCacheSpec.kind) -> its paged implementation
+LAYER_KINDS = {"latent": PagedLatent}
+
+
+class BlockPool:
+    """The block pool of all layers: `layers[l]` is layer l's storage, built by its kind from `specs[l]`
+    (`latent`: (num_blocks * block_size + 1, C))."""
+
+    def __init__(self, specs: list[LayerCacheSpec], num_blocks: int, block_size: int = 16, device=None,
                  dtype: torch.dtype = torch.float32):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
-        self.block_size, self.num_blocks = block_size, num_blocks
+        self.specs, self.block_size, self.num_blocks = list(specs), block_size, num_blocks
+        self.device, self.dtype = torch.device(device or "cpu"), dtype
         # one extra slot past the blocks: padding rows and positions write there and read it masked out
         self.scratch = num_blocks * block_size
         # one tensor per layer, not views of one (L, slots, C) tensor: a compiled step then writes its new latents
         # in place; through a view, functionalisation copied the whole pool back every step (11 ms of a 12 ms step)
-        self.layers = [torch.zeros(self.scratch + 1, cfg.latent_dim, device=device, dtype=dtype)
-                       for _ in range(cfg.num_hidden_layers)]
+        self.layers = [LAYER_KINDS[s.kind].storage(s, self.scratch + 1, self.device, dtype) for s in self.specs]
         self.refcount = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, oldest first
@@ -61,8 +89,8 @@ class BlockPool:
 
     @property
     def bytes_per_token(self) -> int:
-        """Cache bytes per token over all layers: num_layers x C x element size (= `cfg.cache_bytes_per_token`)."""
-        return len(self.layers) * self.layers[0].shape[1] * self.layers[0].element_size()
+        """Cache bytes per token over all layers, from their specs (= `qiusuo.model.count.cache_bytes_per_token`)."""
+        return specs_bytes_per_token(self.specs, self.dtype.itemsize)
 
     @property
     def used_blocks(self) -> int:
@@ -157,23 +185,24 @@ class BlockPool:
                           dtype=torch.long)  # (rows, nb), -1 = no block
         pos = torch.arange(length)
         b = bt[:, pos // bs]  # (rows, length)
-        return torch.where(b >= 0, b * bs + pos % bs, self.scratch).to(self.layers[0].device)
+        return torch.where(b >= 0, b * bs + pos % bs, self.scratch).to(self.device)
 
 
 class PagedBatch:
-    """The latent-cache protocol over `pool` for one forward pass: row i of `tables` adds `counts[i]` new tokens
-    (its uncached prompt when prefilling, 1 when decoding), right-padded to the longest. Padding positions write
-    to the pool's scratch slot and are masked out, so rows of any lengths prefill together.
+    """The `Cache` protocol over `pool` for one forward pass: row i of `tables` adds `counts[i]` new tokens (its
+    uncached prompt when prefilling, 1 when decoding), right-padded to the longest. Padding positions write to the
+    pool's scratch slot and are masked out, so rows of any lengths prefill together.
 
     `rows` and `length` pad the batch to fixed shapes (extra rows of scratch slots, context gathered up to
-    `length` positions), which is what a compiled decoding step needs to run again without recompiling.
-    The tables' `num_cached` are advanced by the engine after the forward pass: `advance` is a no-op, so the
-    forward has no Python side effects to trace."""
+    `length` positions), which is what a compiled decoding step needs to run again without recompiling. Every
+    tensor is built here, before the forward pass, and `advance` (called by the model after it, outside any
+    compiled graph) only moves the tables' `num_cached` on: the forward itself has no Python side effects."""
 
     def __init__(self, pool: BlockPool, tables: list[BlockTable], counts: list[int] | int, rows: int | None = None,
                  length: int | None = None):
-        device = pool.layers[0].device
+        device = pool.device
         counts = [counts] * len(tables) if isinstance(counts, int) else list(counts)
+        self.tables, self.counts = tables, counts
         rows = rows or len(tables)
         self.T = T = max(counts)
         starts = [t.num_cached for t in tables] + [0] * (rows - len(tables))
@@ -184,7 +213,6 @@ class PagedBatch:
         self.slots = pool.slots(tables, self.S, rows)  # (rows, S) read
         real = torch.arange(T, device=device)[None, :] < n[:, None]  # (rows, T) not padding
         self.write = torch.where(real, self.slots.gather(1, self._positions.clamp_max(self.S - 1)), pool.scratch)
-        self.layers = pool.layers
         equal = len(set(starts)) == 1 and len(set(counts)) == 1 and rows == len(tables)
         if T == 1 and equal and length is None:
             self.mask = None  # one new token per row, equal lengths: every gathered slot is attended
@@ -193,16 +221,15 @@ class PagedBatch:
             # softmax. Padding queries of a real row read stale slots of its own blocks: finite, and discarded
             s = torch.arange(self.S, device=device)[None, None, :]  # (1, 1, S)
             self.mask = (s <= self._positions[:, :, None])[:, None]  # (rows, 1, T, S)
+        self._layers = [LAYER_KINDS[spec.kind](self, data) for spec, data in zip(pool.specs, pool.layers)]
 
     def positions(self, T: int) -> torch.Tensor:
         return self._positions
 
-    def update(self, layer: int, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        data = self.layers[layer]  # (slots, C)
-        # index_put_: inductor lowers it to an in-place store (see `layers` in BlockPool)
-        data.index_put_((self.write.reshape(-1),), latent.reshape(-1, latent.shape[-1]).to(data.dtype))
-        rows, S = self.slots.shape
-        return data.index_select(0, self.slots.reshape(-1)).view(rows, S, -1), self.mask  # (rows, S, C)
+    def layer(self, i: int):
+        return self._layers[i]
 
     def advance(self, T: int) -> None:
-        pass
+        """Each row's table now holds its own count of new tokens (T is the padded width)."""
+        for table, n in zip(self.tables, self.counts):
+            table.num_cached += n
