@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from qiusuo.infer.engine import Delta, Engine, Usage
 from qiusuo.infer.load import add_engine_args, engine_from_args
-from qiusuo.infer.output import ThinkSplitter
+from qiusuo.infer.output import Completion, ThinkSplitter
+from qiusuo.infer.output import completions as join_deltas
 from qiusuo.infer.sampling import SamplingParams
 
 
@@ -125,16 +126,16 @@ class ServerState:
         finally:
             self.inflight -= 1
 
-    async def collect(self, engine: Engine, ids: list[int], params: SamplingParams):
-        """A whole request: each sample's Deltas (by index) and the Usage."""
-        pieces: dict[int, list[Delta]] = {i: [] for i in range(params.n)}
+    async def collect(self, engine: Engine, ids: list[int], params: SamplingParams) -> tuple[list[Completion], Usage]:
+        """A whole request: each sample's `Completion` (joined as `Engine.generate` joins them) and the Usage."""
+        pieces: dict[int, list[Delta]] = {}
         usage = None
         async for d in self.run(engine, ids, params):
             if isinstance(d, Usage):
                 usage = d
             else:
-                pieces[d.index].append(d)
-        return pieces, usage
+                pieces.setdefault(d.index, []).append(d)
+        return join_deltas(pieces), usage
 
 
 def create_app(engine: Engine | None, model_name: str, api_key: str | None = None, max_concurrency: int = 32,
@@ -243,12 +244,6 @@ def _usage(u: Usage) -> dict:
             "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
 
 
-def _joined(ds: list[Delta]) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
-    """A sample's tokens, logprobs and top logprobs over all its Deltas."""
-    return ([t for d in ds for t in d.token_ids], [x for d in ds for x in d.logprobs],
-            [x for d in ds for x in d.top_logprobs])
-
-
 def _tok_str(engine: Engine, t: int) -> str:
     return engine.tokenizer.decode([t])
 
@@ -296,12 +291,12 @@ async def completions(request: Request):
             "model": st.model_name}
     if req.stream:
         return StreamingResponse(_completion_events(st, engine, ids, params, head), media_type="text/event-stream")
-    pieces, usage = await st.collect(engine, ids, params)
+    outs, usage = await st.collect(engine, ids, params)
     choices = []
-    for i, ds in pieces.items():
-        lp = _completion_logprobs(engine, *_joined(ds), 0) if params.logprobs is not None else None
-        choices.append({"index": i, "text": "".join(d.text for d in ds), "logprobs": lp,
-                        "finish_reason": ds[-1].finish_reason if ds else None})
+    for c in outs:
+        lp = (_completion_logprobs(engine, c.token_ids, c.logprobs or [], c.top_logprobs or [], 0)
+              if params.logprobs is not None else None)
+        choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
     st.http["ok"] += 1
     return {**head, "choices": choices, "usage": _usage(usage)}
 
@@ -339,16 +334,16 @@ async def chat_completions(request: Request):
             "model": st.model_name}
     if req.stream:
         return StreamingResponse(_chat_events(st, engine, ids, params, head, thinking), media_type="text/event-stream")
-    pieces, usage = await st.collect(engine, ids, params)
+    outs, usage = await st.collect(engine, ids, params)
     choices = []
-    for i, ds in pieces.items():
-        reasoning, content = ThinkSplitter(thinking).feed("".join(d.text for d in ds), final=True)
+    for c in outs:
+        reasoning, content = ThinkSplitter(thinking).feed(c.text, final=True)
         msg = {"role": "assistant", "content": content}
         if reasoning:
             msg["reasoning_content"] = reasoning
-        lp = {"content": _chat_logprobs(engine, *_joined(ds))} if params.logprobs is not None else None
-        choices.append({"index": i, "message": msg, "logprobs": lp,
-                        "finish_reason": ds[-1].finish_reason if ds else None})
+        lp = ({"content": _chat_logprobs(engine, c.token_ids, c.logprobs or [], c.top_logprobs or [])}
+              if params.logprobs is not None else None)
+        choices.append({"index": c.index, "message": msg, "logprobs": lp, "finish_reason": c.finish_reason})
     st.http["ok"] += 1
     return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(usage)}
 

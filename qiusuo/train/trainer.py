@@ -377,6 +377,9 @@ class _Window:
     """Steps since the last log line: their count and wall time (tokens/s), and their routing loads and MaxVio."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
         self.t, self.steps, self.load, self.vio = time.perf_counter(), 0, None, []
 
     def add(self, m: dict) -> None:
@@ -391,5 +394,5 @@ class _Window:
         tps = self.steps * tokens_per_step / max(now - self.t, 1e-9)
         vio = torch.tensor(self.vio).mean(0).tolist() if self.vio else []
         load = self.load.tolist() if self.load is not None else []
-        self.__init__()
+        self.reset()
         return tps, vio, load
