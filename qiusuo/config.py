@@ -1,7 +1,9 @@
 """Model configuration: one dataclass with the Hugging Face DeepSeek field names, and the registry of named sizes.
 
-Field names are exactly those of `config.json` in DeepSeek-V2/V3 checkpoints so that a real config loads as is
-(`ModelConfig.from_hf`). Every size the project talks about lives in `PRESETS`; code never branches on a width.
+Field names are exactly those of `config.json` in DeepSeek-V2/V3/V4 checkpoints so that a real config loads as is
+(`ModelConfig.from_hf`, which also folds V4's older spellings into the current ones: `compress_ratios`,
+`compress_rate_csa`/`_hca`, `num_hash_layers`, nested `rope_parameters`, `partial_rotary_factor`). Every size the
+project talks about lives in `PRESETS`; code never branches on a width.
 A leaf: it imports nothing of the model (parameter and cache-bytes counting live in `qiusuo.model.count`).
 """
 
@@ -13,7 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v4")
+# DeepSeek-V4's per-layer kinds, in transformers' names (`layer_types`, `mlp_layer_types`)
+SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
+V4_ATTENTION_KINDS = (SLIDING, CSA, HCA)
+V4_MLP_KINDS = ("hash_moe", "moe")
 
 
 @dataclass
@@ -57,13 +64,40 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    swiglu_limit: float | None = None  # clamp SwiGLU's gate (above) and up (both sides) pre-activations; V4: 10
+    # ---- DeepSeek-V4 only (model_type "deepseek_v4"); defaults are transformers' (the V4-Flash shapes)
+    head_dim: int = 512  # width of the one shared key = value head; rotary on its last qk_rope_head_dim dims
+    sliding_window: int = 128  # every V4 layer attends to the last `sliding_window` tokens (itself included)
+    layer_types: list[str] | None = None  # per layer: one of V4_ATTENTION_KINDS (None: V4-Pro's default schedule)
+    compress_rates: dict | None = None  # {CSA: m, HCA: m'}; default {CSA: 4, HCA: 128}
+    compress_rope_theta: float = 160000.0  # rotary base of CSA/HCA layers (they alone get `rope_scaling`)
+    mlp_layer_types: list[str] | None = None  # per layer: "hash_moe" (tid2eid table) or "moe"; None: 3 hash layers
+    hc_mult: int = 4  # mHC: residual streams per token
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    o_groups: int = 8  # grouped low-rank output projection: head groups
+    o_lora_rank: int = 1024  # ... and each group's intermediate width
+    index_n_heads: int = 64  # lightning indexer (CSA layers)
+    index_head_dim: int = 128
+    index_topk: int = 512  # compressed entries each query keeps
 
     def __post_init__(self) -> None:
-        v3 = self.model_type == "deepseek_v3"
+        v3 = self.model_type in ("deepseek_v3", "deepseek_v4")
         if self.topk_method is None:
             self.topk_method = "noaux_tc" if v3 else "greedy"
         if self.scoring_func is None:
-            self.scoring_func = "sigmoid" if v3 else "softmax"
+            self.scoring_func = {"deepseek_v4": "sqrtsoftplus", "deepseek_v3": "sigmoid"}.get(self.model_type, "softmax")
+        if self.is_v4:
+            n = self.num_hidden_layers
+            if self.compress_rates is None:
+                self.compress_rates = {CSA: 4, HCA: 128}
+            if self.layer_types is None:  # transformers' default: V4-Pro's 2 HCA layers, then CSA/HCA alternating
+                self.layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
+            if self.mlp_layer_types is None:
+                self.mlp_layer_types = ["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)
+            self.layer_types, self.mlp_layer_types = list(self.layer_types), list(self.mlp_layer_types)
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = 1
         if self.q_lora_rank == 0:
             self.q_lora_rank = None
         if self.n_routed_experts == 0:
@@ -71,6 +105,14 @@ class ModelConfig:
         self.validate()
 
     # ---------------------------------------------------------------- derived sizes
+    @property
+    def is_v4(self) -> bool:
+        return self.model_type == "deepseek_v4"
+
+    def compress_rate(self, kind: str) -> int:
+        """Tokens pooled into one compressed entry by a V4 layer of `kind` (CSA or HCA)."""
+        return int(self.compress_rates[kind])
+
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
@@ -81,7 +123,7 @@ class ModelConfig:
 
     def is_moe_layer(self, i: int) -> bool:
         """Layer i (0-based) uses MoE; MTP blocks (i >= num_hidden_layers) follow the same rule."""
-        return self.is_moe and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+        return self.is_moe and (self.is_v4 or i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0)
 
     @property
     def latent_dim(self) -> int:
@@ -112,8 +154,8 @@ class ModelConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: {why}")
 
-        if self.model_type not in ("deepseek_v2", "deepseek_v3"):
-            raise bad("model_type", "unsupported; use 'deepseek_v2' or 'deepseek_v3'")
+        if self.model_type not in MODEL_TYPES:
+            raise bad("model_type", f"unsupported; use one of {MODEL_TYPES}")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -142,6 +184,10 @@ class ModelConfig:
                 raise bad("rope_scaling", "yarn needs a positive 'factor'")
         if self.intermediate_size <= 0 and self.first_k_dense_replace > 0:
             raise bad("intermediate_size", "must be positive when there are dense layers")
+        if self.swiglu_limit is not None and not self.swiglu_limit > 0:
+            raise bad("swiglu_limit", "must be positive, or None for no clamp")
+        if self.is_v4:
+            self._validate_v4(bad)
         if not self.is_moe:
             return
         e = self.n_routed_experts
@@ -173,6 +219,42 @@ class ModelConfig:
             if self.topk_method == "noaux_tc" and e // g < 2:
                 raise bad("n_group", "noaux_tc ranks groups by their top-2 scores: each group needs >= 2 experts")
 
+    def _validate_v4(self, bad) -> None:
+        n, P = self.num_hidden_layers, self.qk_rope_head_dim
+        for name in ("head_dim", "sliding_window", "hc_mult", "hc_sinkhorn_iters", "o_groups", "o_lora_rank",
+                     "index_n_heads", "index_head_dim", "index_topk"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise bad(name, "must be a positive integer")
+        if not self.q_lora_rank:
+            raise bad("q_lora_rank", "DeepSeek-V4 needs a query LoRA rank (its indexer reads the query latent)")
+        if self.num_key_value_heads not in (None, 1):
+            raise bad("num_key_value_heads", "DeepSeek-V4 attention has one shared key/value head: use 1")
+        for name, width in (("head_dim", self.head_dim), ("index_head_dim", self.index_head_dim)):
+            if width < P or width % 2:
+                raise bad(name, f"must be even and >= qk_rope_head_dim={P} (rotary runs on its last {P} dims)")
+        if (self.num_attention_heads * self.head_dim) % self.o_groups or self.num_attention_heads % self.o_groups:
+            raise bad("o_groups", f"must divide num_attention_heads={self.num_attention_heads}")
+        if not self.is_moe:
+            raise bad("n_routed_experts", "DeepSeek-V4's every layer is MoE: set a positive expert count")
+        if self.first_k_dense_replace:
+            raise bad("first_k_dense_replace", "DeepSeek-V4 has no dense layers: use 0")
+        if self.n_group not in (None, 1) or self.topk_group not in (None, 1):
+            raise bad("n_group", "DeepSeek-V4 routes without expert groups: use n_group = topk_group = 1")
+        if not isinstance(self.compress_rates, dict) or set(self.compress_rates) - {CSA, HCA}:
+            raise bad("compress_rates", f"must map {CSA!r} and {HCA!r} to a compression rate")
+        for kind in (CSA, HCA):
+            r = self.compress_rates.get(kind)
+            if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+                raise bad("compress_rates", f"the rate of {kind!r} must be a positive integer, got {r!r}")
+        for name, allowed in (("layer_types", V4_ATTENTION_KINDS), ("mlp_layer_types", V4_MLP_KINDS)):
+            kinds = getattr(self, name)
+            if len(kinds) != n:
+                raise bad(name, f"has {len(kinds)} entries; num_hidden_layers={n} needs one per layer")
+            for i, k in enumerate(kinds):
+                if k not in allowed:
+                    raise bad(name, f"entry {i} is {k!r}; each must be one of {allowed}")
+
     # ---------------------------------------------------------------- Hugging Face config.json
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
@@ -181,8 +263,10 @@ class ModelConfig:
         ignored; unknown `model_type`s raise."""
         d = dict(d)
         mt = d.get("model_type", "deepseek_v3")
-        if mt not in ("deepseek_v2", "deepseek_v3"):
-            raise ValueError(f"config.json model_type={mt!r} is not supported; qiusuo loads 'deepseek_v2' and 'deepseek_v3'")
+        if mt not in MODEL_TYPES:
+            raise ValueError(f"config.json model_type={mt!r} is not supported; qiusuo loads {', '.join(MODEL_TYPES)}")
+        if mt == "deepseek_v4":
+            d = _v4_hf_fields(d)
         rp = d.pop("rope_parameters", None)
         if rp:
             rp = dict(rp)
@@ -212,14 +296,83 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The hub form of `config.json` (what DeepSeek ships), loadable by transformers 5 as well."""
-        d = dataclasses.asdict(self)
+        if self.is_v4:
+            return self._v4_to_hf()
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in V4_ONLY}
         d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
         d["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
         d["n_routed_experts"] = self.n_routed_experts
         return d
 
+    def _v4_to_hf(self) -> dict[str, Any]:
+        keys = ("vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "head_dim", "q_lora_rank", "qk_rope_head_dim", "n_routed_experts", "n_shared_experts",
+                "num_experts_per_tok", "scoring_func", "norm_topk_prob", "routed_scaling_factor", "rms_norm_eps",
+                "rope_theta", "rope_scaling", "compress_rope_theta", "max_position_embeddings", "tie_word_embeddings",
+                "num_nextn_predict_layers", "hidden_act", "initializer_range", "bos_token_id", "eos_token_id",
+                "pad_token_id", "swiglu_limit", "sliding_window", "layer_types", "compress_rates", "mlp_layer_types",
+                "hc_mult", "hc_sinkhorn_iters", "hc_eps", "o_groups", "o_lora_rank", "index_n_heads",
+                "index_head_dim", "index_topk")
+        d = {k: getattr(self, k) for k in keys}
+        d.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], num_key_value_heads=1,
+                 partial_rotary_factor=self.qk_rope_head_dim / self.head_dim)
+        return d
+
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+# fields only V4 reads: a V2/V3 config.json leaves them out (transformers' V3 would take `head_dim` as its own)
+V4_ONLY = ("head_dim", "sliding_window", "layer_types", "compress_rates", "compress_rope_theta", "mlp_layer_types",
+           "hc_mult", "hc_sinkhorn_iters", "hc_eps", "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim",
+           "index_topk", "swiglu_limit")
+_COMPRESS_RATIO_KEYS = {"compress_rate_csa": CSA, "compress_rate_hca": HCA}
+
+
+def _v4_hf_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """A DeepSeek-V4 `config.json` in any published spelling -> our field names (a new dict). transformers'
+    defaults fill what is absent (`DeepseekV4Config`)."""
+    d = {"swiglu_limit": 10.0, "routed_scaling_factor": 1.5, "norm_topk_prob": True, "num_nextn_predict_layers": 1,
+         "q_lora_rank": 1024, "hidden_size": 4096, "num_hidden_layers": 43, "num_attention_heads": 64,
+         "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 6,
+         "vocab_size": 129280, "max_position_embeddings": 1048576, "bos_token_id": 0, "eos_token_id": 1, **d}
+    d.update(first_k_dense_replace=0, n_group=1, topk_group=1, topk_method="noaux_tc")
+    n = d["num_hidden_layers"]
+    rates = dict(d.get("compress_rates") or {CSA: 4, HCA: 128})
+    for key, kind in _COMPRESS_RATIO_KEYS.items():
+        if d.get(key) is not None:
+            rates[kind] = d[key]
+    d["compress_rates"] = rates
+    ratios = d.get("compress_ratios")
+    if d.get("layer_types") is None and ratios is not None:
+        if not isinstance(ratios, list) or len(ratios) not in (n, n + int(d["num_nextn_predict_layers"] or 0)):
+            raise ValueError(f"config.json compress_ratios has {len(ratios) if isinstance(ratios, list) else ratios!r}"
+                             f" entries; num_hidden_layers={n} needs one per layer (plus one per MTP layer)")
+        by_rate = {0: SLIDING, 1: SLIDING, rates[CSA]: CSA, rates[HCA]: HCA}
+        bad = [r for r in ratios[:n] if r not in by_rate]
+        if bad:
+            raise ValueError(f"config.json compress_ratios holds {bad[0]!r}: each must be 0 (sliding window only), "
+                             f"{rates[CSA]} (compress_rate_csa) or {rates[HCA]} (compress_rate_hca)")
+        d["layer_types"] = [by_rate[r] for r in ratios[:n]]
+    if d.get("mlp_layer_types") is None and d.get("num_hash_layers") is not None:
+        h = d["num_hash_layers"]
+        d["mlp_layer_types"] = ["hash_moe"] * min(n, h) + ["moe"] * max(0, n - h)
+    if d.get("qk_rope_head_dim") is None:
+        d["qk_rope_head_dim"] = int(d.get("head_dim", 512) * (d.get("partial_rotary_factor") or 64 / 512))
+    rp = d.get("rope_parameters")
+    if isinstance(rp, dict) and isinstance(rp.get("main"), dict):  # transformers 5: {"main": ..., "compress": ...}
+        d["rope_theta"] = rp["main"].get("rope_theta", d.get("rope_theta", 10000.0))
+        d["compress_rope_parameters"] = rp.get("compress") or {}
+        d.pop("rope_parameters")
+    crp = d.pop("compress_rope_parameters", None)
+    if isinstance(crp, dict):
+        crp = dict(crp)
+        d["compress_rope_theta"] = crp.pop("rope_theta", d.get("compress_rope_theta", 160000.0))
+        crp.pop("partial_rotary_factor", None)
+        crp.pop("attention_factor", None)  # V4 always uses 1 (`rotaries`); transformers writes it out
+        if crp.get("rope_type", crp.get("type", "default")) != "default":
+            d["rope_scaling"] = crp
+    return d
 
 
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
@@ -239,6 +392,28 @@ _V3 = dict(
     rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
                   "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
     bos_token_id=0, eos_token_id=1,
+)
+
+# V4-Flash's config.json (284B total, 13B active): its compress_ratios are 0, 0, (4, 128) x 20, 4 (+ 0 for MTP)
+_V4_FLASH = dict(
+    model_type="deepseek_v4", vocab_size=129280, hidden_size=4096, moe_intermediate_size=2048, num_hidden_layers=43,
+    num_attention_heads=64, num_key_value_heads=1, head_dim=512, qk_rope_head_dim=64, q_lora_rank=1024,
+    n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=6, n_group=1, topk_group=1, topk_method="noaux_tc",
+    first_k_dense_replace=0, scoring_func="sqrtsoftplus", norm_topk_prob=True, routed_scaling_factor=1.5,
+    swiglu_limit=10.0, sliding_window=128, o_groups=8, o_lora_rank=1024, index_n_heads=64, index_head_dim=128,
+    index_topk=512, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6, rope_theta=10000.0,
+    compress_rope_theta=160000.0, compress_rates={CSA: 4, HCA: 128},
+    layer_types=[SLIDING, SLIDING] + [CSA, HCA] * 20 + [CSA], mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 40,
+    rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
+                  "beta_slow": 1},
+    max_position_embeddings=1048576, num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
+)
+
+# V4-Pro's (1.6T total, 49B active): compress_ratios 128, 128, (4, 128) x 29, 4 (+ 0 for MTP)
+_V4_PRO = dict(
+    _V4_FLASH, hidden_size=7168, moe_intermediate_size=3072, num_hidden_layers=61, num_attention_heads=128,
+    q_lora_rank=1536, n_routed_experts=384, routed_scaling_factor=2.5, o_groups=16, index_topk=1024,
+    layer_types=[HCA, HCA] + [CSA, HCA] * 29 + [CSA], mlp_layer_types=["hash_moe"] * 3 + ["moe"] * 58,
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -276,6 +451,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=100000, eos_token_id=100001,
     ),
     "deepseek-v3": _V3,
+    # DeepSeek-V4 at test size: every attention kind, a hash layer, mHC with 2 streams, MTP
+    "v4-tiny": dict(
+        model_type="deepseek_v4", vocab_size=512, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0,
+        routed_scaling_factor=1.5, swiglu_limit=10.0, sliding_window=16, o_groups=2, o_lora_rank=16,
+        index_n_heads=4, index_head_dim=16, index_topk=4, hc_mult=2, layer_types=[SLIDING, CSA, HCA, CSA],
+        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], compress_rates={CSA: 4, HCA: 16},
+        max_position_embeddings=512, num_nextn_predict_layers=1),
+    "deepseek-v4-flash": _V4_FLASH,
+    "deepseek-v4-pro": _V4_PRO,
 }
 
 

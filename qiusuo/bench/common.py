@@ -1,7 +1,7 @@
 """What every benchmark shares: its flags (device, dtype, threads, model), the model it measures, the
 transformers twin it is measured against, and the small tokenizer the serving benchmarks detokenise with.
 
-The twin is `transformers`' own `DeepseekV3ForCausalLM`/`DeepseekV2ForCausalLM` with the same config and the same
+The twin is `transformers`' own `DeepseekV4/V3/V2ForCausalLM` with the same config and the same
 weights (through our HF export), so each figure is a ratio against a reference measured in the same run.
 """
 
@@ -88,13 +88,14 @@ def transformers_twin(model: torch.nn.Module, dtype: torch.dtype = torch.float32
     from qiusuo.hf.save import save_hf
 
     device = next(model.parameters()).device
+    impl = "eager" if model.cfg.is_v4 else "sdpa"  # transformers' V4 is eager-only (its attention sinks)
     try:
         with tempfile.TemporaryDirectory() as d:
             save_hf(model, d, progress=False)
-            twin = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa")
+            twin = AutoModelForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation=impl)
         return twin.to(device), "same weights"
     except Exception as e:  # noqa: BLE001 - the reference must not sink the benchmark
         hf = model.cfg.to_hf()
         conf = AutoConfig.for_model(hf.pop("model_type"), **hf)
-        twin = AutoModelForCausalLM.from_config(conf, dtype=dtype, attn_implementation="sdpa").eval()
+        twin = AutoModelForCausalLM.from_config(conf, dtype=dtype, attn_implementation=impl).eval()
         return twin.to(device), f"random weights ({type(e).__name__}: {e})"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from qiusuo.hf.fp8 import SCALE_FORMATS
 from qiusuo.hf.save import DEFAULT_SHARD_BYTES
 from qiusuo.io import CheckpointError
 
@@ -31,8 +32,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("dst", help="output folder (Hugging Face layout; replaced atomically if it exists)")
     p.add_argument("--dtype", default=None, help="dtype of the written weights: float32, bfloat16, float16 "
                                                  "(default: config.json's torch_dtype)")
-    p.add_argument("--fp8", action="store_true", help="store projection matrices as float8_e4m3fn with a "
-                                                      "weight_scale_inv per 128x128 block (DeepSeek-V3's format)")
+    p.add_argument("--fp8", action="store_true", help="store projection matrices as float8_e4m3fn with a scale "
+                                                      "per 128x128 block (DeepSeek-V3's and V4's format)")
+    p.add_argument("--fp4-experts", action="store_true", help="with --fp8, a DeepSeek-V4 model's routed experts as "
+                                                              "FP4 (two e2m1 values per byte, a scale per 32 inputs), "
+                                                              "as DeepSeek-V4-Flash ships them")
+    p.add_argument("--scale-fmt", choices=SCALE_FORMATS, default=None,
+                   help="FP8/FP4 scales: float32 ('float') or powers of two ('ue8m0') (default: V2/V3 float, V4 ue8m0)")
     p.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30,
                    help="start a new safetensors shard above this size (GiB)")
     p.add_argument("--no-mtp", action="store_true", help="drop the multi-token-prediction layers")
@@ -47,6 +53,7 @@ def main(args: argparse.Namespace) -> int:
     model = load_model(src, dtype=args.dtype, load_mtp=not args.no_mtp, progress=not args.no_progress)
     tokenizer = load_tokenizer(src) if (src / "tokenizer.json").is_file() else None
     out = save_hf(model, args.dst, tokenizer=tokenizer, fp8=args.fp8, max_shard_bytes=int(args.max_shard_gb * 2**30),
-                  progress=not args.no_progress)
-    print(f"wrote {out} from {src}" + (" (FP8 blocks)" if args.fp8 else ""))
+                  progress=not args.no_progress, fp4_experts=args.fp4_experts, scale_fmt=args.scale_fmt)
+    quant = " (FP8 blocks" + (", FP4 experts" if args.fp4_experts else "") + ")" if args.fp8 else ""
+    print(f"wrote {out} from {src}{quant}")
     return 0

@@ -1,10 +1,17 @@
-"""Load a Hugging Face DeepSeek-V2/V3 folder into a `Transformer`, streaming tensor by tensor.
+"""Load a Hugging Face DeepSeek-V2/V3/V4 folder into a `Transformer`, streaming tensor by tensor.
 
 Order of work, so that bad input fails before any memory is committed and nothing is ever half-loaded:
 1. read `config.json` and every safetensors header (shapes, dtypes, offsets; nothing else);
-2. build the model on the `meta` device and check the checkpoint's names and shapes against it, all of them;
-3. allocate the parameters once (`to_empty`) and read each tensor straight into its slot (FP8 blocks are
-   dequantised 128 rows at a time). Peak memory is the model plus the largest single tensor.
+2. build the model on the `meta` device, find the spelling the checkpoint's names are in (`checkpoint_layouts`)
+   and check every name, shape, dtype and quantisation scale against the model;
+3. allocate the parameters once (`to_empty`) and read each tensor straight into its slot. Quantised weights (FP8
+   with 128x128 block scales, FP4 experts with a scale per 32 inputs) are read whole, 1 or 0.5 bytes per value,
+   and dequantised 128 rows at a time. Peak memory is the model plus the largest single tensor as stored
+   (measured in tests/hf/test_memory.py and tests/hf/test_v4_checkpoints.py).
+
+What is quantised is read from the tensors themselves (an e4m3 weight, an int8 one where the model has floats)
+and their scales, not from config.json's `quantization_config` (`scale_fmt`, `expert_dtype`), which `qiusuo
+inspect` reports: float32, float8_e8m0fnu and uint8 (e8m0 bytes) scales all decode by value (`fp8.decode_scale`).
 """
 
 from __future__ import annotations
@@ -12,27 +19,27 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from qiusuo.config import ModelConfig
+from qiusuo.hf.fp4 import GROUP, dequantize_fp4_
 from qiusuo.hf.fp8 import BLOCK, dequantize_blocks_, scale_shape
-from qiusuo.hf.names import Slot, hf_layout
+from qiusuo.hf.names import Slot, checkpoint_layouts
 from qiusuo.hf.st import Entry, read_header, read_into, read_tensor
 from qiusuo.io import CheckpointError
-from qiusuo.model.rope import Rotary, rope_frequencies
+from qiusuo.model.rope import rotaries
 from qiusuo.model.transformer import Transformer
 
 log = logging.getLogger("qiusuo.hf")
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -101,114 +108,185 @@ def default_dtype(raw: dict, entries: dict[str, Entry]) -> torch.dtype:
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
-def _layer_index(name: str) -> int | None:
-    m = _LAYER.match(name)
-    return int(m.group(1)) if m else None
+class Plan(NamedTuple):
+    """What `load_model` reads, all checked: the config (MTP dropped when skipped), the model on the meta device
+    (parameters in `dtype`), the checkpoint's spelling `form` and its layout (name -> Slot), the weights to read
+    and the scales of the quantised ones (weight name -> scale entry), and the FP8 block size."""
+
+    cfg: ModelConfig
+    model: Transformer
+    form: str
+    layout: dict[str, Slot]
+    weights: dict[str, Entry]
+    scales: dict[str, Entry]
+    dtype: torch.dtype
+    block: int
 
 
-def plan(path: str | Path, dtype=None, load_mtp: bool = True):
-    """Everything `load_model` checks before allocating: returns (cfg, meta model, layout, weights, scales, dtype,
-    block). `weights` maps hub names to entries; `scales` maps an FP8 weight's name to its `weight_scale_inv`."""
+def _meta_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return model.cast(dtype)  # V4's mHC maps, sinks and position biases stay fp32, as DeepSeek stores them
+
+
+def scaled_weight(name: str, names) -> str | None:
+    """The weight that tensor `name` scales, if it is a quantisation scale: `<weight>_scale_inv` (V3, transformers)
+    or `<module>.scale` when `<module>.weight` is among `names` (the V4 hub's; our own `attn_hc.scale` has none)."""
+    if name.endswith(".weight_scale_inv"):
+        return name.removesuffix("_scale_inv")
+    weight = name.removesuffix("scale") + "weight"
+    return weight if name.endswith(".scale") and weight in names else None
+
+
+def plan(path: str | Path, dtype=None, load_mtp: bool = True) -> Plan:
+    """Everything `load_model` checks before allocating, from config.json and the safetensors headers alone."""
     path = Path(path)
     cfg, raw = read_config(path)
     entries = read_entries(path)
-    scales = {n.removesuffix("_scale_inv"): e for n, e in entries.items() if n.endswith("weight_scale_inv")}
-    weights = {n: e for n, e in entries.items() if not n.endswith("weight_scale_inv")}
-    L, D = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
-    mtp_names = [n for n in weights if (i := _layer_index(n)) is not None and L <= i < L + D]
-    if D and not load_mtp:
-        log.info("%s: skipping %d MTP layer(s) (%d tensors): load_mtp=False", path, D, len(mtp_names))
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-    elif D and not mtp_names:
-        log.info("%s: config.json declares %d MTP layer(s) but the checkpoint has no weights for them; "
-                 "loading without MTP", path, D)
-        cfg = cfg.replace(num_nextn_predict_layers=0)
-    if cfg.num_nextn_predict_layers == 0:
-        for n in mtp_names:
-            weights.pop(n)
-            scales.pop(n, None)
-
-    qc = raw.get("quantization_config") or {}
-    block = BLOCK
-    if qc.get("weight_block_size"):
-        br, bc = qc["weight_block_size"]
-        if br != bc:
-            raise CheckpointError(f"{path / 'config.json'}: weight_block_size {qc['weight_block_size']} is not "
-                                  f"square; only square FP8 blocks are supported")
-        block = int(br)
     dtype = parse_dtype(dtype) or default_dtype(raw, entries)
+    block = _block_size(raw, path)
+    model = _meta_model(cfg, dtype)
+    forms = checkpoint_layouts(model)
+    form = max(forms, key=lambda f: len(forms[f].keys() & entries.keys()))
+    layout = forms[form]
+    scales = {w: e for n, e in entries.items() if (w := scaled_weight(n, layout))}  # weight name -> its scale
+    weights = {n: e for n, e in entries.items() if not scaled_weight(n, layout)}
+    if D := cfg.num_nextn_predict_layers:
+        base = _meta_model(cfg.replace(num_nextn_predict_layers=0), dtype)
+        base_layout = checkpoint_layouts(base)[form]
+        mtp_names = [n for n in weights if n in layout and n not in base_layout]
+        if not load_mtp and mtp_names:
+            log.info("%s: skipping %d MTP layer(s) (%d tensors): load_mtp=False", path, D, len(mtp_names))
+        elif not mtp_names:
+            log.info("%s: config.json declares %d MTP layer(s) but the checkpoint has no weights for them; "
+                     "loading without MTP", path, D)
+        if not load_mtp or not mtp_names:
+            cfg, model, layout = base.cfg, base, base_layout
+            for n in mtp_names:
+                weights.pop(n)
+                scales.pop(n, None)
+    _check(path, model, form, layout, weights, scales, block)
+    return Plan(cfg, model, form, layout, weights, scales, dtype, block)
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    # parameters in the target dtype; buffers (rotary frequencies, routing bias) stay float32
-    model._apply(lambda t: t.to(dtype) if isinstance(t, nn.Parameter) else t)
-    meta_sd = model.state_dict()
-    if "embed_tokens.weight" in weights and "model.embed_tokens.weight" not in weights:
-        # qiusuo's own names (what `model.state_dict()` saves, e.g. a training checkpoint): identity mapping
-        layout = {k: Slot(k, copy=k == "lm_head.weight" and cfg.tie_word_embeddings) for k in meta_sd}
-    else:
-        layout = hf_layout(model)
-    arch = "DeepseekV3ForCausalLM" if cfg.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
+
+def _block_size(raw: dict, path: Path) -> int:
+    """The FP8 block edge from `quantization_config.weight_block_size` (default 128)."""
+    qc = raw.get("quantization_config") or {}
+    if not qc.get("weight_block_size"):
+        return BLOCK
+    br, bc = qc["weight_block_size"]
+    if br != bc:
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config.weight_block_size "
+                              f"{qc['weight_block_size']} is not square; only square FP8 blocks are supported")
+    return int(br)
+
+
+def _check(path: Path, model: Transformer, form: str, layout: dict[str, Slot], weights: dict[str, Entry],
+           scales: dict[str, Entry], block: int) -> None:
+    """Every name, shape, dtype and scale against the model, raising `CheckpointError` at the first problem."""
+    cfg, meta = model.cfg, model.state_dict()
+    arch = model.cfg.to_hf()["architectures"][0]
     for name, e in weights.items():
         if name not in layout:
             raise CheckpointError(f"{e.file}: unexpected tensor {name!r}: a {arch} with this config.json has no such "
-                                  f"weight (wrong config.json, or a checkpoint of another architecture)")
-    for name, slot in layout.items():
-        if name not in weights:
-            if slot.copy:
-                continue
-            raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint "
-                                  f"({', '.join(sorted({e.file.name for e in entries.values()}))})")
-        e = weights[name]
-        want = tuple(slot.view(meta_sd[slot.ours]).shape)
-        if e.shape != want:
-            raise CheckpointError(f"{e.file}: tensor {name!r} has shape {list(e.shape)} but config.json implies "
-                                  f"{list(want)}")
-        if not e.dtype.is_floating_point:
-            raise CheckpointError(f"{e.file}: tensor {name!r} has dtype {e.dtype}; weights must be floating point")
-        fp8 = e.dtype.itemsize == 1
-        if fp8 and name not in scales:
-            raise CheckpointError(f"{e.file}: tensor {name!r} is FP8 but {name + '_scale_inv'!r} is missing")
-        if name in scales:
-            s = scales[name]
-            if not fp8:
-                raise CheckpointError(f"{s.file}: tensor {s.name!r} scales {name!r}, which is {e.dtype}, not FP8")
-            if len(e.shape) != 2 or s.shape != scale_shape(e.shape, block):
-                raise CheckpointError(f"{s.file}: tensor {s.name!r} has shape {list(s.shape)}; {block}x{block} "
-                                      f"blocks of a {list(e.shape)} weight need {list(scale_shape(e.shape, block))}")
+                                  f"weight in the {form} naming (wrong config.json, or a checkpoint of another "
+                                  f"architecture)")
     for name, s in scales.items():
         if name not in weights:
             raise CheckpointError(f"{s.file}: unexpected tensor {s.name!r}: it scales {name!r}, which is not in the "
                                   f"checkpoint")
-    return cfg, model, layout, weights, scales, dtype, block
+    files = ", ".join(sorted({e.file.name for e in weights.values()}))
+    for name, slot in layout.items():
+        if name in weights:
+            dst = slot.view(meta[slot.ours])
+            _check_stored(name, weights[name], scales.get(name), tuple(dst.shape), dst.dtype, block)
+        elif not slot.copy:
+            hint = ""
+            if slot.ours.endswith("tid2eid"):
+                n = slot.ours.split(".")[1]
+                hint = (f": layer {n} routes by token id (config.json's mlp_layer_types[{n}] is 'hash_moe', or "
+                        f"num_hash_layers={cfg.mlp_layer_types.count('hash_moe')}) and needs its expert table")
+            raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint ({files}){hint}")
+
+
+def _check_stored(name: str, e: Entry, s: Entry | None, want: tuple[int, ...], dst_dtype: torch.dtype,
+                  block: int) -> None:
+    """One tensor as stored (plain, FP8 with 128x128 block scales, or FP4 packed two per byte with a scale per 32
+    inputs) against the shape `want` and dtype `dst_dtype` of the model's slot."""
+    where = f"{e.file}: tensor {name!r}"
+    fp8 = e.dtype.is_floating_point and e.dtype.itemsize == 1
+    fp4 = e.dtype in (torch.int8, torch.uint8) and dst_dtype.is_floating_point
+    stored = "FP8" if fp8 else "packed FP4" if fp4 else None
+    if not dst_dtype.is_floating_point:
+        if e.dtype.is_floating_point or e.dtype == torch.bool or s is not None:
+            raise CheckpointError(f"{where} has dtype {e.dtype}{' and a scale' if s else ''}; it must be an integer "
+                                  f"table (expert ids)")
+    elif s is None and stored:
+        raise CheckpointError(f"{where} is {stored} ({e.dtype}) but its scale ({name.removesuffix('.weight')}.scale"
+                              f" or {name}_scale_inv) is missing")
+    elif s is None and not e.dtype.is_floating_point:
+        raise CheckpointError(f"{where} has dtype {e.dtype}; weights must be floating point")
+    elif s is not None and not stored:
+        raise CheckpointError(f"{s.file}: tensor {s.name!r} scales {name!r}, which is {e.dtype}, neither FP8 nor "
+                              f"packed FP4")
+    if s is None:
+        if e.shape != want:
+            raise CheckpointError(f"{where} has shape {list(e.shape)} but config.json implies {list(want)}")
+        return
+    if len(want) != 2:
+        raise CheckpointError(f"{where} is {stored} but the model's tensor has shape {list(want)}; only matrices "
+                              f"are stored quantised")
+    if not (s.dtype.is_floating_point or s.dtype == torch.uint8):
+        raise CheckpointError(f"{s.file}: tensor {s.name!r} has dtype {s.dtype}; a scale is float32, "
+                              f"float8_e8m0fnu or uint8 (e8m0 bytes)")
+    R, C = want
+    if fp8:
+        packed, scale = want, scale_shape(want, block)
+        layout = f"{block}x{block} blocks"
+    else:
+        if C % GROUP:
+            raise CheckpointError(f"{where} is packed FP4 but the model's rows have {C} inputs, not a multiple of "
+                                  f"the FP4 group of {GROUP}")
+        packed, scale = (R, C // 2), (R, C // GROUP)
+        layout = f"FP4 groups of {GROUP} inputs (two values per byte)"
+    if e.shape != packed:
+        raise CheckpointError(f"{where} ({stored}) has shape {list(e.shape)} but config.json implies {list(want)}, "
+                              f"stored as {list(packed)}")
+    if s.shape != scale:
+        raise CheckpointError(f"{s.file}: tensor {s.name!r} has shape {list(s.shape)}; {layout} of a {list(want)} "
+                              f"weight need {list(scale)}")
 
 
 def _init_nonpersistent(model: nn.Module, device: torch.device) -> None:
-    """`to_empty` leaves buffers that are not in the checkpoint uninitialised: recompute or zero them."""
-    for m in model.modules():
+    """`to_empty` leaves buffers that are not in the checkpoint uninitialised: the rotary tables are rebuilt from
+    the config (V4 has two, with different bases and scaling), anything else is zeroed."""
+    fresh = {f"rotaries.{k}": r for k, r in rotaries(model.cfg).items()}
+    for path, m in model.named_modules():
         for name in m._non_persistent_buffers_set:
-            if isinstance(m, Rotary) and name == "inv_freq":
-                m.inv_freq = rope_frequencies(model.cfg)[0].to(device)
+            if path in fresh:
+                setattr(m, name, getattr(fresh[path], name).to(device))
             else:
                 getattr(m, name).zero_()
 
 
 def load_model(path: str | Path, dtype=None, device=None, load_mtp: bool = True, progress: bool = True) -> Transformer:
-    """A Hugging Face DeepSeek-V2/V3 folder (or one written by `save_hf`) as a `Transformer` in eval mode.
+    """A Hugging Face DeepSeek-V2/V3/V4 folder (or one written by `save_hf`) as a `Transformer` in eval mode.
 
-    dtype: parameter dtype (default: config.json's `torch_dtype`, else the checkpoint's); FP8 weights are
-    dequantised into it. device: where the parameters live (default CPU). load_mtp=False skips the MTP layers.
+    dtype: parameter dtype (default: config.json's `torch_dtype`, else the checkpoint's); FP8 and FP4 weights are
+    dequantised into it. device: where the parameters live (default CPU). load_mtp=False skips the MTP modules.
+    Names may be the hub's, transformers' (`save_pretrained` or module names) or ours (`checkpoint_layouts`).
     Raises `CheckpointError` naming the file and tensor for anything missing, unexpected, misshapen or corrupt.
     """
     path = Path(path)
-    cfg, model, layout, weights, scales, dtype, block = plan(path, dtype, load_mtp)
+    p = plan(path, dtype, load_mtp)
+    model = p.model
     device = torch.device(device or "cpu")
     model.to_empty(device=device)
-    if cfg.tie_word_embeddings:  # to_empty replaces each Parameter separately: tie them again
+    if p.cfg.tie_word_embeddings:  # to_empty replaces each Parameter separately: tie them again
         model.lm_head.weight = model.embed_tokens.weight
     _init_nonpersistent(model, device)
     sd = model.state_dict()
-    todo = sorted(((e, layout[name]) for name, e in weights.items() if not layout[name].copy),
+    todo = sorted(((e, p.layout[name]) for name, e in p.weights.items() if not p.layout[name].copy),
                   key=lambda es: (str(es[0].file), es[0].start))
     total = sum(e.nbytes for e, _ in todo)
     with contextlib.ExitStack() as stack, torch.no_grad():
@@ -222,17 +300,27 @@ def load_model(path: str | Path, dtype=None, device=None, load_mtp: bool = True,
         bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc=f"load {path.name}",
                                        disable=not progress))
         for e, slot in todo:
-            _load_one(handle, e, slot, sd, scales, block)
+            _load_one(handle, e, slot, sd, p.scales.get(e.name), p.block)
+            t, E = sd[slot.ours], p.cfg.n_routed_experts
+            if not t.is_floating_point() and t.numel() and not 0 <= int(t.min()) <= int(t.max()) < E:  # tid2eid
+                raise CheckpointError(f"{e.file}: tensor {e.name!r} holds expert ids in [{int(t.min())}, "
+                                      f"{int(t.max())}] but there are {E} experts: a corrupt table or the wrong "
+                                      f"config.json")
             bar.update(e.nbytes)
     return model.eval()
 
 
-def _load_one(handle, e: Entry, slot: Slot, sd: dict[str, torch.Tensor], scales: dict[str, Entry], block: int) -> None:
+def _load_one(handle, e: Entry, slot: Slot, sd: dict[str, torch.Tensor], s: Entry | None, block: int) -> None:
+    """Read one tensor into its slot: quantised ones 128 rows at a time through a float32 band (`fp8`, `fp4`), the
+    rest straight into the parameter's memory when dtype and device allow."""
     dst = slot.view(sd[slot.ours])
-    if e.name in scales:
-        s = scales[e.name]
+    if s is not None:
         q = read_tensor(handle(e), e).to(dst.device)
-        dequantize_blocks_(dst, q, read_tensor(handle(s), s).to(dst.device), block)
+        scale = read_tensor(handle(s), s).to(dst.device)
+        if e.dtype.is_floating_point:
+            dequantize_blocks_(dst, q, scale, block)
+        else:
+            dequantize_fp4_(dst, q, scale)
     elif dst.device.type == "cpu" and dst.dtype == e.dtype and dst.is_contiguous():
         read_into(handle(e), e, dst)
     else:

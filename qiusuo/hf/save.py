@@ -1,22 +1,34 @@
-"""Write a `Transformer` as a Hugging Face folder that transformers, vLLM and SGLang load: per-expert hub names,
-MTP layers and the routing bias included, shards plus an index above `max_shard_bytes`, optional FP8 blocks.
+"""Write a `Transformer` as a Hugging Face folder that transformers, vLLM and SGLang load: hub names (per-expert
+matrices, MTP modules, the routing bias and V4's hash tables included), shards plus an index above
+`max_shard_bytes`, and on request the quantised formats DeepSeek ships: FP8 blocks (V3, V4) and FP4 experts (V4).
 
 The folder appears atomically (`qiusuo.io.atomic_dir`): everything is written into a temporary sibling directory,
 fsynced and then renamed into place, so a crash leaves the previous folder (or none), never a mix. `write_hf`
 writes the same files into a folder the caller finishes itself (a training checkpoint adds its own files).
+
+Quantised export, what each slot of `hf_layout` says (`Slot.quant`): with fp8, "fp8" and "expert" matrices become
+float8_e4m3fn with a scale per 128x128 block; with fp4_experts as well, "expert" matrices become FP4 (int8, two
+e2m1 values per byte, a scale per 32 inputs of each row). Scales are float32 (`scale_fmt="float"`, V3's) or ue8m0
+(`float8_e8m0fnu`, V4's), named `<weight>_scale_inv` (V2/V3) or `<module>.scale` (V4, `names.scale_name`).
+Load -> save gives back the same bytes (tests/hf/test_v4_checkpoints.py): the dequantised values q * s are exact in
+float32, and re-quantising them finds the same scales and codes (`qiusuo.hf.fp8`, `qiusuo.hf.fp4`). With ue8m0
+scales q * s is exact in bf16 as well, so a V4-Flash-style folder survives a bf16 load; float32 scales need the
+model in float32 (`qiusuo convert --dtype float32`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from qiusuo.hf.fp8 import BLOCK, is_quantizable, quantize_blocks, scale_shape
+from qiusuo.hf.fp4 import GROUP, quantize_fp4
+from qiusuo.hf.fp8 import BLOCK, SCALE_FORMATS, quantize_blocks, scale_shape
 from qiusuo.hf.load import INDEX, SINGLE, parse_dtype
-from qiusuo.hf.names import hf_layout
+from qiusuo.hf.names import hf_layout, scale_name
 from qiusuo.hf.st import write_file
 from qiusuo.io import atomic_dir
 
@@ -35,19 +47,35 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _plan(model: nn.Module, dtype, fp8: bool, max_shard_bytes: int) -> list[list[tuple]]:
-    """Shards of (hub name, source view, output dtype, quantise?, bytes on disk), greedy in layout order."""
+def _scale_fmt(model: nn.Module, fp8: bool, fp4_experts: bool, scale_fmt: str | None) -> str:
+    """The scale format to write (default: what the family ships, float32 for V2/V3, ue8m0 for V4), after checking
+    the quantisation arguments, before anything is written."""
+    scale_fmt = scale_fmt or ("ue8m0" if model.cfg.is_v4 else "float")
+    if scale_fmt not in SCALE_FORMATS:
+        raise ValueError(f"scale_fmt {scale_fmt!r} is not one of {SCALE_FORMATS}")
+    if fp4_experts and not (fp8 and model.cfg.is_v4):
+        raise ValueError("fp4_experts is DeepSeek-V4's format and lives inside its FP8 checkpoint: pass fp8=True "
+                         f"as well, for a deepseek_v4 model (this one is {model.cfg.model_type})")
+    return scale_fmt
+
+
+def _plan(model: nn.Module, dtype, fp8: bool, fp4_experts: bool, scale_fmt: str, max_shard_bytes: int) -> list[list]:
+    """Shards of (hub name, source view, output dtype, "fp8" | "fp4" | None, bytes on disk), greedy in layout order."""
     sd = model.state_dict()
+    scale_bytes = 1 if scale_fmt == "ue8m0" else 4
     items = []
     for name, slot in hf_layout(model).items():
         t = slot.view(sd[slot.ours])
-        out_dtype = dtype if dtype is not None and t.is_floating_point() and "e_score_correction_bias" not in name \
-            else t.dtype
-        q = fp8 and is_quantizable(name, t)
-        rows, cols = scale_shape(tuple(t.shape)) if q else (0, 0)
-        nbytes = t.numel() + 4 * rows * cols if q else t.numel() * out_dtype.itemsize
-        items.append((name, t, out_dtype, q, nbytes))
-    shards: list[list[tuple]] = [[]]
+        out_dtype = slot.dtype or (dtype if dtype is not None and t.is_floating_point() else t.dtype)
+        fmt = "fp4" if fp4_experts and slot.quant == "expert" else "fp8" if fp8 and slot.quant else None
+        if fmt == "fp8":
+            nbytes = t.numel() + scale_bytes * math.prod(scale_shape(tuple(t.shape)))
+        elif fmt == "fp4":
+            nbytes = t.numel() // 2 + scale_bytes * t.numel() // GROUP
+        else:
+            nbytes = t.numel() * out_dtype.itemsize
+        items.append((name, t, out_dtype, fmt, nbytes))
+    shards: list[list] = [[]]
     size = 0
     for it in items:
         if shards[-1] and size + it[4] > max_shard_bytes:
@@ -59,38 +87,46 @@ def _plan(model: nn.Module, dtype, fp8: bool, max_shard_bytes: int) -> list[list
 
 
 def save_hf(model: nn.Module, path: str | Path, tokenizer=None, fp8: bool = False, dtype=None,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True) -> Path:
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, fp4_experts: bool = False,
+            scale_fmt: str | None = None) -> Path:
     """Write `model` to the folder `path` (replaced if it exists) in Hugging Face layout.
 
-    dtype: cast floating tensors on the way out (default: keep the model's). fp8: store the projection matrices as
-    float8_e4m3fn with a float32 `weight_scale_inv` per 128x128 block (error bound in `qiusuo.hf.fp8`).
-    tokenizer: anything with `save(dir)` (a `qiusuo.data.Tokenizer`) to write its files alongside.
+    dtype: cast floating tensors on the way out (default: keep the model's; tensors the hub keeps in float32, such
+    as the routing bias and V4's mHC maps, stay float32). fp8: store the projection matrices as float8_e4m3fn with
+    a scale per 128x128 block (error bound in `qiusuo.hf.fp8`). fp4_experts (V4, with fp8): routed experts as FP4
+    (`qiusuo.hf.fp4`), as DeepSeek-V4-Flash ships them. scale_fmt: "float" or "ue8m0" (default: the family's,
+    float32 for V2/V3, ue8m0 for V4). tokenizer: anything with `save(dir)` (a `qiusuo.data.Tokenizer`) to write
+    its files alongside.
     """
     path = Path(path)
+    scale_fmt = _scale_fmt(unwrap(model), fp8, fp4_experts, scale_fmt)
     with atomic_dir(path) as tmp:
         write_hf(model, tmp, tokenizer=tokenizer, fp8=fp8, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                 progress=progress, desc=f"save {path.name}")
+                 progress=progress, desc=f"save {path.name}", fp4_experts=fp4_experts, scale_fmt=scale_fmt)
     return path
 
 
 def write_hf(model: nn.Module, folder: Path, tokenizer=None, fp8: bool = False, dtype=None,
-             max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, desc: str = "save") -> None:
+             max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True, desc: str = "save",
+             fp4_experts: bool = False, scale_fmt: str | None = None) -> None:
     """`save_hf`'s files (weights, index, config.json, generation_config.json, tokenizer) into the existing
     folder `folder`, without fsync or rename: the caller's `atomic_dir` makes them durable and visible."""
     model = unwrap(model)
     cfg = model.cfg
+    scale_fmt = _scale_fmt(model, fp8, fp4_experts, scale_fmt)
     dtype = parse_dtype(dtype)
-    shards = _plan(model, dtype, fp8, max_shard_bytes)
+    shards = _plan(model, dtype, fp8, fp4_experts, scale_fmt, max_shard_bytes)
     n = len(shards)
     file_names = [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     total = sum(it[4] for shard in shards for it in shard)
+    quantise = {"fp8": quantize_blocks, "fp4": quantize_fp4}
     weight_map = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
         for file, shard in zip(file_names, shards):
             tensors = {}
-            for name, t, out_dtype, q, _ in shard:
-                if q:
-                    tensors[name], tensors[name + "_scale_inv"] = quantize_blocks(t)
+            for name, t, out_dtype, fmt, _ in shard:
+                if fmt:
+                    tensors[name], tensors[scale_name(model, name)] = quantise[fmt](t, scale_fmt=scale_fmt)
                 else:
                     tensors[name] = t.to(out_dtype)
             weight_map.update(dict.fromkeys(tensors, file))
@@ -101,7 +137,9 @@ def write_hf(model: nn.Module, folder: Path, tokenizer=None, fp8: bool = False, 
     param_dtype = dtype or next(model.parameters()).dtype
     config = cfg.to_hf() | {"torch_dtype": str(param_dtype).removeprefix("torch.")}
     if fp8:
-        config["quantization_config"] = dict(FP8_CONFIG)
+        config["quantization_config"] = FP8_CONFIG | {"scale_fmt": scale_fmt}
+    if fp4_experts:  # V4.1 reads it from quantization_config, V4 (and DeepSeek's inference code) from the top level
+        config["quantization_config"]["expert_dtype"] = config["expert_dtype"] = "fp4"
     _write_json(folder / "config.json", config)
     gen = {"_from_model_config": True}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -23,7 +23,7 @@ from typing import AsyncIterator, Callable
 import torch
 
 from qiusuo.infer.output import Completion, Delta, RequestOutput, Usage, close, completions, process
-from qiusuo.infer.paged import BlockPool
+from qiusuo.infer.paged import BlockPool, check_servable
 from qiusuo.infer.runner import ModelRunner
 from qiusuo.infer.sampling import Sampled, SamplingParams
 from qiusuo.infer.scheduler import Scheduler, pool_blocks
@@ -52,6 +52,7 @@ class Engine:
                              "load the tokenizer that belongs to this model")
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch = max_batch
+        check_servable(model.cache_specs())  # before sizing a pool by a per-token cost it cannot state
         num_blocks = pool_blocks(cache_bytes_per_token(cfg, dtype.itemsize), block_size, max_batch,
                                  self.max_model_len, cache_memory)
         self.pool = BlockPool(model.cache_specs(), num_blocks, block_size, device=self.device, dtype=dtype)

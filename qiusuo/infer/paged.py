@@ -64,6 +64,15 @@ class PagedLatent:
 LAYER_KINDS = {"latent": PagedLatent}
 
 
+def check_servable(specs: list[LayerCacheSpec]) -> None:
+    """Raise if `specs` hold a layer-cache kind the paged engine has no implementation of (V4's `window` kind:
+    its paged form, compressed pools included, is issue 13's)."""
+    missing = sorted({s.kind for s in specs} - set(LAYER_KINDS))
+    if missing:
+        raise ValueError(f"the paged engine cannot cache layers of kind {missing} yet (DeepSeek-V4's sliding-window "
+                         "and compressed caches); decode such a model with Transformer.generate")
+
+
 class BlockPool:
     """The block pool of all layers: `layers[l]` is layer l's storage, built by its kind from `specs[l]`
     (`latent`: (num_blocks * block_size + 1, C))."""
@@ -72,6 +81,7 @@ class BlockPool:
                  dtype: torch.dtype = torch.float32):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
+        check_servable(specs)
         self.specs, self.block_size, self.num_blocks = list(specs), block_size, num_blocks
         self.device, self.dtype = torch.device(device or "cpu"), dtype
         # one extra slot past the blocks: padding rows and positions write there and read it masked out

@@ -16,6 +16,16 @@ Layer cache of kind `latent` (`LatentLayerCache`):
     update(latent (B, T, C)) -> (latent_all (B, S, C), mask (B, 1, T, S) bool | None)
 `mask` is True where a query may attend; None means "attend to every cached token" (decoding one token for rows
 of equal length). The serving engine implements the same protocol over a paged block pool (`infer/paged.py`).
+
+Layer cache of kind `window` (DeepSeek-V4; `WindowLayerCache`): the last `window` keys (= values) of the layer's
+one shared head, plus one `pool(name)` per compressor (the main compressor; CSA layers also the indexer's):
+    update(kv (B, T, hd)) -> (keys (B, W + T, hd), key_positions (B, W + T))   the W tokens before the new
+                                            ones, then the T new ones, positions ascending (-1: before the start)
+    pool(name).history(kv, gate) -> (L, seq_kv, seq_gate)   the last `span` raw projections before the T new
+                                                            tokens, then the new ones; L = tokens seen before
+    pool(name).append(entries (B, n, w)) -> (B, n_all, w)   every compressed entry of the sequence so far
+A V4 layer's cache is bounded by the window plus one pool entry per `ratio` tokens: per token it costs
+`width / ratio` values per pool, the few percent of V3's latent that is V4's point at long context.
 """
 
 from __future__ import annotations
@@ -27,15 +37,42 @@ import torch
 
 
 @dataclass(frozen=True)
+class PoolSpec:
+    """One compressor's cache: an entry of `width` values per `ratio` tokens, and the raw projections of the last
+    `span` tokens (kv and gate, `raw` values each) that the next entries still need (overlapping windows: 2m)."""
+
+    name: str
+    ratio: int
+    width: int
+    raw: int
+    span: int
+
+
+@dataclass(frozen=True)
 class LayerCacheSpec:
-    """What one layer keeps per cached token. `kind` names the layer-cache class a cache builds for it;
-    `width` is values per token (for `latent`: kv_lora_rank + qk_rope_head_dim)."""
+    """What one layer keeps. `kind` names the layer-cache class a cache builds for it; `width` is values per
+    cached token (`latent`: kv_lora_rank + qk_rope_head_dim) or per window slot (`window`: head_dim);
+    `window` > 0 bounds the tokens kept; `pools`: V4's compressed caches."""
 
     kind: str
     width: int
+    window: int = 0
+    pools: tuple[PoolSpec, ...] = ()
 
-    def bytes_per_token(self, itemsize: int) -> int:
-        return self.width * itemsize
+    def bytes_per_token(self, itemsize: int, context: int | None = None) -> float:
+        """Cache bytes per token of a sequence of `context` tokens (a latent cache: the same at any length)."""
+        if not self.window and not self.pools:
+            return self.width * itemsize
+        if not context:
+            raise ValueError(f"a {self.kind!r} layer's cache per token depends on the context length: pass context")
+        fixed = min(self.window, context) * self.width + sum(2 * p.span * p.raw for p in self.pools)
+        return (fixed + sum((context // p.ratio) * p.width for p in self.pools)) * itemsize / context
+
+
+def compilable(specs: list[LayerCacheSpec]) -> bool:
+    """Whether a decoding step over these caches has static shapes and no Python-side state changes, which is
+    what `torch.compile` needs: latent caches do; V4's pools count entries in Python as windows close."""
+    return all(s.kind == "latent" for s in specs)
 
 
 class LatentLayerCache(Protocol):
@@ -65,6 +102,51 @@ class _ContiguousLatent:
         return self.data[:, :S], mask[:, None]
 
 
+class _ContiguousWindow:
+    """Layer cache of kind `window`: the last `window` keys per row in position order (rows advance together,
+    so one slice keeps them; -1 marks slots before the sequence's start)."""
+
+    def __init__(self, owner: "ContiguousCache", spec: LayerCacheSpec, B: int, device, dtype):
+        W = spec.window
+        self.owner, self.W = owner, W
+        self.keys = torch.zeros(B, W, spec.width, device=device, dtype=dtype)
+        self.key_pos = torch.full((B, W), -1, dtype=torch.long, device=device)
+        self.pools = {p.name: _ContiguousPool(owner, p, B, device, dtype) for p in spec.pools}
+
+    def update(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keys = torch.cat([self.keys, kv.to(self.keys.dtype)], 1)  # (B, W + T, hd), positions ascending
+        key_pos = torch.cat([self.key_pos, self.owner.current], 1)
+        self.keys, self.key_pos = keys[:, -self.W:], key_pos[:, -self.W:]
+        return keys, key_pos
+
+    def pool(self, name: str) -> "_ContiguousPool":
+        return self.pools[name]
+
+
+class _ContiguousPool:
+    """One compressor's cache: a tail of raw projections (gate -inf where no token was) and the entries so far.
+    Rows advance together (`ContiguousCache.length`), so every row closes its windows at the same step."""
+
+    def __init__(self, owner: "ContiguousCache", spec: PoolSpec, B: int, device, dtype):
+        self.owner, self.span = owner, spec.span
+        self.tail_kv = torch.zeros(B, spec.span, spec.raw, device=device, dtype=dtype)
+        self.tail_gate = torch.full((B, spec.span, spec.raw), float("-inf"), device=device, dtype=dtype)
+        self.entries = torch.zeros(B, owner.max_len // spec.ratio, spec.width, device=device, dtype=dtype)
+        self.count = 0
+
+    def history(self, kv: torch.Tensor, gate: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        seq_kv = torch.cat([self.tail_kv, kv.to(self.tail_kv.dtype)], 1)
+        seq_gate = torch.cat([self.tail_gate, gate.to(self.tail_gate.dtype)], 1)
+        self.tail_kv, self.tail_gate = seq_kv[:, -self.span:], seq_gate[:, -self.span:]
+        return self.owner.length, seq_kv, seq_gate
+
+    def append(self, entries: torch.Tensor) -> torch.Tensor:
+        n = entries.shape[1]
+        self.entries[:, self.count: self.count + n] = entries.to(self.entries.dtype)
+        self.count += n
+        return self.entries[:, : self.count]
+
+
 class ContiguousCache:
     """Contiguous cache for `B` sequences of up to `max_len` tokens: one (B, max_len, width) buffer per layer,
     one length per row. `specs`: one `LayerCacheSpec` per layer (`Transformer.cache_specs()`).
@@ -74,27 +156,35 @@ class ContiguousCache:
     on the bench config here). Prefill (T > 1) slices to the longest row instead.
     """
 
-    KINDS = {"latent": _ContiguousLatent}
-
     def __init__(self, specs: list[LayerCacheSpec], batch_size: int, max_len: int, device=None,
                  dtype: torch.dtype = torch.float32):
-        # one tensor per layer (not views of one): compiled steps then update them in place (see infer/paged.py)
-        self.buffers = [torch.zeros(batch_size, max_len, s.width, device=device, dtype=dtype) for s in specs]
-        self._layers = [self.KINDS[s.kind](self, b) for s, b in zip(specs, self.buffers)]
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
         self.max_len = max_len
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens cached per row
+        self.length = 0  # the same, as a Python int: rows always advance together here
         self.current = self.lengths[:, None]  # (B, T) positions of the tokens being written
+        # one tensor per layer (not views of one): compiled steps then update them in place (see infer/paged.py)
+        self.buffers, self._layers = [], []
+        for s in specs:
+            if s.kind == "latent":
+                self.buffers.append(torch.zeros(batch_size, max_len, s.width, device=device, dtype=dtype))
+                self._layers.append(_ContiguousLatent(self, self.buffers[-1]))
+            elif s.kind == "window":
+                self._layers.append(_ContiguousWindow(self, s, batch_size, device, dtype))
+            else:
+                raise ValueError(f"ContiguousCache has no layer cache of kind {s.kind!r}")
 
     def positions(self, T: int) -> torch.Tensor:
         self.current = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
         return self.current
 
-    def layer(self, i: int) -> _ContiguousLatent:
+    def layer(self, i: int):
         return self._layers[i]
 
     def advance(self, T: int) -> None:
         self.lengths += T
+        self.length += T
 
     @property
     def num_bytes_per_token(self) -> int:
+        """Bytes per token of the latent layers' buffers (what `count.cache_bytes_per_token` predicts)."""
         return sum(b.shape[-1] * b.element_size() for b in self.buffers)

@@ -35,23 +35,47 @@ def count_params(cfg: ModelConfig, include_mtp: bool = False) -> dict[str, int]:
     return {"total": total, "active": active, "routed": routed}
 
 
-def specs_bytes_per_token(specs: list[LayerCacheSpec], itemsize: int) -> int:
+def specs_bytes_per_token(specs: list[LayerCacheSpec], itemsize: int, context: int | None = None) -> float:
     """Bytes a cache built from `specs` (one per layer) keeps per token: the one formula the engine's pool, its
-    memory budget and `inspect` all use."""
-    return sum(s.bytes_per_token(itemsize) for s in specs)
+    memory budget and `inspect` all use. `context`: the sequence length, for kinds whose cost depends on it
+    (V4's window and compressed pools: fixed state amortised over the context, plus 1/ratio entries)."""
+    return sum(s.bytes_per_token(itemsize, context) for s in specs)
 
 
-def cache_bytes_per_token(cfg: ModelConfig, itemsize: int = 2) -> int:
+def cache_bytes_per_token(cfg: ModelConfig, itemsize: int = 2, context: int | None = None) -> float:
     """Bytes the cache keeps per token over all layers, from each layer's attention kind (MLA: kv_lora_rank +
     qk_rope_head_dim values; DeepSeek-V3 in bf16: 576 x 61 x 2 = 70,272)."""
     from qiusuo.model.block import layer_cache_specs
 
-    return specs_bytes_per_token(layer_cache_specs(cfg), itemsize)
+    return specs_bytes_per_token(layer_cache_specs(cfg), itemsize, context)
+
+
+def cache_bytes_by_kind(cfg: ModelConfig, itemsize: int = 2, context: int | None = None) -> dict[str, dict]:
+    """Per attention kind: how many layers, and the cache bytes per token of one such layer at `context`
+    (what `inspect` and the README's long-context table show)."""
+    from qiusuo.model.block import attention_kind, layer_cache_specs
+
+    out: dict[str, dict] = {}
+    for i, spec in enumerate(layer_cache_specs(cfg)):
+        row = out.setdefault(attention_kind(cfg, i), {"layers": 0, "bytes_per_token": spec.bytes_per_token(itemsize, context)})
+        row["layers"] += 1
+    return out
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, active_params: int) -> float:
-    """6 x active matmul parameters (the embedding lookup is not a matmul) + causal attention:
-    6 x layers x heads x T/2 x (qk_head_dim + v_head_dim) per token (forward 2, backward 4)."""
+    """6 x active matmul parameters (the embedding lookup is not a matmul) + attention: 6 x heads x (keys a
+    query attends to) x (query-key width + value width) per layer per token (forward 2, backward 4). MLA:
+    causal, T/2 keys of qk_head_dim and v_head_dim. V4: its window (W, or T/2 when shorter) plus its compressed
+    entries (CSA: index_topk chosen; HCA: T/(2m') on average), of head_dim each side."""
+    from qiusuo.config import CSA, HCA
+    from qiusuo.model.block import attention_kind
+
     matmul = active_params - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
-    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (seq_len / 2) * (cfg.qk_head_dim + cfg.v_head_dim)
-    return 6 * matmul + attn
+    if not cfg.is_v4:
+        keys_x_width = cfg.num_hidden_layers * (seq_len / 2) * (cfg.qk_head_dim + cfg.v_head_dim)
+    else:
+        keys = {kind: min(cfg.sliding_window, seq_len / 2) for kind in cfg.layer_types}
+        keys[CSA] = keys.get(CSA, 0) + min(cfg.index_topk, seq_len / (2 * cfg.compress_rate(CSA)))
+        keys[HCA] = keys.get(HCA, 0) + seq_len / (2 * cfg.compress_rate(HCA))
+        keys_x_width = sum(keys[attention_kind(cfg, i)] for i in range(cfg.num_hidden_layers)) * 2 * cfg.head_dim
+    return 6 * matmul + 6 * cfg.num_attention_heads * keys_x_width

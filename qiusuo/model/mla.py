@@ -48,14 +48,15 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.R, H * (self.N + self.V), bias=False)
         self.o_proj = nn.Linear(H * self.V, D, bias=cfg.attention_bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None,
-                absorb: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D) -> (B, T, D). `cache`: a `qiusuo.model.cache.Cache` (this layer writes its latents there and
+    def forward(self, x: torch.Tensor, rope, cache=None,
+                absorb: bool = False, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """x (B, T, D) -> (B, T, D); `rope`: the forward's `RopeAt` (MLA reads its "main" tables).
+        `cache`: a `qiusuo.model.cache.Cache` (this layer writes its latents there and
         attends to what it returns). `mask` (B, 1, T, T) without a cache: who may attend to whom (packed
         documents); None: causal."""
         B, T, _ = x.shape
         H, N, P, R = self.H, self.N, self.P, self.R
-        cos, sin = rope
+        cos, sin = rope["main"]
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, H, N + P)
         q_nope, q_pe = q.split([N, P], dim=-1)  # (B, T, H, N), (B, T, H, P)
@@ -70,7 +71,7 @@ class MLA(nn.Module):
             out = self._absorbed(q_nope, q_pe, latent, mask, causal)
         else:
             out = self._expanded(q_nope, q_pe, latent, mask, causal)
-        return self.o_proj(out.reshape(B, T, H * self.V))
+        return self.o_proj(out.reshape(B, T, H * self.V)), None  # no auxiliary loss
 
     def _expanded(self, q_nope, q_pe, latent, mask, causal) -> torch.Tensor:
         B, T, H, _ = q_nope.shape

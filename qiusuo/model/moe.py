@@ -18,17 +18,26 @@ from torch import nn
 from qiusuo.config import ModelConfig
 
 
+def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """silu(g) * u; with V4's `swiglu_limit`, g clamped from above and u on both sides first (DeepSeek's
+    Expert.forward: the gate has no lower bound)."""
+    if limit is not None:
+        g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+    return F.silu(g) * u
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). Dense layers and the shared experts."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, limit: float | None = None):
         super().__init__()
+        self.limit = limit
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.limit))
 
 
 def route(scores: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,10 +59,23 @@ def route(scores: torch.Tensor, bias: torch.Tensor | None, cfg: ModelConfig) -> 
         group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
         choice = choice.masked_fill(~group_mask.repeat_interleave(E // G, dim=1), float("-inf"))
     idx = choice.topk(K, dim=-1).indices  # (N, K)
+    return weigh(scores, idx, cfg), idx
+
+
+def weigh(scores: torch.Tensor, idx: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """The chosen experts' weights (N, K) from the unbiased scores: normalised to sum 1 when `norm_topk_prob`
+    (V4 normalises a single expert's weight too, as transformers' V4 router does; V2 leaves it), then scaled."""
     weights = scores.gather(1, idx)
-    if cfg.norm_topk_prob and K > 1:
+    if cfg.norm_topk_prob and (idx.shape[1] > 1 or cfg.is_v4):
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    return weights * cfg.routed_scaling_factor, idx
+    return weights * cfg.routed_scaling_factor
+
+
+SCORES = {
+    "softmax": lambda logits: logits.softmax(dim=-1),
+    "sigmoid": torch.sigmoid,
+    "sqrtsoftplus": lambda logits: F.softplus(logits).sqrt(),  # V4
+}
 
 
 class Routing(NamedTuple):
@@ -81,11 +103,48 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         """x (N, D) -> weights (N, K) fp32 and the `Routing` (scores, indices)."""
-        logits = F.linear(x.float(), self.weight.float())  # (N, E)
-        scores = logits.sigmoid() if self.cfg.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        scores = SCORES[self.cfg.scoring_func](F.linear(x.float(), self.weight.float()))  # (N, E)
         bias = self.e_score_correction_bias if self.cfg.topk_method == "noaux_tc" else None
         weights, idx = route(scores, bias, self.cfg)
         return weights, Routing(scores, idx)
+
+    def route(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, Routing]:
+        """The MoE layer's view of any router: (weights, expert indices, Routing | None)."""
+        weights, routing = self(x)
+        return weights, routing.idx, routing
+
+
+class HashRouter(nn.Module):
+    """V4's first layers: which experts a token visits is a fixed table of its id (`tid2eid` (vocab, K), a
+    persistent buffer the checkpoint carries); only their weights are learned, from the same scores as `Router`.
+    Nothing to balance, so it returns no `Routing` and is not among `moe_routers`."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
+
+    @torch.no_grad()
+    def reset_table(self, seed: int = 0) -> None:
+        """A random table for training from scratch: K distinct experts per token, uniform over the experts,
+        seeded per layer (checkpoints bring their own)."""
+        V, K = self.tid2eid.shape
+        gen = torch.Generator().manual_seed(seed * 1000003 + self.layer_idx)
+        for i in range(0, V, 16384):
+            rows = min(16384, V - i)
+            self.tid2eid[i: i + rows] = torch.rand(rows, self.cfg.n_routed_experts, generator=gen).argsort(-1)[:, :K]
+
+    def route(self, x: torch.Tensor, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return (*self(x, ids), None)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, D), ids (N,) -> weights (N, K) fp32 and the experts `tid2eid[ids]` (N, K)."""
+        if ids is None:
+            raise ValueError("a hash-routed MoE layer needs the token ids (DeepSeek-V4 `hash_moe` layers)")
+        scores = SCORES[self.cfg.scoring_func](F.linear(x.float(), self.weight.float()))
+        idx = self.tid2eid[ids.reshape(-1)]
+        return weigh(scores, idx, self.cfg), idx
 
 
 def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -134,6 +193,7 @@ class Experts(nn.Module):
         super().__init__()
         E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.num_experts = E  # experts the router picks from (an expert-parallel rank holds only some of them)
+        self.limit = cfg.swiglu_limit
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
 
@@ -160,7 +220,7 @@ class Experts(nn.Module):
         xk = x.repeat_interleave(K, dim=0).to(self.gate_up_proj.dtype)  # (N*K, D)
         h = (self.gate_up_proj[flat] * xk[:, None, :]).sum(-1)  # (N*K, 2I)
         g, u = h.chunk(2, dim=-1)
-        y = (self.down_proj[flat] * (F.silu(g) * u)[:, None, :]).sum(-1).to(x.dtype)  # (N*K, D)
+        y = (self.down_proj[flat] * swiglu(g, u, self.limit)[:, None, :]).sum(-1).to(x.dtype)  # (N*K, D)
         return (y.view(N, K, -1) * weights[..., None].to(y.dtype)).sum(1)
 
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -171,12 +231,13 @@ class Experts(nn.Module):
             offs = counts.cumsum(0).to(torch.int32)
             h = torch._grouped_mm(xs.to(dt), w_gu.to(dt).transpose(1, 2), offs=offs)  # (M, 2I)
             g, u = h.chunk(2, dim=-1)
-            return torch._grouped_mm(F.silu(g) * u, w_d.to(dt).transpose(1, 2), offs=offs)  # (M, D)
-        return _expert_loop(xs, counts, w_gu, w_d)
+            return torch._grouped_mm(swiglu(g, u, self.limit), w_d.to(dt).transpose(1, 2), offs=offs)  # (M, D)
+        return _expert_loop(xs, counts, w_gu, w_d, self.limit)
 
 
 @torch.compiler.disable
-def _expert_loop(xs: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor) -> torch.Tensor:
+def _expert_loop(xs: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor,
+                 limit: float | None = None) -> torch.Tensor:
     """The experts that received tokens, one after another, eagerly: under `torch.compile` the per-expert counts
     would otherwise specialise (and recompile) the graph on every new routing.
 
@@ -188,33 +249,35 @@ def _expert_loop(xs: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor, w_d
     for x_e, w_gu_e, w_d_e, c in zip(chunks, w_gu.unbind(0), w_d.unbind(0), counts):
         if c:
             g, u = F.linear(x_e, w_gu_e).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(g) * u, w_d_e))
+            outs.append(F.linear(swiglu(g, u, limit), w_d_e))
     return torch.cat(outs) if outs else xs.new_zeros(0, w_d.shape[1])
 
 
 class DenseMLP(MLP):
-    """A dense layer's MLP in the block's MLP-kind interface: forward(x) -> (output, no routing)."""
+    """A dense layer's MLP in the block's MLP-kind interface: forward(x, ids) -> (output, no routing)."""
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         return super().forward(x), None
 
 
 class MoE(nn.Module):
     """Routed experts plus `n_shared_experts` shared experts run as one dense MLP of width n_shared * I.
-    forward(x (B, T, D)) -> (output (B, T, D), `Routing`)."""
+    forward(x (B, T, D), ids (B, T)) -> (output (B, T, D), `Routing` | None for a hash-routed layer).
+    `hashed`: V4's `hash_moe` kind (`HashRouter`)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hashed: bool = False, layer_idx: int = 0):
         super().__init__()
-        self.gate = Router(cfg)
+        self.gate = HashRouter(cfg, layer_idx) if hashed else Router(cfg)
         self.experts = Experts(cfg)
         n_shared = cfg.n_shared_experts or 0
-        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared, cfg.swiglu_limit)
+                               if n_shared else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
         B, T, D = x.shape
         flat = x.reshape(-1, D)
-        weights, routing = self.gate(flat)
-        out = self.experts(flat, weights, routing.idx).view(B, T, D)
+        weights, idx, routing = self.gate.route(flat, ids)
+        out = self.experts(flat, weights, idx).view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out, routing

@@ -79,8 +79,42 @@ class Rotary(nn.Module):
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
 
+def rotaries(cfg: ModelConfig) -> dict[str, Rotary]:
+    """The rotary tables a model needs, by name. V2/V3: one, "main". V4: "main" (`rope_theta`, no scaling) for
+    sliding-window layers and "compress" (`compress_rope_theta`, with `rope_scaling`'s YaRN and cos/sin factor 1,
+    as transformers and DeepSeek's V4 code have it) for CSA/HCA layers, their compressors and the indexer."""
+    if not cfg.is_v4:
+        return {"main": Rotary(cfg)}
+    yarn = {**cfg.yarn, "attention_factor": 1.0} if cfg.yarn else None
+    return {"main": Rotary(cfg.replace(rope_scaling=None)),
+            "compress": Rotary(cfg.replace(rope_theta=cfg.compress_rope_theta, rope_scaling=yarn))}
+
+
+class RopeAt:
+    """The cos/sin of one forward's positions for each rotary kind, computed once and shared by every layer;
+    `at(kind, positions)` gives other positions (V4's compressed entries sit at their window's first token).
+    `positions`: (T,) or (B, T) long."""
+
+    def __init__(self, tables: dict[str, Rotary], positions: torch.Tensor):
+        self.tables, self.positions = tables, positions
+        self._done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getitem__(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if kind not in self._done:
+            self._done[kind] = self.tables[kind](self.positions)
+        return self._done[kind]
+
+    def at(self, kind: str, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tables[kind](positions)
+
+    def narrow(self, T: int) -> "RopeAt":
+        """The first T positions (MTP depth k sees T - k of them)."""
+        return RopeAt(self.tables, self.positions[..., :T])
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """x (B, T, H, P); cos/sin (T, P/2) or (B, T, P/2). Computed in fp32, returned in x's dtype."""
+    """x (B, T, H, P); cos/sin (T, P/2) or (B, T, P/2). Computed in fp32, returned in x's dtype.
+    (Inverse rotation: pass -sin.)"""
     if cos.dim() == 2:
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:

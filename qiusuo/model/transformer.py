@@ -1,7 +1,11 @@
 """The full model: embedding, blocks, final norm, output head, MTP modules; losses; a greedy reference decoder.
 
-One class serves training and inference. Parameter names mirror Hugging Face's without the `model.` prefix
-(`embed_tokens`, `layers.N.self_attn.kv_b_proj`, ...); MTP modules live under `mtp.K`. `qiusuo.hf` maps names.
+One class serves training and inference, for V2/V3 and V4 alike (the layers' kinds come from the config). Parameter
+names mirror transformers' without the `model.` prefix (`embed_tokens`, `layers.N.self_attn.kv_b_proj`,
+`layers.N.attn_hc.fn`, `hc_head.hc_fn`, ...); MTP modules live under `mtp.K`. `qiusuo.hf` maps names.
+
+The residual state between blocks is (B, T, D), or V4's N mHC streams (B, T, N, D); `collapse` turns it into the
+final hidden states (B, T, D) (V4: the `hc_head` collapse) before the last norm and the output head.
 
 State travels in arguments and return values: the cache (`qiusuo.model.cache.Cache`) is passed in and advanced
 here; a packed batch's documents come as `doc_ids`; the routers' decisions come back in `LossOutput.load` for the
@@ -18,26 +22,34 @@ from torch import nn
 
 from qiusuo.config import ModelConfig
 from qiusuo.model.block import Block, layer_cache_specs
-from qiusuo.model.cache import ContiguousCache, LayerCacheSpec
-from qiusuo.model.moe import Experts, Router, Routing, moe_routers, routing_load, sequence_balance_loss
-from qiusuo.model.mtp import MTPModule
-from qiusuo.model.rope import RMSNorm, Rotary
+from qiusuo.model.cache import ContiguousCache, LayerCacheSpec, compilable
+from qiusuo.model.compressed_attention import CompressedAttention
+from qiusuo.model.compressor import Compressor
+from qiusuo.model.mhc import HyperConnection, HyperHead, expand_streams, residual_kind
+from qiusuo.model.moe import Experts, HashRouter, Router, Routing, moe_routers, routing_load, sequence_balance_loss
+from qiusuo.model.mtp import make_mtp
+from qiusuo.model.rope import RMSNorm, RopeAt, Rotary, rotaries
 
 IGNORE_INDEX = -100
+# parameters DeepSeek-V4 keeps in fp32 whatever the model's dtype (transformers' `_keep_in_fp32_modules_strict`):
+# the mHC maps, the attention sinks and the compressors' position biases, small and read in fp32 anyway
+FP32_PARAMETERS = ("attn_hc.", "ffn_hc.", "hc_head.", ".sinks", ".position_bias")
 
 
 @dataclass
 class LossOutput:
-    """`loss` is what to backpropagate: ce + mtp_weight * mean(mtp depth losses) + balance_alpha * balance. The
-    parts are reported separately (detached values are for logging; `loss` carries the graph). `load`
-    (num_routers, E): tokens each router sent to each expert in this forward (main layers, then MTP modules),
-    what the aux-loss-free bias update needs; empty for a dense model."""
+    """`loss` is what to backpropagate: ce + mtp_weight * mean(mtp depth losses) + balance_alpha * balance +
+    indexer. The parts are reported separately (detached values are for logging; `loss` carries the graph).
+    `load` (num_routers, E): tokens each router sent to each expert in this forward (main layers, then MTP
+    modules), what the aux-loss-free bias update needs; empty for a dense model. `indexer`: the mean of V4's CSA
+    indexer losses (0 without CSA layers); it reaches only the indexers' parameters."""
 
     loss: torch.Tensor
     ce: torch.Tensor
     mtp: torch.Tensor
     balance: torch.Tensor
     load: torch.Tensor
+    indexer: torch.Tensor | None = None
 
 
 def document_positions_and_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,15 +75,35 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.mtp = nn.ModuleList(MTPModule(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
-        self.rotary = Rotary(cfg)
+        self.hc_head = HyperHead(cfg) if residual_kind(cfg) == "mhc" else None
+        self.mtp = nn.ModuleList(make_mtp(cfg, cfg.num_hidden_layers + k) for k in range(cfg.num_nextn_predict_layers))
+        self.rotaries = nn.ModuleDict(rotaries(cfg))
         self.num_routers = len(moe_routers(self))
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
+    def cast(self, dtype: torch.dtype) -> "Transformer":
+        """Parameters to `dtype` except `FP32_PARAMETERS`; buffers (rotary tables, routing bias, hash tables)
+        keep theirs. Works on the meta device (the loader casts before allocating)."""
+        for name, p in self.named_parameters():
+            if not any(k in "." + name for k in FP32_PARAMETERS):
+                p.data = p.data.to(dtype)
+        return self
+
+    @property
+    def rotary(self) -> Rotary:
+        """The "main" rotary table (the only one of V2/V3)."""
+        return self.rotaries["main"]
+
+    def collapse(self, state: torch.Tensor) -> torch.Tensor:
+        """The residual state -> final hidden states (B, T, D), before the last norm."""
+        return state if self.hc_head is None else self.hc_head(state)
+
     @torch.no_grad()
     def reset_parameters(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix, ones for norms, zeros for biases and the routing bias."""
+        """Normal(0, initializer_range) for every matrix (mHC maps included), ones for norms and mHC scales,
+        zeros for biases, the routing bias, attention sinks and compressor position biases (transformers' V4
+        init); hash tables drawn at random (`HashRouter.reset_table`)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.cfg.initializer_range
         for m in self.modules():
@@ -87,6 +119,19 @@ class Transformer(nn.Module):
             elif isinstance(m, Router):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
                 m.e_score_correction_bias.zero_()
+            elif isinstance(m, HashRouter):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * std)
+                m.reset_table(seed or 0)
+            elif isinstance(m, (HyperConnection, HyperHead)):
+                fn, base, scale = (m.fn, m.base, m.scale) if isinstance(m, HyperConnection) else (
+                    m.hc_fn, m.hc_base, m.hc_scale)
+                fn.copy_(torch.randn(fn.shape, generator=gen) * std)
+                base.zero_()
+                scale.fill_(1.0)
+            elif isinstance(m, CompressedAttention):
+                m.sinks.zero_()
+            elif isinstance(m, Compressor):
+                m.position_bias.zero_()
 
     def cache_specs(self) -> list[LayerCacheSpec]:
         """What each layer caches per token (its attention kind's cache kind): what every cache is built from."""
@@ -102,8 +147,9 @@ class Transformer(nn.Module):
                              f"{self.cfg.max_position_embeddings}; shorten the input or raise the limit (with YaRN)")
 
     def _run(self, input_ids: torch.Tensor, cache=None, absorb: bool | None = None,
-             doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Routing]]:
-        """Final hidden states (B, T, D) before the last norm, and the routing of every MoE layer."""
+             doc_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Routing], list[torch.Tensor]]:
+        """The last residual state, the routing of every score-routed MoE layer and the attention layers'
+        auxiliary losses (CSA's indexer losses, when gradients are on)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
         if cache is not None and doc_ids is not None:
@@ -124,22 +170,22 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=input_ids.device)  # (T,)
         if absorb is None:
             absorb = cache is not None and T == 1
-        rope = self.rotary(positions)
-        x = self.embed_tokens(input_ids)
-        routings = []
+        rope = RopeAt(self.rotaries, positions)
+        x = expand_streams(self.cfg, self.embed_tokens(input_ids))
+        routings, aux = [], []
         for layer in self.layers:
-            x, routing = layer(x, rope, cache, absorb, mask)
-            if routing is not None:
-                routings.append(routing)
+            x, routing, loss = layer(x, rope, cache, absorb, mask, input_ids)
+            routings += [routing] if routing is not None else []
+            aux += [loss] if loss is not None else []
         if cache is not None:
             cache.advance(T)
-        return x, routings
+        return x, routings, aux
 
     def hidden(self, input_ids: torch.Tensor, cache=None, absorb: bool | None = None,
                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, D), before the last norm. With a cache, the new tokens' entries are written
         and the cache advanced by T."""
-        return self._run(input_ids, cache, absorb, doc_ids)[0]
+        return self.collapse(self._run(input_ids, cache, absorb, doc_ids)[0])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Output logits from final hidden states: lm_head(norm(h)). (..., D) -> (..., vocab)."""
@@ -153,22 +199,24 @@ class Transformer(nn.Module):
         scored on labels k steps ahead; the last k positions, which have no such token, are dropped.
         `balance_alpha`: weight of the sequence-wise balance loss (0: off; DeepSeek-V3 used 1e-4). `doc_ids`
         (B, T): packed documents, each attended as if alone (the MTP loss ignores it: pass mtp_weight=0)."""
-        h, routings = self._run(input_ids, cache, absorb, doc_ids)
+        state, routings, aux = self._run(input_ids, cache, absorb, doc_ids)
+        h = self.collapse(state)
         if labels is None:
             return self.logits(h)
         ce = self._ce(self.norm(h), labels)
         mtp = h.new_zeros((), dtype=torch.float32)
         if self.mtp and mtp_weight > 0:
             T = input_ids.shape[1]
-            rope = self.rotary(torch.arange(T, device=input_ids.device))
+            rope = RopeAt(self.rotaries, torch.arange(T, device=input_ids.device))
             depth_losses = []
             for k, module in enumerate(self.mtp, start=1):
                 if T - k <= 0:
                     break
-                h, routing = module(h[:, : T - k], self.embed_tokens(input_ids[:, k:]), tuple(r[: T - k] for r in rope))
+                ahead = input_ids[:, k:]
+                state, routing, _ = module(state[:, : T - k], self.embed_tokens(ahead), rope.narrow(T - k), ahead)
                 if routing is not None:
                     routings.append(routing)
-                depth_losses.append(self._ce(module.norm(h), labels[:, k:]))
+                depth_losses.append(self._ce(module.head_input(state), labels[:, k:]))
             if depth_losses:
                 mtp = torch.stack(depth_losses).mean()
         B = input_ids.shape[0]
@@ -180,7 +228,9 @@ class Transformer(nn.Module):
             balance = balance_alpha * balance
         with torch.no_grad():
             load = routing_load(routings, self.num_routers, self.cfg.n_routed_experts or 0)
-        return LossOutput(ce + mtp_weight * mtp + balance, ce.detach(), mtp.detach(), balance.detach(), load)
+        indexer = torch.stack(aux).mean() if aux else h.new_zeros((), dtype=torch.float32)
+        return LossOutput(ce + mtp_weight * mtp + balance + indexer, ce.detach(), mtp.detach(), balance.detach(), load,
+                          indexer.detach())
 
     def _ce(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(h).float()
@@ -190,11 +240,11 @@ class Transformer(nn.Module):
         """One decoding step without advancing the cache: tokens (B, 1) -> next-token logits (B, V), absorbed
         attention, no input checks and no host syncs: the unit `torch.compile` captures whole (advancing mutates
         Python-side state, which a compiled graph must not guard on). Callers validate ids and lengths up front."""
-        rope = self.rotary(cache.positions(1))
-        x = self.embed_tokens(tokens)
+        rope = RopeAt(self.rotaries, cache.positions(1))
+        x = expand_streams(self.cfg, self.embed_tokens(tokens))
         for layer in self.layers:
-            x, _ = layer(x, rope, cache, True)
-        return self.logits(x[:, -1])
+            x = layer(x, rope, cache, True, None, tokens)[0]
+        return self.logits(self.collapse(x)[:, -1])
 
     def decode_step(self, tokens: torch.Tensor, cache, compiled=None) -> torch.Tensor:
         """`decode_logits` (or its compiled form `compiled`), then advance the cache by the one new token."""
@@ -212,6 +262,9 @@ class Transformer(nn.Module):
         compiling takes tens of seconds on a CPU)."""
         B, T = input_ids.shape
         self._check_inputs(input_ids, max_new_tokens)  # the whole generation must fit the positions
+        if compile and not compilable(self.cache_specs()):
+            raise ValueError("compiled decoding needs static cache shapes; DeepSeek-V4's compressed caches grow "
+                             "in Python as windows close: decode it with compile=False")
         dtype = cache_dtype or next(self.parameters()).dtype
         cache = ContiguousCache(self.cache_specs(), B, T + max_new_tokens, device=input_ids.device, dtype=dtype)
         compiled = torch.compile(self.decode_logits, dynamic=False) if compile else None

@@ -57,5 +57,5 @@ def test_model_decode_bench_against_transformers(capsys):
     assert set(out) == {f"{who}/{b}" for who in ("qiusuo", "transformers") for b in (1, 2)}
     assert all(v > 0 for v in out.values())
     text = capsys.readouterr().out
-    assert "latent cache 192 bytes/token" in text and "same weights" in text
+    assert "cache 192 bytes/token" in text and "same weights" in text
     assert "batch   2  qiusuo / transformers:" in text

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from qiusuo.config import get_config
 from qiusuo.model.cache import ContiguousCache
+from qiusuo.model.rope import RopeAt
 from qiusuo.model.transformer import IGNORE_INDEX, Transformer
 
 
@@ -37,8 +38,8 @@ def test_mtp_targets_are_k_steps_ahead():
     with torch.no_grad():
         out = model(x, labels=labels)
         h = model.hidden(x)
-        rope = model.rotary(torch.arange(9))
-        h1, _ = model.mtp[0](h[:, :9], model.embed_tokens(x[:, 1:]), rope)
+        rope = RopeAt(model.rotaries, torch.arange(9))
+        h1 = model.mtp[0](h[:, :9], model.embed_tokens(x[:, 1:]), rope)[0]
         ref = F.cross_entropy(model.lm_head(model.mtp[0].norm(h1)).flatten(0, 1), labels[:, 1:].flatten())
     assert torch.allclose(out.mtp, ref, atol=1e-6)
 

@@ -1,0 +1,167 @@
+"""DeepSeek-V4's token compressor and lightning indexer (V4 report section 2.3).
+
+Legend: B batch, T new tokens, m `ratio` (tokens per entry), w entry width, C = coff * w raw width (coff 2 with
+overlapping windows, else 1), n entries, Hi indexer heads, P `qk_rope_head_dim`.
+
+A compressor pools every m tokens into one entry: each token contributes a projection `kv` and a gate `gate`
+(plus a learned bias per position in the window), and an entry is the gate-softmax-weighted sum over its window,
+channel by channel, then RMS-normalised and rotated at the window's first position with the "compress" rotary.
+CSA's windows overlap: entry w pools the second half of the channels of window w with the first half of window
+w-1 (2m slots, stride m); HCA's windows do not (m slots). An entry exists once its window's last token has
+been seen, so query t sees entry w iff (w + 1) * m <= t + 1: a query never sees an entry reaching past it.
+
+One code path serves the full forward and the cache: the raw projections of the `span` tokens before the new
+ones (none, -inf gates, without a cache) are prepended, and every window that closes among the new tokens is
+pooled from that sequence. So prefill, chunked prefill and token-by-token decoding compute the same entries.
+
+The indexer (CSA only) is a compressor at `index_head_dim` with its own queries (from the attention's query
+latent) and per-head weights: score(t, s) = sum_h w_{t,h} * ReLU(q_{t,h} . k_s), and each query keeps the
+`index_topk` best visible entries. Ties are broken towards the lower (older) entry on every path
+(`topk_lowest_index`); DeepSeek's inference code and transformers call `torch.topk`, which leaves ties to the
+kernel, so on inputs without ties all three agree.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qiusuo.config import CSA, ModelConfig
+from qiusuo.model.rope import RMSNorm, RopeAt, apply_rotary
+
+
+def rotate_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved rotary on the last P dims of x (B, T, H, d), the rest untouched (V4's `[nope | rope]`)."""
+    P = 2 * cos.shape[-1]
+    return torch.cat([x[..., :-P], apply_rotary(x[..., -P:], cos, sin, True)], dim=-1)
+
+
+def topk_lowest_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest fp32 scores along the last dim, equal scores ordered by lower index: one exact
+    int64 key per score (order-preserving float bits, then the reversed index), so every path and device picks
+    the same entries. -0.0 counts as +0.0."""
+    n = scores.shape[-1]
+    bits = (scores.float() + 0.0).contiguous().view(torch.int32).to(torch.int64)
+    key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the float value
+    key = key * n + (n - 1 - torch.arange(n, device=scores.device))
+    return key.topk(k, dim=-1).indices
+
+
+def visible_entries(positions: torch.Tensor, n: int, ratio: int) -> torch.Tensor:
+    """(B|1, T, n) True where the query at `positions` (B|1, T) may see compressed entry w: (w+1)*m <= t+1."""
+    return torch.arange(n, device=positions.device) < ((positions + 1) // ratio)[..., None]
+
+
+class Compressor(nn.Module):
+    """Pools every `ratio` tokens into one entry of `width`. Names are transformers' (`kv_proj`, `gate_proj`,
+    `position_bias`, `kv_norm`; the hub's `wkv`, `wgate`, `ape`, `norm`)."""
+
+    def __init__(self, cfg: ModelConfig, ratio: int, width: int, overlap: bool):
+        super().__init__()
+        self.ratio, self.width, self.overlap = ratio, width, overlap
+        coff = 2 if overlap else 1
+        self.span = coff * ratio  # raw tokens kept between calls
+        self.kv_proj = nn.Linear(cfg.hidden_size, coff * width, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, coff * width, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(ratio, coff * width))
+        self.kv_norm = RMSNorm(width, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: RopeAt, pool=None) -> torch.Tensor:
+        """x (B, T, D) -> every entry so far (B, n, w): this call's and, with a cache `pool`, the earlier ones."""
+        B, T, _ = x.shape
+        m, w = self.ratio, self.width
+        kv, gate = self.kv_proj(x), self.gate_proj(x)  # (B, T, C)
+        if pool is None:
+            L = 0
+            seq_kv = torch.cat([kv.new_zeros(B, self.span, kv.shape[-1]), kv], 1)
+            seq_gate = torch.cat([gate.new_full((B, self.span, gate.shape[-1]), float("-inf")), gate], 1)
+        else:
+            L, seq_kv, seq_gate = pool.history(kv, gate)  # seq[0] is position L - span
+        first, n = L // m, (L + T) // m - L // m  # entries closing among the new tokens
+        if n == 0:
+            entries = kv.new_zeros(B, 0, w)
+        else:
+            base = first * m - (L - self.span)  # seq index of window `first`'s first token (>= m with overlap)
+
+            def windows(t: torch.Tensor, start: int) -> torch.Tensor:
+                return t[:, start: start + n * m].reshape(B, n, m, -1)  # (B, n, m, C)
+
+            cur_kv, cur_g = windows(seq_kv, base), windows(seq_gate, base) + self.position_bias
+            if self.overlap:  # first m slots: window w-1's first w channels; next m: window w's last w
+                prev_kv, prev_g = windows(seq_kv, base - m), windows(seq_gate, base - m) + self.position_bias
+                cur_kv = torch.cat([prev_kv[..., :w], cur_kv[..., w:]], 2)  # (B, n, 2m, w)
+                cur_g = torch.cat([prev_g[..., :w], cur_g[..., w:]], 2)
+            pooled = (cur_kv * cur_g.softmax(2, dtype=torch.float32).to(cur_kv.dtype)).sum(2)  # (B, n, w)
+            cos, sin = rope.at("compress", (first + torch.arange(n, device=x.device)) * m)
+            entries = rotate_tail(self.kv_norm(pooled)[:, :, None], cos, sin)[:, :, 0]
+        return entries if pool is None else pool.append(entries)
+
+
+class IndexScorer(nn.Module):
+    """Per-query head weights of the indexer (transformers' `indexer.scorer.weights_proj`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weights_proj = nn.Linear(cfg.hidden_size, cfg.index_n_heads, bias=False)
+
+
+class Indexer(Compressor):
+    """The lightning indexer: a compressor at `index_head_dim` plus queries from the attention's query latent."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, cfg.compress_rate(CSA), cfg.index_head_dim, overlap=True)
+        self.heads, self.topk = cfg.index_n_heads, cfg.index_topk
+        self.q_b_proj = nn.Linear(cfg.q_lora_rank, cfg.index_n_heads * cfg.index_head_dim, bias=False)
+        self.scorer = IndexScorer(cfg)
+
+    def select(self, x: torch.Tensor, q_lat: torch.Tensor, rope: RopeAt, positions: torch.Tensor,
+               pool=None) -> Selection:
+        """x (B, T, D), q_lat (B, T, q_lora_rank), positions (B|1, T) -> each query's `index_topk` best visible
+        entries (fewer visible: the rest marked invalid)."""
+        B, T, _ = x.shape
+        keys = self(x, rope, pool)  # (B, n, w)
+        n = keys.shape[1]
+        q = rotate_tail(self.q_b_proj(q_lat).view(B, T, self.heads, self.width), *rope["compress"])
+        scores = F.relu(torch.einsum("bthd,bnd->bthn", q.float(), keys.float())) * self.width**-0.5
+        weights = self.scorer.weights_proj(x).float() * self.heads**-0.5  # (B, T, Hi)
+        score = (scores * weights[..., None]).sum(2)  # (B, T, n)
+        score = score.masked_fill(~visible_entries(positions, n, self.ratio), float("-inf"))
+        idx = topk_lowest_index(score, min(self.topk, n))  # (B, T, k)
+        chosen = score.gather(-1, idx)
+        return Selection(idx, chosen > float("-inf"), chosen, n)
+
+
+class Selection(NamedTuple):
+    """The indexer's choice per query: `idx` (B, T, k) entries, `valid` (B, T, k) False where a query had fewer
+    than k visible entries, `score` (B, T, k) fp32 their indexer scores, `n` entries in all."""
+
+    idx: torch.Tensor
+    valid: torch.Tensor
+    score: torch.Tensor
+    n: int
+
+    def mask(self) -> torch.Tensor:
+        """(B, T, n) bool: the chosen entries as a dense mask (the reference attention path's form)."""
+        B, T, _ = self.idx.shape
+        out = torch.zeros(B, T, self.n, dtype=torch.bool, device=self.idx.device)
+        return out.scatter_(-1, self.idx, self.valid)
+
+
+def indexer_loss(sel: Selection, attn: torch.Tensor) -> torch.Tensor:
+    """The indexer's own objective (DeepSeek-V3.2 report eq. 3-4, sparse stage; V4 trains CSA's indexer the
+    same way): KL(p || softmax(score)) over each query's chosen entries, where p is the main attention's
+    probability of those entries summed over heads and renormalised. The selection itself is discrete, so this
+    is the only signal that teaches the indexer what attention would have wanted; the target is detached and
+    the indexer reads detached inputs (`CompressedAttention`), so the loss trains the indexer alone.
+    attn (B, T, k) fp32 -> scalar, mean over the queries that chose an entry."""
+    p = attn.detach() * sel.valid
+    mass = p.sum(-1, keepdim=True)
+    rows = mass[..., 0] > 0
+    if not bool(rows.any()):
+        return sel.score.new_zeros(())
+    p = p[rows] / mass[rows]
+    logq = sel.score.masked_fill(~sel.valid, float("-inf"))[rows].log_softmax(-1)
+    return torch.where(p > 0, p * (p.clamp_min(1e-30).log() - logq), torch.zeros_like(p)).sum(-1).mean()
