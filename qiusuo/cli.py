@@ -8,6 +8,8 @@ import argparse
 import importlib
 import sys
 
+from qiusuo.io import CheckpointError
+
 # command -> (module, one-line help). Order is the order of the stages.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("qiusuo.demo", "prepare the default corpus, train the demo MoE, sample from it (the main job)"),
@@ -44,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=f"qiusuo {name}", description=help_, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     module.add_args(p)
     args = p.parse_args(argv[1:])
-    rc = module.main(args)
+    try:
+        rc = module.main(args)
+    except (CheckpointError, ValueError, OSError) as e:  # bad input: one line naming it, not a traceback
+        print(f"qiusuo {name}: error: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

@@ -2,8 +2,11 @@
 
 Field names are exactly those of `config.json` in DeepSeek-V2/V3/V4 checkpoints so that a real config loads as is
 (`ModelConfig.from_hf`, which also folds V4's older spellings into the current ones: `compress_ratios`,
-`compress_rate_csa`/`_hca`, `num_hash_layers`, nested `rope_parameters`, `partial_rotary_factor`). Every size the
-project talks about lives in `PRESETS`; code never branches on a width.
+`compress_rate_csa`/`_hca`, `num_hash_layers`, nested `rope_parameters`, `partial_rotary_factor`), and refuses what
+is not a model config rather than filling it with defaults. Moonshot's `kimi_k2` is the V3 architecture under its own
+name; DeepSeek's own inference configs (`dim`, `n_layers`, ...) are read by `from_deepseek_inference` (and
+`config_from_json` takes either). Every size the project talks about lives in `PRESETS`; code never branches on a
+width.
 A leaf: it imports nothing of the model (parameter and cache-bytes counting live in `qiusuo.model.count`).
 """
 
@@ -16,7 +19,15 @@ from typing import Any
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v4")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v4", "kimi_k2")
+# families that are the DeepSeek-V3 architecture under another name (Moonshot's Kimi-K2 ships `model_type: kimi_k2` with
+# `architectures: ["DeepseekV3ForCausalLM"]`, so engines can tell it apart; the weights and the math are V3's)
+V3_ARCHITECTURE = ("deepseek_v3", "kimi_k2")
+# a Hugging Face config.json of each family must name these: a missing one would silently take our small defaults
+REQUIRED_HF = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts")
+REQUIRED_HF_MOE = ("moe_intermediate_size", "num_experts_per_tok")
+REQUIRED_HF_V4 = ("hidden_size", "num_hidden_layers", "num_attention_heads")  # the rest: transformers' V4 defaults
 # DeepSeek-V4's per-layer kinds, in transformers' names (`layer_types`, `mlp_layer_types`)
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 V4_ATTENTION_KINDS = (SLIDING, CSA, HCA)
@@ -27,7 +38,7 @@ V4_MLP_KINDS = ("hash_moe", "moe")
 class ModelConfig:
     """A DeepSeek-V2/V3 architecture. Defaults are a small V3-style model."""
 
-    model_type: str = "deepseek_v3"  # "deepseek_v2" or "deepseek_v3": checkpoint family, sets routing defaults
+    model_type: str = "deepseek_v3"  # one of MODEL_TYPES: checkpoint family, sets routing defaults (kimi_k2 = V3's)
     vocab_size: int = 8192
     hidden_size: int = 256  # residual width D
     intermediate_size: int = 768  # width of the dense MLP in the first `first_k_dense_replace` layers
@@ -82,11 +93,11 @@ class ModelConfig:
     index_topk: int = 512  # compressed entries each query keeps
 
     def __post_init__(self) -> None:
-        v3 = self.model_type in ("deepseek_v3", "deepseek_v4")
+        v3 = self.model_type in (*V3_ARCHITECTURE, "deepseek_v4")
         if self.topk_method is None:
             self.topk_method = "noaux_tc" if v3 else "greedy"
         if self.scoring_func is None:
-            self.scoring_func = {"deepseek_v4": "sqrtsoftplus", "deepseek_v3": "sigmoid"}.get(self.model_type, "softmax")
+            self.scoring_func = "sqrtsoftplus" if self.is_v4 else "sigmoid" if v3 else "softmax"
         if self.is_v4:
             n = self.num_hidden_layers
             if self.compress_rates is None:
@@ -260,11 +271,30 @@ class ModelConfig:
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
         """Read a Hugging Face `config.json` dict: the hub form (`rope_theta` + `rope_scaling`) or the
         transformers-5 form (`rope_parameters`). Unknown keys (`architectures`, `quantization_config`, ...) are
-        ignored; unknown `model_type`s raise."""
+        ignored. Refused with a ValueError naming what is wrong: a dict that is not a model config (no or an unknown
+        `model_type`), one whose shape fields are missing (they would silently take this class's small defaults;
+        `REQUIRED_HF`, V4: `REQUIRED_HF_V4` with transformers' defaults for the rest), and DeepSeek's own inference
+        configs (`dim`, `n_layers`, ...: read those with `from_deepseek_inference`)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a Hugging Face config.json is a JSON object, got {type(d).__name__}")
+        if "model_type" not in d:
+            if _INFERENCE_KEYS & d.keys():
+                raise ValueError("this is DeepSeek's inference config (inference/configs/*.json of the DeepSeek-V3 "
+                                 "repository: dim, n_layers, ...), not a Hugging Face config.json; use the config.json "
+                                 "of the Hugging Face checkpoint, or ModelConfig.from_deepseek_inference() for this "
+                                 "format")
+            raise ValueError("config.json has no model_type: not a Hugging Face model config (qiusuo reads "
+                             f"{', '.join(MODEL_TYPES)}); pass the checkpoint's own config.json")
         d = dict(d)
-        mt = d.get("model_type", "deepseek_v3")
+        mt = d["model_type"]
         if mt not in MODEL_TYPES:
             raise ValueError(f"config.json model_type={mt!r} is not supported; qiusuo loads {', '.join(MODEL_TYPES)}")
+        required = REQUIRED_HF_V4 if mt == "deepseek_v4" else REQUIRED_HF + (
+            REQUIRED_HF_MOE if d.get("n_routed_experts") else ())
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise ValueError(f"config.json (model_type={mt!r}) lacks {', '.join(missing)}: a {mt} config.json names "
+                             f"them all; is this the checkpoint's complete config.json?")
         if mt == "deepseek_v4":
             d = _v4_hf_fields(d)
         rp = d.pop("rope_parameters", None)
@@ -294,12 +324,47 @@ class ModelConfig:
             kwargs["scoring_func"] = kwargs.get("scoring_func") or "sigmoid"
         return cls(**kwargs)
 
+    @classmethod
+    def from_deepseek_inference(cls, d: dict[str, Any]) -> "ModelConfig":
+        """DeepSeek's own inference config (`inference/configs/config_{16B,236B,671B,v3.1}.json` of the DeepSeek-V3
+        repository, read by its `ModelArgs`: `dim`, `n_layers`, `n_activated_experts`, ...) as the same model in
+        Hugging Face terms. What `ModelArgs` leaves implicit is made explicit as DeepSeek's code does it: sigmoid
+        scores are the V3 family (`noaux_tc`, weights renormalised), softmax the V2 family (`group_limited_greedy`
+        when there are expert groups, else `greedy`; weights not renormalised); YaRN with `rope_factor` over
+        `original_seq_len` (on, since `max_seq_len` exceeds it), `mscale` for both of transformers' mscales; no MTP
+        module (DeepSeek's inference model has none). Unknown keys raise, naming them."""
+        unknown = sorted(d.keys() - _INFERENCE_DEFAULTS.keys())
+        if unknown:
+            raise ValueError(f"DeepSeek inference config: unknown key(s) {', '.join(unknown)}; its keys are those of "
+                             f"ModelArgs in DeepSeek-V3's inference/model.py ({', '.join(_INFERENCE_DEFAULTS)})")
+        a = {**_INFERENCE_DEFAULTS, **d}
+        if a["score_func"] not in ("softmax", "sigmoid"):
+            raise ValueError(f"DeepSeek inference config: score_func={a['score_func']!r}; use 'softmax' or 'sigmoid'")
+        v3 = a["score_func"] == "sigmoid"
+        groups = a["n_expert_groups"]
+        return cls(
+            model_type="deepseek_v3" if v3 else "deepseek_v2", vocab_size=a["vocab_size"], hidden_size=a["dim"],
+            intermediate_size=a["inter_dim"], moe_intermediate_size=a["moe_inter_dim"], num_hidden_layers=a["n_layers"],
+            first_k_dense_replace=a["n_dense_layers"], num_attention_heads=a["n_heads"],
+            q_lora_rank=a["q_lora_rank"] or None, kv_lora_rank=a["kv_lora_rank"],
+            qk_nope_head_dim=a["qk_nope_head_dim"], qk_rope_head_dim=a["qk_rope_head_dim"],
+            v_head_dim=a["v_head_dim"], n_routed_experts=a["n_routed_experts"], n_shared_experts=a["n_shared_experts"],
+            num_experts_per_tok=a["n_activated_experts"], n_group=groups, topk_group=a["n_limited_groups"],
+            topk_method="noaux_tc" if v3 else "group_limited_greedy" if groups > 1 else "greedy",
+            scoring_func=a["score_func"], norm_topk_prob=v3, routed_scaling_factor=float(a["route_scale"]),
+            rope_theta=float(a["rope_theta"]), max_position_embeddings=int(a["original_seq_len"] * a["rope_factor"]),
+            rope_scaling={"type": "yarn", "factor": a["rope_factor"],
+                          "original_max_position_embeddings": a["original_seq_len"], "beta_fast": a["beta_fast"],
+                          "beta_slow": a["beta_slow"], "mscale": a["mscale"], "mscale_all_dim": a["mscale"]},
+            num_nextn_predict_layers=0)
+
     def to_hf(self) -> dict[str, Any]:
         """The hub form of `config.json` (what DeepSeek ships), loadable by transformers 5 as well."""
         if self.is_v4:
             return self._v4_to_hf()
         d = {k: v for k, v in dataclasses.asdict(self).items() if k not in V4_ONLY}
-        d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        v3 = self.model_type in V3_ARCHITECTURE  # Kimi-K2 ships as DeepseekV3ForCausalLM with its own model_type
+        d["architectures"] = ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"]
         d["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
         d["n_routed_experts"] = self.n_routed_experts
         return d
@@ -320,6 +385,23 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+# DeepSeek-V3's inference/model.py `ModelArgs` (commit 9b4e978): every key its configs may set, with its default
+_INFERENCE_DEFAULTS: dict[str, Any] = dict(
+    max_batch_size=8, max_seq_len=4096 * 4, dtype="bf16", scale_fmt=None, vocab_size=102400, dim=2048,
+    inter_dim=10944, moe_inter_dim=1408, n_layers=27, n_dense_layers=1, n_heads=16, n_routed_experts=64,
+    n_shared_experts=2, n_activated_experts=6, n_expert_groups=1, n_limited_groups=1, score_func="softmax",
+    route_scale=1.0, q_lora_rank=0, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    original_seq_len=4096, rope_theta=10000.0, rope_factor=40, beta_fast=32, beta_slow=1, mscale=1.0)
+_INFERENCE_KEYS = {"dim", "n_layers", "n_heads", "inter_dim", "moe_inter_dim", "n_activated_experts"}
+
+
+def config_from_json(d: dict[str, Any]) -> ModelConfig:
+    """A `config.json` in either format a user may hold: Hugging Face's, or DeepSeek's inference configs."""
+    if isinstance(d, dict) and "model_type" not in d and _INFERENCE_KEYS & d.keys():
+        return ModelConfig.from_deepseek_inference(d)
+    return ModelConfig.from_hf(d)
 
 
 # fields only V4 reads: a V2/V3 config.json leaves them out (transformers' V3 would take `head_dim` as its own)
@@ -409,6 +491,16 @@ _V4_FLASH = dict(
     max_position_embeddings=1048576, num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
 )
 
+_V4_TINY = dict(
+    model_type="deepseek_v4", vocab_size=512, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+    num_attention_heads=4, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32, n_routed_experts=8,
+    n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0,
+    routed_scaling_factor=1.5, swiglu_limit=10.0, sliding_window=16, o_groups=2, o_lora_rank=16,
+    index_n_heads=4, index_head_dim=16, index_topk=4, hc_mult=2, layer_types=[SLIDING, CSA, HCA, CSA],
+    mlp_layer_types=["hash_moe", "moe", "moe", "moe"], compress_rates={CSA: 4, HCA: 16},
+    max_position_embeddings=512, num_nextn_predict_layers=1,
+)
+
 # V4-Pro's (1.6T total, 49B active): compress_ratios 128, 128, (4, 128) x 29, 4 (+ 0 for MTP)
 _V4_PRO = dict(
     _V4_FLASH, hidden_size=7168, moe_intermediate_size=3072, num_hidden_layers=61, num_attention_heads=128,
@@ -452,14 +544,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "deepseek-v3": _V3,
     # DeepSeek-V4 at test size: every attention kind, a hash layer, mHC with 2 streams, MTP
-    "v4-tiny": dict(
-        model_type="deepseek_v4", vocab_size=512, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
-        num_attention_heads=4, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32, n_routed_experts=8,
-        n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0,
-        routed_scaling_factor=1.5, swiglu_limit=10.0, sliding_window=16, o_groups=2, o_lora_rank=16,
-        index_n_heads=4, index_head_dim=16, index_topk=4, hc_mult=2, layer_types=[SLIDING, CSA, HCA, CSA],
-        mlp_layer_types=["hash_moe", "moe", "moe", "moe"], compress_rates={CSA: 4, HCA: 16},
-        max_position_embeddings=512, num_nextn_predict_layers=1),
+    "v4-tiny": _V4_TINY,
+    # DeepSeek-V4 at the `bench` size (hidden 256, 4 layers, 16 experts top-4): `qiusuo bench context`'s V4 side
+    "v4-bench": dict(
+        _V4_TINY, vocab_size=8192, hidden_size=256, moe_intermediate_size=128, num_attention_heads=8, head_dim=64,
+        qk_rope_head_dim=16, q_lora_rank=64, n_routed_experts=16, num_experts_per_tok=4, sliding_window=128,
+        o_groups=4, o_lora_rank=64, index_n_heads=8, index_head_dim=32, index_topk=64, hc_mult=4,
+        compress_rates={CSA: 4, HCA: 128}, max_position_embeddings=2048, num_nextn_predict_layers=0),
     "deepseek-v4-flash": _V4_FLASH,
     "deepseek-v4-pro": _V4_PRO,
 }

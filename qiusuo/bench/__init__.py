@@ -5,6 +5,7 @@
     engine    serving engine decoding tokens/s vs transformers       qiusuo/bench/decode.py
     serve     load test: concurrent streaming clients on the server  qiusuo/bench/serve.py
     quality   MoE vs dense, same active parameters, same wall clock  qiusuo/bench/quality.py
+    context   long context: V3 vs V4 decode speed and cache size     qiusuo/bench/context.py
 
 Shared flags live in `common.py`. This module only dispatches; a benchmark's exit code is the command's.
 """
@@ -25,6 +26,7 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
                "serving engine decode tokens/s vs transformers"),
     "quality": ("qiusuo.bench.quality", "add_args", "run", "MoE vs dense, same active params, same wall clock"),
     "serve": ("qiusuo.bench.serve", "add_args", "run", "load test: concurrent clients against the server"),
+    "context": ("qiusuo.bench.context", "add_args", "run", "long context: V3 vs V4 decode speed and cache size"),
 }
 
 

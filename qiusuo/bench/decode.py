@@ -118,8 +118,9 @@ def run_engine(args: argparse.Namespace) -> dict[str, float]:
     if not args.no_compile:
         engines["qiusuo compiled"] = make(compile=True)
     print(f"device {device}, {args.dtype}, {args.model or args.preset}: prompt {L} + {new} new tokens; "
-          f"latent cache {engines['qiusuo engine'].pool.bytes_per_token} bytes/token (formula "
-          f"{cache_bytes_per_token(cfg, DTYPES[args.dtype].itemsize)}); reference: transformers generate, {how}",
+          f"latent cache {engines['qiusuo engine'].pool.bytes_per_token:.0f} bytes/token (formula "
+          f"{cache_bytes_per_token(cfg, DTYPES[args.dtype].itemsize, L + new):.0f}); reference: transformers "
+          f"generate, {how}",
           flush=True)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
 

@@ -38,7 +38,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                                                               "FP4 (two e2m1 values per byte, a scale per 32 inputs), "
                                                               "as DeepSeek-V4-Flash ships them")
     p.add_argument("--scale-fmt", choices=SCALE_FORMATS, default=None,
-                   help="FP8/FP4 scales: float32 ('float') or powers of two ('ue8m0') (default: V2/V3 float, V4 ue8m0)")
+                   help="FP8/FP4 scales: float32 ('float') or powers of two ('ue8m0') (default: the source's "
+                        "quantization_config.scale_fmt, else V2/V3 float, V4 ue8m0)")
     p.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30,
                    help="start a new safetensors shard above this size (GiB)")
     p.add_argument("--no-mtp", action="store_true", help="drop the multi-token-prediction layers")
@@ -46,14 +47,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from qiusuo.hf.load import load_model, load_tokenizer
+    from qiusuo.hf.load import load_model, load_tokenizer, read_config, scale_format
     from qiusuo.hf.save import save_hf
 
     src = resolve_source(args.src)
+    scale_fmt = args.scale_fmt or scale_format(read_config(src)[1])  # the source's own (V3.1: ue8m0) unless told
     model = load_model(src, dtype=args.dtype, load_mtp=not args.no_mtp, progress=not args.no_progress)
-    tokenizer = load_tokenizer(src) if (src / "tokenizer.json").is_file() else None
+    has_tokenizer = any((src / f).is_file() for f in ("tokenizer.json", "tiktoken.model"))
+    tokenizer = load_tokenizer(src) if has_tokenizer else None
     out = save_hf(model, args.dst, tokenizer=tokenizer, fp8=args.fp8, max_shard_bytes=int(args.max_shard_gb * 2**30),
-                  progress=not args.no_progress, fp4_experts=args.fp4_experts, scale_fmt=args.scale_fmt)
+                  progress=not args.no_progress, fp4_experts=args.fp4_experts, scale_fmt=scale_fmt)
     quant = " (FP8 blocks" + (", FP4 experts" if args.fp4_experts else "") + ")" if args.fp8 else ""
     print(f"wrote {out} from {src}{quant}")
     return 0

@@ -1,36 +1,111 @@
-"""`qiusuo inspect PATH`: what a checkpoint holds, from config.json and the safetensors headers alone (no weights
-are read, so it is instant even for DeepSeek-V3's 163 shards): architecture, V4's per-layer attention kinds and
-hash-routed layers, parameters, dtypes, MTP, quantisation (FP8 blocks, FP4 experts, the scales' format), shards.
+"""`qiusuo inspect PATH`: what a checkpoint holds, and whether it fits, from config.json and the safetensors headers
+alone (no weights are read, so it is instant even for DeepSeek-V3's 163 shards): architecture, V4's per-layer
+attention kinds and hash-routed layers, parameters, dtypes, MTP, quantisation (FP8 blocks, FP4 experts, the scales'
+format), shards; the bytes the weights take in each format DeepSeek ships, the cache per token and for a context and
+batch, and which of those fit a memory (`--memory 24GB`).
+
+PATH may be a folder with weights, a folder with only config.json (decide before downloading 700 GB), or a config
+file itself, DeepSeek's inference configs (`inference/configs/config_671B.json`) included.
 
 Quantisation is read from the tensors (an e4m3 weight; an int8 / uint8 weight beside a scale is packed FP4; scales
 stored as float8_e8m0fnu or uint8 are ue8m0), the way the loader reads it; config.json's claims (`scale_fmt`,
-`expert_dtype`) are shown next to it, since a checkpoint whose tensors disagree with them loads by its tensors."""
+`expert_dtype`) are shown next to it, since a checkpoint whose tensors disagree with them loads by its tensors.
+
+Weight bytes per format are what `save_hf` writes for this config (the same plan, on the meta device): bf16; FP8
+(DeepSeek's choice of FP8 tensors, a float32 scale per 128x128 block, V4: one ue8m0 byte); FP8 with FP4 routed experts
+(V4-Flash's format: e2m1 two per byte, a ue8m0 byte per 32 inputs). The memory check adds the bf16 cache for the
+context and batch asked; activations and framework overhead are not counted."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from collections import Counter
 from pathlib import Path
 
 from qiusuo.config import CSA, HCA, SLIDING
+from qiusuo.io import CheckpointError
 
 _MTP = {False: re.compile(r"model\.layers\.(\d+)\."), True: re.compile(r"(?:model\.)?mtp\.(\d+)\.")}
 KIND_LETTER = {SLIDING: "S", CSA: "C", HCA: "H"}  # one letter per layer in the human-readable form
+FORMATS = ("bf16", "fp8", "fp8+fp4-experts")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def describe(path: str | Path) -> dict:
+def parse_bytes(text: str) -> int:
+    """'24GB' (10^9), '24GiB' (2^30), '1.5TB', '80e9' -> bytes; anything else raises ValueError saying how."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"--memory {text!r}: give a size such as 24GB (10^9 bytes), 24GiB (2^30), 80e9 or 1.5TB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def read_any_config(path: Path):
+    """(ModelConfig, raw dict, folder or None) of a model folder or of a config file, in either format."""
+    from qiusuo.hf.load import check_quantization
+
+    if path.is_dir():
+        file = path / "config.json"
+        if not file.is_file():
+            raise CheckpointError(f"{file}: not found; inspect a Hugging Face model folder, or a config.json file")
+    elif path.is_file():
+        file = path
+    else:
+        raise CheckpointError(f"{path}: no such folder or file; inspect a model folder or its config.json")
+    cfg, raw = _from_file(file)
+    check_quantization(raw, file)
+    return cfg, raw, path if path.is_dir() else None
+
+
+def _json(file: Path):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+
+
+def _from_file(file: Path):
+    from qiusuo.config import config_from_json
+
+    raw = _json(file)
+    try:
+        return config_from_json(raw), raw
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{file}: {e}") from None
+
+
+def weight_bytes(cfg, include_mtp: bool = True) -> dict[str, int]:
+    """Bytes of the weights in each of `FORMATS`, as `save_hf` would write them for this config."""
     import torch
 
-    from qiusuo.hf.load import read_config, read_entries, scaled_weight
-    from qiusuo.model.count import count_params
+    from qiusuo.hf.save import _plan
+    from qiusuo.model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg if include_mtp else cfg.replace(num_nextn_predict_layers=0))
+    fmt = "ue8m0" if cfg.is_v4 else "float"
+    plans = {"bf16": (False, False), "fp8": (True, False), "fp8+fp4-experts": (True, True)}
+    return {name: sum(it[4] for shard in _plan(model, torch.bfloat16, fp8, fp4, fmt, 2**62) for it in shard)
+            for name, (fp8, fp4) in plans.items()}
+
+
+def describe(path: str | Path, context: int | None = None, batch: int = 1, memory: int | None = None) -> dict:
+    import torch
+
+    from qiusuo.hf.load import INDEX, SINGLE, read_entries, scaled_weight
+    from qiusuo.model.count import cache_bytes_per_token, count_params
 
     path = Path(path)
-    cfg, raw = read_config(path)
-    entries = read_entries(path)
-    L, v4 = cfg.num_hidden_layers, cfg.is_v4
-    # V4: module indices K of `mtp.K.*`; V2/V3: the hub layer indices L.. of `model.layers.*` past the main layers
-    mtp_layers = sorted({i for n in entries if (m := _MTP[v4].match(n)) and (i := int(m.group(1))) >= (0 if v4 else L)})
+    cfg, raw, folder = read_any_config(path)
+    has_weights = folder is not None and ((folder / INDEX).is_file() or (folder / SINGLE).is_file())
+    entries = read_entries(folder) if has_weights else {}
+    L, v4, D = cfg.num_hidden_layers, cfg.is_v4, cfg.num_nextn_predict_layers
+    if has_weights:  # V4: module indices K of `mtp.K.*`; V2/V3: hub layer indices L.. of `model.layers.*`
+        mtp_layers = sorted({i for n in entries if (m := _MTP[v4].match(n)) and (i := int(m.group(1))) >= (0 if v4 else L)})
+    else:  # what config.json declares
+        mtp_layers = list(range(D)) if v4 else list(range(L, L + D))
     bytes_by_dtype = Counter()
     for e in entries.values():
         bytes_by_dtype[str(e.dtype).removeprefix("torch.")] += e.nbytes
@@ -40,9 +115,15 @@ def describe(path: str | Path) -> dict:
     qc = raw.get("quantization_config") or {}
     UE8M0 = (torch.float8_e8m0fnu, torch.uint8)  # scales stored as exponent bytes
     counts = count_params(cfg)
-    return {
+    context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    per_token = cache_bytes_per_token(cfg, 2, context)
+    cache = int(per_token * context * batch)
+    weights = weight_bytes(cfg, include_mtp=bool(mtp_layers))
+    d = {
         "path": str(path),
-        "architecture": (raw.get("architectures") or ["?"])[0],
+        "config_format": "huggingface" if "model_type" in raw else "deepseek-inference",
+        "weights_present": has_weights,
+        "architecture": (raw.get("architectures") or cfg.to_hf()["architectures"])[0],
         "model_type": cfg.model_type,
         "layers": L,
         "layer_kinds": dict(Counter(cfg.layer_types)) if v4 else None,
@@ -54,7 +135,8 @@ def describe(path: str | Path) -> dict:
         "params_total": counts["total"],
         "params_active": counts["active"],
         "params_mtp": count_params(cfg, include_mtp=True)["total"] - counts["total"] if mtp_layers else 0,
-        "dtype": raw.get("torch_dtype") or raw.get("dtype") or max(bytes_by_dtype, key=bytes_by_dtype.get),
+        "dtype": raw.get("torch_dtype") or raw.get("dtype") or (max(bytes_by_dtype, key=bytes_by_dtype.get)
+                                                                 if bytes_by_dtype else None),
         "bytes_by_dtype": dict(bytes_by_dtype),
         "mtp_layers": mtp_layers,
         "fp8": "float8_e4m3fn" in bytes_by_dtype,
@@ -64,8 +146,19 @@ def describe(path: str | Path) -> dict:
         | ({"expert_dtype": x} if (x := qc.get("expert_dtype", raw.get("expert_dtype"))) else {}),
         "shards": dict(sorted(shards.items())),
         "tensors": len(entries),
-        "tokenizer": (path / "tokenizer.json").is_file(),
+        "tokenizer": folder is not None and (folder / "tokenizer.json").is_file(),
+        "tokenizer_kind": next((k for k, f in (("tokenizer.json", "tokenizer.json"), ("tiktoken", "tiktoken.model"))
+                                if folder is not None and (folder / f).is_file()), None),
+        "weight_bytes": weights,
+        "cache_bytes_per_token": per_token,
+        "context": context,
+        "batch": batch,
+        "cache_bytes": cache,
     }
+    if memory is not None:
+        d["memory"] = memory
+        d["fits"] = {name: w + cache <= memory for name, w in weights.items()}
+    return d
 
 
 def _human(n: float) -> str:
@@ -76,44 +169,67 @@ def _human(n: float) -> str:
     return f"{n:.2f}P"
 
 
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="model folder (config.json + safetensors)")
+    p.add_argument("path", help="model folder (config.json, with or without its safetensors), or a config.json file")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.add_argument("--memory", default=None, help="memory to fit into, e.g. 24GB (10^9 bytes), 80GiB (2^30), 1.5TB")
+    p.add_argument("--context", type=int, default=None, help="tokens per sequence for the cache (default: the model's "
+                                                              "max_position_embeddings)")
+    p.add_argument("--batch", type=int, default=1, help="sequences cached at once")
 
 
 def main(args: argparse.Namespace) -> int:
-    import json
-
-    d = describe(args.path)
+    if args.batch < 1 or (args.context is not None and args.context < 1):
+        raise ValueError("--context and --batch must be positive")
+    memory = parse_bytes(args.memory) if args.memory is not None else None
+    d = describe(args.path, context=args.context, batch=args.batch, memory=memory)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
     v4 = d["layer_types"] is not None
-    print(f"{d['path']}")
+    print(f"{d['path']}" + ("" if d["weights_present"] else "  (config only: no weights read or needed)"))
     print(f"  architecture  {d['architecture']} ({d['model_type']}), {d['layers']} layers, hidden {d['hidden_size']}, "
-          f"{d['routed_experts']} routed experts (top-{d['experts_per_token']})")
+          f"{d['routed_experts']} routed experts (top-{d['experts_per_token']})"
+          + ("; from DeepSeek's inference config" if d["config_format"] == "deepseek-inference" else ""))
     if v4:
         print(f"  attention     {''.join(KIND_LETTER[k] for k in d['layer_types'])}  ("
               + ", ".join(f"{KIND_LETTER[k]} {k} x{n}" for k, n in d["layer_kinds"].items()) + ")")
         print(f"  hash routing  {'layers ' + ', '.join(map(str, d['hash_layers'])) if d['hash_layers'] else 'none'}")
     print(f"  parameters    {_human(d['params_total'])} total, {_human(d['params_active'])} active per token"
           + (f", + {_human(d['params_mtp'])} in MTP" if d["params_mtp"] else ""))
-    print(f"  dtype         {d['dtype']}  ("
-          + ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in d["bytes_by_dtype"].items()) + ")")
+    if d["weights_present"]:
+        print(f"  dtype         {d['dtype']}  ("
+              + ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in d["bytes_by_dtype"].items()) + ")")
     mtp = ", ".join(("mtp." if v4 else "") + str(i) for i in d["mtp_layers"])
-    print(f"  MTP           {('modules ' if v4 else 'layers ') + mtp if mtp else 'none'}")
-    if d["fp8"]:
-        b = d["config_quantization"].get("weight_block_size", [128, 128])
-        fp8 = f"yes (float8_e4m3fn, {b[0]}x{b[1]} blocks, {'/'.join(d['scale_fmt']) or '?'} scales)"
-    else:
-        fp8 = "no"
-    print(f"  FP8           {fp8}")
-    if v4 or d["fp4_experts"]:
-        n = d["fp4_experts"]
-        print(f"  FP4 experts   {f'yes ({n} matrices: e2m1, two per byte, a scale per 32 inputs)' if n else 'no'}")
+    declared = "" if d["weights_present"] else " (declared in config.json)"
+    print(f"  MTP           {('modules ' if v4 else 'layers ') + mtp + declared if mtp else 'none'}")
+    if d["weights_present"]:
+        if d["fp8"]:
+            b = d["config_quantization"].get("weight_block_size", [128, 128])
+            fp8 = f"yes (float8_e4m3fn, {b[0]}x{b[1]} blocks, {'/'.join(d['scale_fmt']) or '?'} scales)"
+        else:
+            fp8 = "no"
+        print(f"  FP8           {fp8}")
+        if v4 or d["fp4_experts"]:
+            n = d["fp4_experts"]
+            print(f"  FP4 experts   {f'yes ({n} matrices: e2m1, two per byte, a scale per 32 inputs)' if n else 'no'}")
     if d["config_quantization"]:
         print("  config.json   quantization " + ", ".join(f"{k}={v}" for k, v in d["config_quantization"].items()))
-    print(f"  shards        {len(d['shards'])} file(s), {d['tensors']} tensors: "
-          + ", ".join(f"{k} ({v})" for k, v in d["shards"].items()))
-    print(f"  tokenizer     {'yes' if d['tokenizer'] else 'no'}")
+    if d["weights_present"]:
+        print(f"  shards        {len(d['shards'])} file(s), {d['tensors']} tensors: "
+              + ", ".join(f"{k} ({v})" for k, v in d["shards"].items()))
+    print(f"  tokenizer     {d['tokenizer_kind'] or 'no'}")
+    w = d["weight_bytes"]
+    print(f"  weights       bf16 {_gb(w['bf16'])}, FP8 {_gb(w['fp8'])}, FP8 + FP4 experts {_gb(w['fp8+fp4-experts'])}"
+          + (" (MTP included)" if d["params_mtp"] else ""))
+    print(f"  cache         {d['cache_bytes_per_token']:,.0f} bytes per token (bf16); {_gb(d['cache_bytes'])} for "
+          f"{d['batch']} x {d['context']:,} tokens")
+    if "fits" in d:
+        rows = [f"{name} {'fits' if ok else 'does not fit'} ({_gb(w[name] + d['cache_bytes'])})"
+                for name, ok in d["fits"].items()]
+        print(f"  fits {_gb(d['memory'])}?  " + "; ".join(rows) + "  (weights + cache; activations not counted)")
     return 0

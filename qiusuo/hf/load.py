@@ -12,6 +12,10 @@ Order of work, so that bad input fails before any memory is committed and nothin
 What is quantised is read from the tensors themselves (an e4m3 weight, an int8 one where the model has floats)
 and their scales, not from config.json's `quantization_config` (`scale_fmt`, `expert_dtype`), which `qiusuo
 inspect` reports: float32, float8_e8m0fnu and uint8 (e8m0 bytes) scales all decode by value (`fp8.decode_scale`).
+`quantization_config` is checked: `quant_method` must be DeepSeek's "fp8" (another method, such as Kimi-K2-Thinking's
+INT4 "compressed-tensors", stores tensors this loader would misread), `scale_fmt` "ue8m0" or absent (float32).
+Tensors that carry no weights (`rotary_emb.inv_freq`: Kimi-K2 and older exports save the rotary table, which is
+rebuilt from config.json) are skipped with a logged line. `read_generation_config` reads generation_config.json.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -40,6 +45,8 @@ log = logging.getLogger("qiusuo.hf")
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+NO_WEIGHTS = (".rotary_emb.inv_freq",)  # buffers some checkpoints save that the config determines: skipped
+QUANT_METHODS = ("fp8",)
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
@@ -67,7 +74,78 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
         cfg = ModelConfig.from_hf(raw)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{cfg_file}: {e}") from None
+    check_quantization(raw, cfg_file)
     return cfg, raw
+
+
+def check_quantization(raw: dict, where: Path) -> None:
+    """config.json's `quantization_config`, when present, is DeepSeek's FP8 (128x128 blocks, float32 or ue8m0
+    scales): any other method stores its tensors differently, and loading them as plain weights would be wrong."""
+    qc = raw.get("quantization_config")
+    if qc is None:
+        return
+    if not isinstance(qc, dict):
+        raise CheckpointError(f"{where}: quantization_config must be an object, got {qc!r}")
+    method = qc.get("quant_method")
+    if method not in QUANT_METHODS:
+        raise CheckpointError(f"{where}: quantization_config.quant_method={method!r} is not supported; qiusuo reads "
+                              f"DeepSeek's FP8 checkpoints (quant_method 'fp8', 128x128 block scales) and unquantised "
+                              f"ones (no quantization_config)")
+    fmt = qc.get("scale_fmt")
+    if fmt not in (None, "ue8m0", "float"):
+        raise CheckpointError(f"{where}: quantization_config.scale_fmt={fmt!r}; DeepSeek's are 'ue8m0' (V3.1 and "
+                              f"later) or absent (float32 scales)")
+
+
+def scale_format(raw: dict) -> str | None:
+    """The scale format config.json declares ("ue8m0" or "float"), None when it has no FP8 quantization_config:
+    what an export of this checkpoint writes unless told otherwise."""
+    qc = raw.get("quantization_config") or {}
+    return (qc.get("scale_fmt") or "float") if qc.get("quant_method") == "fp8" else None
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """A checkpoint's generation_config.json, the parts a server honours, as vLLM's `--generation-config auto`:
+    sampling defaults (`temperature`, `top_p`, `top_k`, `min_p`, and `max_new_tokens` as `max_tokens`) that a request's
+    own values override, and the end-of-sequence ids (an int or a list) that end every reply. `do_sample` is not read
+    (nor by vLLM): a checkpoint that ships a temperature means it."""
+
+    sampling: dict = field(default_factory=dict)
+    eos_token_ids: tuple[int, ...] = ()
+
+
+GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                   "max_new_tokens": "max_tokens"}
+
+
+def read_generation_config(path: str | Path) -> GenerationConfig:
+    """The folder's generation_config.json (an empty `GenerationConfig` when there is none), checked: a value out of
+    range raises `CheckpointError` naming the file and the field."""
+    from qiusuo.infer.sampling import SamplingParams
+
+    file = Path(path) / "generation_config.json"
+    if not file.is_file():
+        return GenerationConfig()
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: must be a JSON object")
+    sampling = {ours: raw[k] for k, ours in GENERATION_KEYS.items() if raw.get(k) is not None}
+    for k, v in sampling.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise CheckpointError(f"{file}: {k} must be a number, got {v!r}")
+    try:
+        SamplingParams(**sampling)
+    except ValueError as e:
+        raise CheckpointError(f"{file}: {e}") from None
+    eos = raw.get("eos_token_id")
+    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
+        raise CheckpointError(f"{file}: eos_token_id must be a token id or a list of them, got {raw['eos_token_id']!r}")
+    return GenerationConfig(sampling, tuple(eos))
 
 
 def read_entries(path: str | Path) -> dict[str, Entry]:
@@ -143,6 +221,12 @@ def plan(path: str | Path, dtype=None, load_mtp: bool = True) -> Plan:
     path = Path(path)
     cfg, raw = read_config(path)
     entries = read_entries(path)
+    skipped = [n for n in entries if n.endswith(NO_WEIGHTS)]
+    if skipped:
+        log.info("%s: skipping %d tensor(s) that carry no weights (%s, ...): rebuilt from config.json", path,
+                 len(skipped), skipped[0])
+        for n in skipped:
+            entries.pop(n)
     dtype = parse_dtype(dtype) or default_dtype(raw, entries)
     block = _block_size(raw, path)
     model = _meta_model(cfg, dtype)
@@ -328,7 +412,8 @@ def _load_one(handle, e: Entry, slot: Slot, sd: dict[str, torch.Tensor], s: Entr
 
 
 def load_tokenizer(path: str | Path):
-    """The folder's tokenizer (`tokenizer.json`, `tokenizer_config.json` with its chat template)."""
+    """The folder's tokenizer: `tokenizer.json` (+ `tokenizer_config.json` with its chat template), or Moonshot's
+    `tiktoken.model` (Kimi-K2, Moonlight) as a `TiktokenTokenizer`; the same interface either way."""
     from qiusuo.data.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(path)

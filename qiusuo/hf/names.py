@@ -8,6 +8,8 @@ V2/V3: our names are the hub's (transformers') without the `model.` prefix, exce
 - MTP module k: ours `mtp.k.{enorm, hnorm, eh_proj, norm, block.*}`; the hub's `model.layers.{L+k}.{enorm, hnorm,
   eh_proj, shared_head.norm, <block names>}`, plus `embed_tokens` and `shared_head.head`, copies of the main
   embedding and output head that vLLM and SGLang read. We write those copies and, on load, only check their shapes.
+  In an FP8 export the MTP block's projections are FP8 like any layer's; eh_proj and the norms stay in the model dtype,
+  as DeepSeek ships them.
 V4: DeepSeek's own names (`embed.weight`, `layers.N.attn.wq_a.weight`, `layers.N.ffn.experts.J.w1.weight`,
 `mtp.K.e_proj.weight`, ...), the table in `qiusuo.hf.names_v4`; experts split as above into w1 (gate), w3 (up),
 w2 (down).
@@ -108,9 +110,9 @@ def hf_layout(model: nn.Module) -> dict[str, Slot]:
                 mtp.update(block(f"mtp.{k}.block.", hub, name.removeprefix("block."), t))
             elif v4:
                 mtp.update([_v4_slot(ours, hub, names_v4.MTP, name)])
-            else:
-                mtp[hub + ("shared_head.norm.weight" if name == "norm.weight" else name)] = Slot(
-                    ours, quant="fp8" if is_quantizable(hub + name, t) else None)
+            else:  # enorm, hnorm, eh_proj, norm: bf16 in DeepSeek-V3's checkpoint (vLLM's MTP layer reads eh_proj
+                # into a plain, unquantised nn.Linear; an FP8 eh_proj is ~103 MB smaller than DeepSeek's file)
+                mtp[hub + ("shared_head.norm.weight" if name == "norm.weight" else name)] = Slot(ours)
         elif ours == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
         elif v4:

@@ -9,7 +9,11 @@ writes the same files into a folder the caller finishes itself (a training check
 Quantised export, what each slot of `hf_layout` says (`Slot.quant`): with fp8, "fp8" and "expert" matrices become
 float8_e4m3fn with a scale per 128x128 block; with fp4_experts as well, "expert" matrices become FP4 (int8, two
 e2m1 values per byte, a scale per 32 inputs of each row). Scales are float32 (`scale_fmt="float"`, V3's) or ue8m0
-(`float8_e8m0fnu`, V4's), named `<weight>_scale_inv` (V2/V3) or `<module>.scale` (V4, `names.scale_name`).
+powers of two, named `<weight>_scale_inv` (V2/V3) or `<module>.scale` (V4, `names.scale_name`). As DeepSeek stores
+them: V3.1's ue8m0 scales are float32 tensors holding powers of two, V4's are `float8_e8m0fnu` bytes; config.json
+says `scale_fmt: "ue8m0"` for both and nothing for float32 scales (V3's `quantization_config` has no `scale_fmt`).
+What is FP8 follows DeepSeek-V3's checkpoint (`Slot.quant`): every projection of attention, MLPs and experts, the
+MTP block's included; not the embedding, output head, routers, norms, routing bias, nor MTP's `eh_proj`.
 Load -> save gives back the same bytes (tests/hf/test_v4_checkpoints.py): the dequantised values q * s are exact in
 float32, and re-quantising them finds the same scales and codes (`qiusuo.hf.fp8`, `qiusuo.hf.fp4`). With ue8m0
 scales q * s is exact in bf16 as well, so a V4-Flash-style folder survives a bf16 load; float32 scales need the
@@ -62,7 +66,7 @@ def _scale_fmt(model: nn.Module, fp8: bool, fp4_experts: bool, scale_fmt: str | 
 def _plan(model: nn.Module, dtype, fp8: bool, fp4_experts: bool, scale_fmt: str, max_shard_bytes: int) -> list[list]:
     """Shards of (hub name, source view, output dtype, "fp8" | "fp4" | None, bytes on disk), greedy in layout order."""
     sd = model.state_dict()
-    scale_bytes = 1 if scale_fmt == "ue8m0" else 4
+    scale_bytes = 1 if scale_fmt == "ue8m0" and model.cfg.is_v4 else 4
     items = []
     for name, slot in hf_layout(model).items():
         t = slot.view(sd[slot.ours])
@@ -126,7 +130,8 @@ def write_hf(model: nn.Module, folder: Path, tokenizer=None, fp8: bool = False, 
             tensors = {}
             for name, t, out_dtype, fmt, _ in shard:
                 if fmt:
-                    tensors[name], tensors[scale_name(model, name)] = quantise[fmt](t, scale_fmt=scale_fmt)
+                    q, scale = quantise[fmt](t, scale_fmt=scale_fmt)
+                    tensors[name], tensors[scale_name(model, name)] = q, scale if cfg.is_v4 else scale.float()
                 else:
                     tensors[name] = t.to(out_dtype)
             weight_map.update(dict.fromkeys(tensors, file))
@@ -137,7 +142,8 @@ def write_hf(model: nn.Module, folder: Path, tokenizer=None, fp8: bool = False, 
     param_dtype = dtype or next(model.parameters()).dtype
     config = cfg.to_hf() | {"torch_dtype": str(param_dtype).removeprefix("torch.")}
     if fp8:
-        config["quantization_config"] = FP8_CONFIG | {"scale_fmt": scale_fmt}
+        declared = scale_fmt == "ue8m0" or cfg.is_v4  # V3's config has no scale_fmt; V3.1's and V4's name theirs
+        config["quantization_config"] = FP8_CONFIG | ({"scale_fmt": scale_fmt} if declared else {})
     if fp4_experts:  # V4.1 reads it from quantization_config, V4 (and DeepSeek's inference code) from the top level
         config["quantization_config"]["expert_dtype"] = config["expert_dtype"] = "fp4"
     _write_json(folder / "config.json", config)

@@ -38,7 +38,7 @@ def main(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line})
-        prompt = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        prompt = engine.tokenizer.encode_chat(messages)  # markers typed by the user stay plain text
         try:
             out = engine.generate([prompt], params, progress=print_delta)[0]
         except ValueError as e:  # the conversation outgrew the context

@@ -22,13 +22,14 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from qiusuo.hf.load import GenerationConfig
 from qiusuo.infer.output import Completion, Delta, RequestOutput, Usage, close, completions, process
-from qiusuo.infer.paged import BlockPool, check_servable
+from qiusuo.infer.paged import BlockPool, block_bytes, check_servable, state_bytes
+from qiusuo.infer.paged_window import window_block_size
 from qiusuo.infer.runner import ModelRunner
 from qiusuo.infer.sampling import Sampled, SamplingParams
 from qiusuo.infer.scheduler import Scheduler, pool_blocks
 from qiusuo.infer.sequence import Request, Sequence
-from qiusuo.model.count import cache_bytes_per_token
 
 __all__ = ["Completion", "Delta", "Engine", "RequestOutput", "Usage"]
 
@@ -38,12 +39,15 @@ class Engine:
 
     max_batch: sequences decoded together. block_size: tokens per cache block (small, so short prompts
     repeated n times still share blocks). cache_memory: bytes of cache (default: room for every batch row at
-    full context, at most 1 GiB). max_model_len: prompt + output tokens per sequence."""
+    full context, at most 1 GiB). max_model_len: prompt + output tokens per sequence. generation: the checkpoint's
+    `GenerationConfig` (generation_config.json: sampling defaults the server and the commands apply under a request's
+    own values, eos ids that end every reply)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, block_size: int = 16, cache_memory: int | None = None,
                  max_model_len: int | None = None, cache_dtype: torch.dtype | None = None,
-                 max_prefill_tokens: int = 4096, compile: bool = False):
+                 max_prefill_tokens: int = 4096, compile: bool = False, generation=None):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.generation = generation or GenerationConfig()  # the checkpoint's sampling defaults and eos ids
         cfg = model.cfg
         p = next(model.parameters())
         self.device, dtype = p.device, cache_dtype or p.dtype
@@ -52,22 +56,31 @@ class Engine:
                              "load the tokenizer that belongs to this model")
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch = max_batch
-        check_servable(model.cache_specs())  # before sizing a pool by a per-token cost it cannot state
-        num_blocks = pool_blocks(cache_bytes_per_token(cfg, dtype.itemsize), block_size, max_batch,
-                                 self.max_model_len, cache_memory)
-        self.pool = BlockPool(model.cache_specs(), num_blocks, block_size, device=self.device, dtype=dtype)
+        specs = model.cache_specs()
+        check_servable(specs)
+        block_size = window_block_size(specs, block_size)  # V4: a multiple of every compression rate
+        states = max_batch if state_bytes(specs, 1) else 0  # V4: one window state per batch row, taken first
+        budget = None if cache_memory is None else cache_memory - states * state_bytes(specs, dtype.itemsize)
+        if budget is not None and budget <= 0:
+            raise ValueError(f"cache_memory={cache_memory} bytes does not hold the window states of {max_batch} "
+                             f"sequences ({states * state_bytes(specs, dtype.itemsize)} bytes for DeepSeek-V4's "
+                             "sliding windows and open compression windows); raise it or lower max_batch")
+        per_token = -(-block_bytes(specs, block_size, dtype.itemsize) // block_size)
+        num_blocks = pool_blocks(per_token, block_size, max_batch, self.max_model_len, budget)
+        self.pool = BlockPool(specs, num_blocks, block_size, device=self.device, dtype=dtype, num_states=states)
         self.max_model_len = min(self.max_model_len, num_blocks * block_size)
         self.scheduler = Scheduler(self.pool, max_batch)
         self.runner = ModelRunner(model, self.pool, max_batch=max_batch, max_model_len=self.max_model_len,
                                   max_prefill_tokens=max_prefill_tokens, compile=compile)
-        self.stop_ids = {i for i in (tokenizer.eos_id, tokenizer.token_to_id("<|end|>")) if i is not None}
+        # end of a reply: EOS and the template's end-of-turn token (`tokenizer.stop_ids`), generation_config's eos ids
+        self.stop_ids = set(tokenizer.stop_ids) | set(self.generation.eos_token_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Request) | ("abort", request id)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
         self._ids = itertools.count()
         self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "ttft_sum": 0.0, "ttft_count": 0,
-                      "aborted": 0}
+                      "aborted": 0, "failed": 0}
 
     @property
     def waiting(self) -> list[Sequence]:
@@ -145,6 +158,7 @@ class Engine:
 
     def _finish(self, s: Sequence, reason: str) -> None:
         if self.scheduler.finish(s, reason):  # blocks freed before the sink hears the end
+            self.stats["failed"] += reason == "error"
             close(s, reason)
 
     # ---- background thread (server) ----
@@ -157,11 +171,12 @@ class Engine:
         self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop the background thread after its current step (safe to call twice, from two threads)."""
         self._stop = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
 
     def _loop(self) -> None:
         while not self._stop:
@@ -171,9 +186,10 @@ class Engine:
                 continue
             try:
                 self.step()
-            except Exception:  # a bug must not hang every client: fail the requests in flight, keep serving
+            except Exception as e:  # a bug must not hang every client: fail the requests in flight, keep serving
                 traceback.print_exc()
                 for s in self.waiting + self.running:
+                    s.error = f"the engine failed a step ({type(e).__name__}: {e})"
                     self._finish(s, "error")
                 self.scheduler.collect()
 

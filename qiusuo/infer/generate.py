@@ -5,30 +5,36 @@ from __future__ import annotations
 import argparse
 import sys
 
+from qiusuo.hf.load import read_generation_config
 from qiusuo.infer.load import add_engine_args, engine_from_args
 from qiusuo.infer.output import Delta
 from qiusuo.infer.sampling import SamplingParams
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float, top_p: float) -> None:
-    """The sampling options of `generate` and `chat` (which differ in their defaults)."""
-    p.add_argument("--max-tokens", type=int, default=256, help="new tokens at most per reply")
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    """The sampling options of `generate` and `chat`: a flag given wins, then the checkpoint's generation_config.json
+    (R1 ships temperature 0.6, top_p 0.95), then the command's own default (which differs between the two)."""
+    own = {"temperature": temperature, "top_p": top_p, "top_k": 0, "max_tokens": 256}
+    p.set_defaults(command_sampling=own)
+    later = "default: generation_config.json's, else {}"
+    p.add_argument("--max-tokens", type=int, default=None, help="new tokens at most per reply (" + later.format(256) + ")")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (" + later.format(temperature) + ")")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (" + later.format(top_p) + ")")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens, 0: all (" + later.format(0) + ")")
     p.add_argument("--seed", type=int, default=None, help="random seed (same seed, same output)")
 
 
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
+def sampling_params(args: argparse.Namespace, checkpoint: dict | None = None) -> SamplingParams:
+    """Flags given, over `checkpoint` (`GenerationConfig.sampling`), over the command's defaults."""
+    given = {k: getattr(args, k) for k in ("max_tokens", "temperature", "top_p", "top_k") if getattr(args, k) is not None}
+    return SamplingParams(**{**args.command_sampling, **(checkpoint or {}), **given}, seed=args.seed)
 
 
 def start(args: argparse.Namespace):
     """(sampling parameters, engine) for a terminal command, or None after printing why the settings are bad
     (checked before the model loads)."""
     try:
-        params = sampling_params(args)
+        params = sampling_params(args, read_generation_config(args.model).sampling)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
@@ -53,8 +59,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     params, engine = started
     prompt = args.prompt
-    if args.template:
-        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    if args.template:  # the prompt is the user's text: encode_chat never turns markers typed in it into control ids
+        prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}])
     out = engine.generate([prompt], params, progress=print_delta)[0]
     print(f"\n[{out.usage.completion_tokens} tokens, finish: {out.outputs[0].finish_reason}]", file=sys.stderr)
     return 0

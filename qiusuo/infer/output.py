@@ -5,7 +5,8 @@ Per sequence: stop tokens end it (they are not output); other tokens are detoken
 is released: a tail ending in an incomplete UTF-8 sequence (U+FFFD) and any tail that could be the start of a
 stop string are held back, a stop string cuts the text before it. So streamed pieces concatenate to exactly the
 non-streamed text, which is `tokenizer.decode(output ids)` up to the stop. Finish reasons: "stop" (a stop token
-or string), "length" (max_tokens), "abort" (the client went away), "error" (the engine failed the step).
+or string), "length" (max_tokens), "abort" (the client went away), "error" (the sequence alone could not be
+sampled, or the engine failed the step; `Delta.error` says why).
 
 `ThinkSplitter` routes a reply's `<think>...</think>` text to reasoning and the rest to content (the server's
 `reasoning_content`).
@@ -32,6 +33,7 @@ class Delta:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass
@@ -42,6 +44,7 @@ class Completion:
     logprobs: list[float] | None
     top_logprobs: list[list[tuple[int, float]]] | None
     finish_reason: str
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass
@@ -146,6 +149,10 @@ def process(seqs: list[Sequence], sampled: Sampled, stats: dict) -> Iterator[tup
     now = time.perf_counter()
     for r, s in enumerate(seqs):
         req, tok = s.req, sampled.tokens[r]
+        if r in sampled.errors:  # this row alone could not be sampled
+            s.error = f"sampling failed: {sampled.errors[r]}"
+            yield s, "error"
+            continue
         if req.first_token is None:
             req.first_token = now
             stats["ttft_sum"] += now - req.arrival
@@ -171,7 +178,7 @@ def close(s: Sequence, reason: str) -> None:
     was aborted), then the request's Usage once every sample has finished."""
     req = s.req
     if not s.text.done and reason != "abort":
-        req.sink(Delta(s.index, s.text.rest(), [], [], [], reason))
+        req.sink(Delta(s.index, s.text.rest(), [], [], [], reason, s.error))
     req.unfinished -= 1
     if req.unfinished == 0:
         req.sink(Usage(len(req.prompt), req.completion_tokens, req.cached_tokens))
@@ -185,7 +192,8 @@ def completions(deltas: dict[int, list[Delta]]) -> list[Completion]:
         want = any(d.logprobs for d in ds)
         outs.append(Completion(i, "".join(d.text for d in ds), [t for d in ds for t in d.token_ids],
                                [x for d in ds for x in d.logprobs] if want else None,
-                               [x for d in ds for x in d.top_logprobs] if want else None, ds[-1].finish_reason))
+                               [x for d in ds for x in d.top_logprobs] if want else None, ds[-1].finish_reason,
+                               ds[-1].error))
     return outs
 
 

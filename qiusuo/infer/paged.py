@@ -4,9 +4,10 @@ A sequence owns a block table; token position p lives at slot `table[p // bs] * 
 storage. Requests of any length join and leave without copying anybody's cache, and memory is bounded by the
 pool. What a layer stores per slot is its kind's business (`LayerCacheSpec` from `model.cache_specs()`): the
 `latent` kind (MLA) keeps one flat tensor `(num_blocks * block_size + 1, C)`, C = kv_lora_rank +
-qk_rope_head_dim, the last slot scratch. A new attention kind (V3.2's indexer keys, V4's compressed pools) adds a
-class to `LAYER_KINDS` with its storage and its `update`; the pool, the block tables and the scheduler, which see
-only blocks and bytes per token, do not change.
+qk_rope_head_dim, the last slot scratch; DeepSeek-V4's `window` kind (`paged_window.py`) keeps its compressed
+entries in the blocks and its sliding window and open compression windows in one *sequence state* per running
+sequence, taken at admission like blocks. A new attention kind adds a class to `LAYER_KINDS` with its storage and
+its layer cache; the scheduler, which sees only blocks, states and bytes, does not change.
 
 Prefix cache (like vLLM's, with small blocks): a FULL block is named by `hash((parent_hash, its token ids))`,
 so two prompts that agree on their first k blocks share them. Blocks have reference counts; a cached block whose
@@ -26,8 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qiusuo.infer.paged_window import PagedWindow, WindowStorage, window_block_size
 from qiusuo.model.cache import LayerCacheSpec
-from qiusuo.model.count import specs_bytes_per_token
 
 
 @dataclass
@@ -39,6 +40,7 @@ class BlockTable:
     num_cached: int = 0  # tokens whose latents are in the cache
     num_shared: int = 0  # prompt tokens found in the prefix cache at allocation
     num_hashed: int = 0  # leading blocks already named (registering is incremental)
+    state: int | None = None  # the sequence state (V4's windows), for kinds that keep one
 
 
 class PagedLatent:
@@ -46,8 +48,16 @@ class PagedLatent:
     returns every row's gathered context (rows, S, C) with the batch's mask."""
 
     @staticmethod
-    def storage(spec: LayerCacheSpec, num_slots: int, device, dtype: torch.dtype) -> torch.Tensor:
-        return torch.zeros(num_slots, spec.width, device=device, dtype=dtype)
+    def storage(spec: LayerCacheSpec, pool: "BlockPool") -> torch.Tensor:
+        return torch.zeros(pool.scratch + 1, spec.width, device=pool.device, dtype=pool.dtype)
+
+    @staticmethod
+    def block_values(spec: LayerCacheSpec, block_size: int) -> int:
+        return block_size * spec.width
+
+    @staticmethod
+    def state_values(spec: LayerCacheSpec) -> int:
+        return 0
 
     def __init__(self, batch: "PagedBatch", data: torch.Tensor):
         self.batch, self.data = batch, data  # data (slots, C)
@@ -61,34 +71,53 @@ class PagedLatent:
 
 
 # layer-cache kind (LayerCacheSpec.kind) -> its paged implementation
-LAYER_KINDS = {"latent": PagedLatent}
+LAYER_KINDS = {"latent": PagedLatent, "window": PagedWindow}
 
 
 def check_servable(specs: list[LayerCacheSpec]) -> None:
-    """Raise if `specs` hold a layer-cache kind the paged engine has no implementation of (V4's `window` kind:
-    its paged form, compressed pools included, is issue 13's)."""
+    """Raise if `specs` hold a layer-cache kind the paged engine has no implementation of."""
     missing = sorted({s.kind for s in specs} - set(LAYER_KINDS))
     if missing:
-        raise ValueError(f"the paged engine cannot cache layers of kind {missing} yet (DeepSeek-V4's sliding-window "
-                         "and compressed caches); decode such a model with Transformer.generate")
+        raise ValueError(f"the paged engine cannot cache layers of kind {missing}; decode such a model with "
+                         "Transformer.generate")
+
+
+def block_bytes(specs: list[LayerCacheSpec], block_size: int, itemsize: int) -> int:
+    """Bytes one block holds over all layers (what the memory budget divides by)."""
+    return sum(LAYER_KINDS[s.kind].block_values(s, block_size) for s in specs) * itemsize
+
+
+def state_bytes(specs: list[LayerCacheSpec], itemsize: int) -> int:
+    """Bytes one sequence state holds over all layers (0 without V4 layers)."""
+    return sum(LAYER_KINDS[s.kind].state_values(s) for s in specs) * itemsize
 
 
 class BlockPool:
     """The block pool of all layers: `layers[l]` is layer l's storage, built by its kind from `specs[l]`
-    (`latent`: (num_blocks * block_size + 1, C))."""
+    (`latent`: (num_blocks * block_size + 1, C); `window`: `paged_window.WindowStorage`). `num_states`: sequence
+    states for kinds that keep one (V4: one per batch row); 0 when no layer needs them."""
 
     def __init__(self, specs: list[LayerCacheSpec], num_blocks: int, block_size: int = 16, device=None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, num_states: int = 0):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
         check_servable(specs)
+        stateful = state_bytes(specs, 1) > 0
+        if stateful and (num_states < 1 or block_size != window_block_size(specs, block_size)):
+            raise ValueError(f"DeepSeek-V4 layers need num_states >= 1 (got {num_states}) and a block size every "
+                             f"compression rate divides (got {block_size}; use {window_block_size(specs, block_size)})")
         self.specs, self.block_size, self.num_blocks = list(specs), block_size, num_blocks
         self.device, self.dtype = torch.device(device or "cpu"), dtype
+        self.num_states = num_states if stateful else 0
+        self.free_states = list(range(self.num_states - 1, -1, -1))
+        # V4's windows are per sequence: sharing a prefix also needs a snapshot of them at its end (paged_window.py)
+        self.snapshots: OrderedDict[int, list] = OrderedDict()  # block hash -> per-layer state snapshots, LRU
+        self.max_snapshots = 4 * self.num_states
         # one extra slot past the blocks: padding rows and positions write there and read it masked out
         self.scratch = num_blocks * block_size
         # one tensor per layer, not views of one (L, slots, C) tensor: a compiled step then writes its new latents
         # in place; through a view, functionalisation copied the whole pool back every step (11 ms of a 12 ms step)
-        self.layers = [LAYER_KINDS[s.kind].storage(s, self.scratch + 1, self.device, dtype) for s in self.specs]
+        self.layers = [LAYER_KINDS[s.kind].storage(s, self) for s in self.specs]
         self.refcount = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, oldest first
@@ -98,9 +127,10 @@ class BlockPool:
         self.hit_tokens = 0  # prompt tokens served from the prefix cache, for /metrics
 
     @property
-    def bytes_per_token(self) -> int:
-        """Cache bytes per token over all layers, from their specs (= `qiusuo.model.count.cache_bytes_per_token`)."""
-        return specs_bytes_per_token(self.specs, self.dtype.itemsize)
+    def bytes_per_token(self) -> float:
+        """Cache bytes per token in blocks over all layers (MLA: = `qiusuo.model.count.cache_bytes_per_token`;
+        V4: its compressed entries; its windows are per sequence state: `state_bytes`)."""
+        return block_bytes(self.specs, self.block_size, self.dtype.itemsize) / self.block_size
 
     @property
     def used_blocks(self) -> int:
@@ -122,6 +152,9 @@ class BlockPool:
                 break
             out.append(b)
             parent = h
+        if self.num_states:  # V4: only up to the deepest block whose state was snapshotted
+            while out and self.block_hash[out[-1]] not in self.snapshots:
+                out.pop()
         return out
 
     def blocks_for(self, num_tokens: int) -> int:
@@ -134,9 +167,17 @@ class BlockPool:
         shared = self._match(prompt[: max(len(prompt) - 1, 0)])
         fresh = self.blocks_for(total_tokens) - len(shared)
         revived = sum(1 for b in shared if self.refcount[b] == 0)
-        if fresh > len(self.free) + len(self.lru) - revived:
+        if fresh > len(self.free) + len(self.lru) - revived or (self.num_states and not self.free_states):
             return None
         table = BlockTable()
+        if self.num_states:
+            table.state = self.free_states.pop()
+            snap = self.snapshots.get(self.block_hash[shared[-1]]) if shared else None
+            for i, layer in enumerate(self.layers):
+                if isinstance(layer, WindowStorage):
+                    layer.restore(table.state, snap[i]) if snap else layer.reset(table.state)
+            if snap:
+                self.snapshots.move_to_end(self.block_hash[shared[-1]])
         for b in shared:
             if self.refcount[b] == 0:
                 del self.lru[b]
@@ -157,6 +198,7 @@ class BlockPool:
         if self.free:
             return self.free.pop()
         b, _ = self.lru.popitem(last=False)  # evict the least recently used cached block
+        self.snapshots.pop(self.block_hash[b], None)
         del self.by_hash[self.block_hash.pop(b)]
         del self.block_tokens[b]
         return b
@@ -174,6 +216,29 @@ class BlockPool:
                 self.by_hash[h], self.block_hash[b], self.block_tokens[b] = b, h, chunk
         table.num_hashed = max(table.num_hashed, table.num_cached // bs)
 
+    def snapshot_boundary(self, table: BlockTable, prompt_len: int) -> int | None:
+        """Where the runner should pause a V4 prefill to snapshot the state: the prompt's last full-block
+        boundary short of its last token, if the sequence has not passed it; None for MLA-only pools."""
+        if not self.num_states:
+            return None
+        boundary = (prompt_len - 1) // self.block_size * self.block_size
+        return boundary if boundary > table.num_cached else None
+
+    def snapshot(self, table: BlockTable) -> None:
+        """Keep a copy of the sequence's state under its last full block's hash (after `register`), so prompts
+        sharing the blocks up to here can start here; the oldest snapshots go beyond `max_snapshots`."""
+        n = table.num_cached // self.block_size
+        if not n or table.hashes[n - 1] is None or table.num_cached % self.block_size:
+            return
+        h = table.hashes[n - 1]
+        if self.by_hash.get(h) != table.blocks[n - 1]:
+            return  # an identical block of another sequence holds the name: its snapshot serves
+        self.snapshots[h] = [layer.snapshot(table.state) if isinstance(layer, WindowStorage) else None
+                             for layer in self.layers]
+        self.snapshots.move_to_end(h)
+        while len(self.snapshots) > self.max_snapshots:
+            self.snapshots.popitem(last=False)
+
     def release(self, table: BlockTable) -> None:
         """Drop the sequence's references; cached blocks park in the LRU (tail blocks first, so a shared prefix
         outlives its continuations), the rest return to the free list."""
@@ -185,6 +250,9 @@ class BlockPool:
                 else:
                     self.free.append(b)
         table.blocks, table.hashes = [], []
+        if table.state is not None:
+            self.free_states.append(table.state)
+            table.state = None
 
     def slots(self, tables: list[BlockTable], length: int, rows: int | None = None) -> torch.Tensor:
         """(rows, length) flat slot of each position of each row; positions past a row's blocks, and padding rows
@@ -220,6 +288,15 @@ class PagedBatch:
         start = torch.tensor(starts, dtype=torch.long, device=device)  # (rows,)
         n = torch.tensor(counts + [0] * (rows - len(tables)), dtype=torch.long, device=device)  # (rows,)
         self._positions = start[:, None] + torch.arange(T, device=device)  # (rows, T)
+        self.pool, self.starts, self.counts_t = pool, start, n  # (rows,): V4's layer caches read these
+        self.states = torch.tensor([pool.num_states if t.state is None else t.state for t in tables]
+                                   + [pool.num_states] * (rows - len(tables)), dtype=torch.long, device=device)
+        nb = max([len(t.blocks) for t in tables] + [1])  # block tables as a tensor, for V4's entry slots
+        self.block_ids = torch.tensor([t.blocks + [-1] * (nb - len(t.blocks)) for t in tables]
+                                      + [[-1] * nb] * (rows - len(tables)), dtype=torch.long, device=device)
+        self._layers = [LAYER_KINDS[spec.kind](self, data) for spec, data in zip(pool.specs, pool.layers)]
+        if not any(spec.kind == "latent" for spec in pool.specs):
+            return  # V4 layers read block ids and positions, not per-token slots or a (T, S) mask
         self.slots = pool.slots(tables, self.S, rows)  # (rows, S) read
         real = torch.arange(T, device=device)[None, :] < n[:, None]  # (rows, T) not padding
         self.write = torch.where(real, self.slots.gather(1, self._positions.clamp_max(self.S - 1)), pool.scratch)
@@ -231,10 +308,20 @@ class PagedBatch:
             # softmax. Padding queries of a real row read stale slots of its own blocks: finite, and discarded
             s = torch.arange(self.S, device=device)[None, None, :]  # (1, 1, S)
             self.mask = (s <= self._positions[:, :, None])[:, None]  # (rows, 1, T, S)
-        self._layers = [LAYER_KINDS[spec.kind](self, data) for spec, data in zip(pool.specs, pool.layers)]
 
     def positions(self, T: int) -> torch.Tensor:
         return self._positions
+
+    def entry_slots(self, ratio: int, entries: torch.Tensor) -> torch.Tensor:
+        """(rows, ...) compressed-entry numbers -> their slots in a `ratio` pool's entry storage: entry e lives in
+        block (e * ratio) // bs at sub-slot ((e * ratio) % bs) // ratio; past a row's blocks, the scratch slot."""
+        pool, bt = self.pool, self.block_ids  # (rows, nb)
+        bs, per = pool.block_size, pool.block_size // ratio
+        pos = entries * ratio
+        blk_idx = pos // bs
+        blk = bt.gather(1, blk_idx.clamp(max=bt.shape[1] - 1).flatten(1)).view(blk_idx.shape)
+        blk = torch.where(blk_idx < bt.shape[1], blk, -1)
+        return torch.where(blk >= 0, blk * per + (pos % bs) // ratio, pool.num_blocks * per)
 
     def layer(self, i: int):
         return self._layers[i]

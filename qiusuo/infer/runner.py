@@ -36,7 +36,19 @@ class ModelRunner:
         return torch.compile(self.model.decode_logits, options=options)
 
     def prefill(self, seqs: list[Sequence]) -> Sampled:
-        """Newly admitted sequences -> the first sampled token of each."""
+        """Newly admitted sequences -> the first sampled token of each. A prompt longer than
+        `max_prefill_tokens` is prefilled in pieces of that many tokens first (the same caches as in one go:
+        every cache kind continues from `num_cached`), so one long prompt never needs one huge forward; a V4
+        prompt pauses at its last full block for the pool to snapshot its window state (prefix caching)."""
+        cap = self.max_prefill_tokens
+        for s in seqs:
+            stop = self.pool.snapshot_boundary(s.table, len(s.req.prompt))
+            if stop is not None:  # V4: pause at the last full block to snapshot the state (prefix caching)
+                while s.table.num_cached < stop:
+                    self._prefill_chunk([s], min(cap, stop - s.table.num_cached))
+                self.pool.snapshot(s.table)
+            while len(s.req.prompt) - s.table.num_cached > cap:
+                self._prefill_chunk([s], cap)
         chunks: list[list[Sequence]] = [[]]
         longest = 0
         for s in seqs:
@@ -48,9 +60,10 @@ class ModelRunner:
             longest = max(longest, n)
         return self._sample(seqs, torch.cat([self._prefill_chunk(c) for c in chunks]))
 
-    def _prefill_chunk(self, seqs: list[Sequence]) -> torch.Tensor:
-        """One padded prefill forward -> logits (B, V) at each row's last prompt token."""
-        news = [s.req.prompt[s.table.num_cached:] for s in seqs]
+    def _prefill_chunk(self, seqs: list[Sequence], limit: int | None = None) -> torch.Tensor:
+        """One padded prefill forward -> logits (B, V) at each row's last new token (`limit`: at most that
+        many of each row's uncached prompt tokens)."""
+        news = [s.req.prompt[s.table.num_cached:][:limit] for s in seqs]
         T = max(len(n) for n in news)
         ids = torch.tensor([n + [0] * (T - len(n)) for n in news], device=self.device)  # (B, T) right-padded
         h = self.model.hidden(ids, cache=PagedBatch(self.pool, [s.table for s in seqs], [len(n) for n in news]),

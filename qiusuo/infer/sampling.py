@@ -6,14 +6,30 @@ so a seeded request gives the same tokens whatever else shares its batch. Filter
 temperature, then top_k, then top_p on the renormalised top_k set, then min_p relative to the most likely token.
 Logprobs are the model's own distribution (log_softmax of the raw logits), as in OpenAI's and vLLM's APIs, so
 they do not depend on the sampling settings.
+
+One request must never hurt another: parameters that cannot work are refused on construction (`ParamError`
+names the field: temperatures in (0, 1e-5), where sampling is greedy in all but name and 1/temperature leaves
+float32's range for large logits), values that are merely large are made to work (`top_k` beyond the vocabulary
+keeps every token, as in vLLM; any integer seed is reduced modulo 2^64, the range `torch.Generator` takes, so
+`seed + index` never overflows), and a row whose distribution still comes out empty or non-finite (a model
+producing NaN) fails alone: `Sampled.errors` names it and every other row is drawn exactly as without it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
+
+MIN_TEMPERATURE = 1e-5
+
+
+class ParamError(ValueError):
+    """A sampling parameter out of range; `param` is its name (the server's 400 says which)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -39,7 +55,8 @@ class SamplingParams:
             self.top_k = 0
         checks = [
             ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
-            ("temperature", 0.0 <= self.temperature <= 2.0 and not math.isnan(self.temperature), "must be in [0, 2]"),
+            ("temperature", self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2.0,
+             f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, 2]"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
             ("top_k", self.top_k >= 0, "must be -1 or 0 (off) or a positive count"),
             ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
@@ -49,30 +66,34 @@ class SamplingParams:
         ]
         for name, ok, why in checks:
             if not ok:
-                raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+                raise ParamError(name, f"{name} {why}, got {getattr(self, name)!r}")
 
     def generator(self, index: int = 0, device: torch.device | str | None = None) -> torch.Generator:
-        """The private random stream of sample `index`: `seed + index` when seeded, fresh entropy otherwise."""
+        """The private random stream of sample `index`: `(seed + index) mod 2^64` when seeded (for seeds in
+        torch's range exactly what `manual_seed` does with them), fresh entropy otherwise."""
         gen = torch.Generator(device=device or "cpu")
-        gen.manual_seed(self.seed + index if self.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        gen.manual_seed((self.seed + index) % 2**64 if self.seed is not None
+                        else int(torch.randint(0, 2**62, ()).item()))
         return gen
 
 
 @dataclass
 class Sampled:
     """One step's choice per row: token ids; when any row asked for logprobs, every row's chosen-token logprob
-    and its `logprobs`-many top (id, logprob) pairs."""
+    and its `logprobs`-many top (id, logprob) pairs; `errors`: rows that could not be sampled -> why (their
+    token is meaningless; the engine fails those sequences alone)."""
 
     tokens: list[int]
     logprobs: list[float] | None
     top: list[list[tuple[int, float]]] | None
+    errors: dict[int, str] = field(default_factory=dict)
 
 
 def filter_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                  min_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Filtered distributions for rows of logits (B, V), all rows at once: returns probs (B, V) over token ids
     (B, V), both sorted by decreasing logit, filtered-out entries 0. Per-row params are (B,) tensors; top_k 0,
-    top_p 1 and min_p 0 turn a filter off. temperature must be > 0."""
+    top_p 1 and min_p 0 turn a filter off; the most likely token always stays. temperature must be > 0."""
     x = logits.float() / temperature[:, None]
     x, ids = x.sort(-1, descending=True)  # (B, V)
     V = x.shape[-1]
@@ -80,23 +101,34 @@ def filter_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     k = torch.where(top_k > 0, top_k, V).to(x.device)
     probs = torch.softmax(x.masked_fill(rank >= k[:, None], float("-inf")), -1)
     before = probs.cumsum(-1) - probs  # mass of the more likely tokens
-    probs = probs.masked_fill(before >= top_p[:, None].to(x.device), 0.0)  # the top token always stays
+    # rank > 0: a top_p too small for float32 (1e-300 -> 0) still keeps the top token
+    probs = probs.masked_fill((before >= top_p[:, None].to(x.device)) & (rank > 0), 0.0)
     probs = probs.masked_fill(probs < min_p[:, None].to(x.device) * probs[:, :1], 0.0)
     return probs / probs.sum(-1, keepdim=True), ids
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> Sampled:
     """Next token per row of logits (B, V). Greedy rows (temperature 0) share one argmax; sampled rows are
-    filtered together and each draws from its own generator."""
+    filtered together and each draws from its own generator. A row with NaN or +inf logits, or with nothing left
+    to draw from, goes to `errors` without touching the others."""
     logits = logits.float()
+    V = logits.shape[-1]
     tokens = logits.argmax(-1)  # (B,)
-    rows = [r for r, p in enumerate(params) if p.temperature > 0]
+    bad = (~logits.amax(-1).isfinite()).tolist()  # amax is NaN when any logit is, +-inf for +inf or all -inf
+    errors = {r: "the model's logits for this sequence are not finite (NaN or inf)" for r, b in enumerate(bad) if b}
+    rows = [r for r, p in enumerate(params) if p.temperature > 0 and r not in errors]
     if rows:
         ps = [params[r] for r in rows]
         probs, ids = filter_probs(logits[rows], torch.tensor([p.temperature for p in ps]),
-                                  torch.tensor([p.top_k for p in ps]), torch.tensor([p.top_p for p in ps]),
+                                  torch.tensor([min(p.top_k, V) for p in ps]), torch.tensor([p.top_p for p in ps]),
                                   torch.tensor([p.min_p for p in ps]))
+        ok = (probs.isfinite().all(-1) & (probs.sum(-1) > 0)).tolist()
         for j, r in enumerate(rows):
+            if not ok[j]:
+                p = params[r]
+                errors[r] = (f"nothing to sample from at temperature={p.temperature}, top_k={p.top_k}, "
+                             f"top_p={p.top_p}, min_p={p.min_p}")
+                continue
             g, row = gens[r], probs[j]
             if g is not None and g.device != row.device:
                 row = row.to(g.device)  # a generator draws only on its own device
@@ -104,10 +136,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
     out = tokens.tolist()
     want = [p.logprobs for p in params]
     if all(k is None for k in want):
-        return Sampled(out, None, None)
+        return Sampled(out, None, None, errors)
     lp = torch.log_softmax(logits, -1)  # (B, V)
     chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
-    kmax = max(k or 0 for k in want)
+    kmax = min(max(k or 0 for k in want), V)
     top_v, top_i = lp.topk(kmax, -1) if kmax else (lp[:, :0], lp[:, :0].long())
     top = [list(zip(top_i[r, : k or 0].tolist(), top_v[r, : k or 0].tolist())) for r, k in enumerate(want)]
-    return Sampled(out, chosen, top)
+    return Sampled(out, chosen, top, errors)

@@ -1,10 +1,16 @@
 """Which sequences run: the waiting and running queues, admission, prefix-sharing waits, the memory budget.
 
-Admission is first come, first served: the oldest waiting sequence joins when the batch has room (`max_batch`)
-and the pool can hold its prompt plus `max_tokens`, reserved up front; when it does not fit, it and everyone
-behind it wait for running sequences to finish and free their blocks. Reserving up front means a running
-sequence never runs out of blocks, so nothing is ever preempted; allocating blocks as sequences grow would admit
-more at once, and preemption (recompute or swap out the youngest, as vLLM does) would then go in `admit`.
+Admission is fair between requests: when the batch has room (`max_batch`), the next sequence to join is the
+oldest waiting one of the request that holds the fewest batch rows (round robin between requests; the n samples
+of one request are n sequences of one request), and no request takes more than `share` rows (default: all but a
+quarter of the batch), so a request's n samples or a long generation never fill the batch while others wait: a
+short request that arrives behind one with `n=64` finds a free row at once instead of waiting for 32 of its
+samples to finish (`qiusuo bench serve --scenario hog`). The price is paid only by a request with more samples
+than `share` when it is alone: the rest of its samples run in later rounds. It joins only when the pool can hold
+its prompt plus `max_tokens`, reserved up front; when it does not fit, it and everyone behind it wait for running
+sequences to finish and free their blocks. Reserving up front means a running sequence never runs out of blocks,
+so nothing is ever preempted; allocating blocks as sequences grow would admit more at once, and preemption
+(recompute or swap out the youngest, as vLLM does) would then go in `admit`, and could give a hog's rows back.
 
 Prefix-sharing waits: a sequence whose first block of prompt tokens equals that of one admitted in the same
 step is not allocated until that one is prefilled, so it finds the shared blocks in the prefix cache: the n
@@ -36,8 +42,9 @@ def pool_blocks(bytes_per_token: int, block_size: int, max_batch: int, max_model
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_batch: int):
+    def __init__(self, pool: BlockPool, max_batch: int, share: int | None = None):
         self.pool, self.max_batch = pool, max_batch
+        self.share = share or max_batch - max_batch // 4  # batch rows one request may hold
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
 
@@ -51,15 +58,29 @@ class Scheduler:
         """Running sequences that decode this step (those admitted in it are prefilled instead)."""
         return [s for s in self.running if s.finish is None]
 
+    def next_waiting(self) -> Sequence | None:
+        """The sequence to admit next: the oldest waiting one of the request holding the fewest rows, among
+        requests below their share; None when every waiting request is at its share."""
+        rows: dict[int, int] = {}
+        for s in self.running:
+            rows[id(s.req)] = rows.get(id(s.req), 0) + 1
+        best, fewest = None, self.share
+        for s in self.waiting:  # in arrival order: the first of equals is the oldest
+            n = rows.get(id(s.req), 0)
+            if n < fewest:
+                best, fewest = s, n
+                if n == 0:
+                    break
+        return best
+
     def admit(self) -> Iterator[list[Sequence]]:
-        """Admit waiting sequences in order, with their blocks, in groups to prefill: a group ends before a
-        sequence that shares its first block with one in it (see the module docstring). Prefill each group
-        before taking the next: the next allocation looks for the blocks that prefill registers."""
+        """Admit waiting sequences fairly (`next_waiting`), with their blocks, in groups to prefill: a group ends
+        before a sequence that shares its first block with one in it (see the module docstring). Prefill each
+        group before taking the next: the next allocation looks for the blocks that prefill registers."""
         group: list[Sequence] = []
         heads: set[tuple[int, ...]] = set()  # the group's first blocks
         bs = self.pool.block_size
-        while self.waiting and len(self.running) < self.max_batch:
-            s = self.waiting[0]
+        while len(self.running) < self.max_batch and (s := self.next_waiting()) is not None:
             head = tuple(s.req.prompt[:bs])
             if head in heads and len(s.req.prompt) > bs:
                 yield group
@@ -67,7 +88,7 @@ class Scheduler:
             table = self.pool.allocate(s.req.prompt, len(s.req.prompt) + s.req.params.max_tokens)
             if table is None:
                 break  # wait for running sequences to free blocks
-            self.waiting.pop(0)
+            self.waiting.remove(s)
             s.table = table
             s.req.cached_tokens += table.num_shared
             self.running.append(s)

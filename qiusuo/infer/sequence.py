@@ -39,6 +39,7 @@ class Sequence:
         self.table: BlockTable | None = None
         self.text = TextOutput(tokenizer, req.params.stop)
         self.finish: str | None = None
+        self.error: str | None = None  # why it finished with "error"
 
     @property
     def tokens(self) -> list[int]:

@@ -2,38 +2,79 @@
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both stream server-sent events when
 `stream` is true, with `usage` in the last chunk before `data: [DONE]`), GET /health (503 while the model
-loads), GET /metrics (Prometheus text). The engine runs in its own thread; the event loop only parses, queues
-and streams. Bodies are parsed and validated here rather than by FastAPI so that every bad input, malformed JSON
-included, gets OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` and a 4xx status.
-Binds 127.0.0.1 unless told otherwise: the server has no rate limiting beyond its bounded queue.
+loads), GET /metrics (Prometheus text). Chat requests may carry `tools` / `tool_choice` and `role: "tool"` results, and
+replies carry `tool_calls` (`finish_reason: "tool_calls"`), parsed from the model's markup by `qiusuo.infer.tools`;
+sampling values a request leaves unset come from the checkpoint's generation_config.json (`Engine.generation`).
+The engine runs in its own thread. Binds 127.0.0.1 unless told otherwise.
+
+Built for careless and hostile clients as much as for good ones: one bad request never hurts another.
+- Bodies are read with a size cap (413) and a deadline (408), then parsed, checked and validated here rather than
+  by FastAPI, in worker threads (as is tokenising): the event loop only routes and streams, so a 5 MB prompt does
+  not stall /health. Every string must be valid Unicode (JSON's `\\ud800` escapes can spell lone surrogates, which
+  no tokenizer encodes) and nesting is capped; both are 400s naming the JSON path.
+- Every error, from a route or not (401, 404, 405, 408, 413, 429, 500, 503, 504), has OpenAI's shape
+  `{"error": {"message", "type", "param", "code"}}`; /metrics counts responses by status.
+- Requests are counted when admitted, streaming or not: beyond `max_concurrency + max_queue` in flight, 429 with
+  `Retry-After`. A request ends early, its sequences aborted in the engine within a step, when its client
+  disconnects (Starlette watches streams; `run` watches the others), when it outlives `request_timeout`, or when
+  a shutdown's drain time is over; a sample that fails in the engine fails its request alone (500, or an error
+  event in a stream, which then still ends with `data: [DONE]`).
+- Connections (`serve_config`): at most `max_connections` open (the next is answered 503 and closed), and
+  `header_timeout` seconds for a new one to send its request line and headers. SIGTERM drains (`Server`): no new
+  connections or requests, in-flight ones get `shutdown_timeout` seconds to finish, the rest end with an error
+  (503, or an error event and `[DONE]`), and the process exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import logging
+import math
+import os
 import socket
 import threading
 import time
 import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from typing import Any, Literal
 
+import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from qiusuo.infer import tools
 from qiusuo.infer.engine import Delta, Engine, Usage
 from qiusuo.infer.load import add_engine_args, engine_from_args
 from qiusuo.infer.output import Completion, ThinkSplitter
 from qiusuo.infer.output import completions as join_deltas
-from qiusuo.infer.sampling import SamplingParams
+from qiusuo.infer.sampling import ParamError, SamplingParams
+
+log = logging.getLogger("qiusuo.serve")
+MAX_JSON_DEPTH = 64  # a chat request nests 4 deep; JSON schemas of tools a few more
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class ClientGone(Exception):
+    """The client disconnected: nobody to answer (counted on /metrics, no response sent)."""
 
 
 class _Common(BaseModel):
@@ -41,10 +82,11 @@ class _Common(BaseModel):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    # unset: the checkpoint's generation_config.json value, else SamplingParams' default (`_params`)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=64)
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -59,30 +101,164 @@ class CompletionRequest(_Common):
 
 
 class Message(BaseModel):
+    """A chat message. `content` may be OpenAI's list of parts (text parts only; joined with newlines, as vLLM
+    does); `developer` is OpenAI's newer name for `system`, and is rendered as one. Assistant `tool_calls` and tool
+    results (`role: "tool"`, `tool_call_id`) are checked by `tools.check_messages`."""
+
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict] | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _text_parts(cls, v):
+        if v is None or isinstance(v, str):
+            return v
+        texts = []
+        for i, part in enumerate(v):
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"part {i}: only text parts ({{'type': 'text', 'text': '...'}}) are supported, "
+                                 f"got type {part.get('type')!r}")
+            texts.append(part["text"])
+        return "\n".join(texts)
+
+    def for_template(self) -> dict:
+        extra = {k: v for k in ("tool_calls", "tool_call_id", "name") if (v := getattr(self, k)) is not None}
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.content, **extra}
 
 
 class ChatRequest(_Common):
     messages: list[Message] = Field(min_length=1)
+    tools: list[Any] | None = None  # checked by `tools.check_tools`, so errors name the field
+    tool_choice: str | dict | None = None
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
+def check_json(obj: Any) -> None:
+    """400 naming the path of the first string (key or value) that is not valid Unicode, or of a value nested
+    deeper than MAX_JSON_DEPTH (iterative: a deep body must not recurse here either)."""
+    stack = [(obj, "", 1)]
+    while stack:
+        x, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise APIError(400, f"{path or 'the body'}: JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                           param=path or None, code="invalid_json")
+        items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, list) else ()
+        for k, v in items:
+            p = f"{path}.{k}" if path else str(k)
+            for s in (k, v):
+                if isinstance(s, str) and not s.isascii():
+                    try:
+                        s.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise APIError(400, f"{p}: not valid Unicode: a lone surrogate U+{ord(s[e.start]):04X} at "
+                                       f"character {e.start}; send UTF-8 text (\\uD800-\\uDFFF escapes only in "
+                                       "high-low pairs)", param=p, code="invalid_unicode") from None
+            if isinstance(v, (dict, list)):
+                stack.append((v, p, depth + 1))
+
+
+def decode_body(body: bytes, kind: type[BaseModel]) -> Any:
+    """The body as a `kind` (runs in a worker thread); any malformed or invalid input is a 400."""
+    try:
+        obj = json.loads(body)
+    except RecursionError:
+        raise APIError(400, f"the body is JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                       code="invalid_json") from None
+    except ValueError as e:  # JSONDecodeError, bytes that are not UTF-8, integers of more than 4300 digits
+        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    check_json(obj)
+    try:
+        return kind.model_validate(obj)
+    except ValidationError as e:
+        err = e.errors()[0]
+        param = ".".join(str(x) for x in err["loc"]) or None
+        raise APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value") from None
+
+
+class _Slot:
+    """One admitted request's place in the in-flight count, given back exactly once: when its route returns or
+    fails, or, for a stream, when the response has been sent or abandoned (`_SlotStream`)."""
+
+    def __init__(self, st: "ServerState"):
+        self.st, self.held, self.streaming = st, True, False
+        st.inflight += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.st.inflight -= 1
+
+    def __enter__(self) -> "_Slot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.streaming:
+            self.release()
+
+    def stream(self, events) -> StreamingResponse:
+        """The server-sent events response that holds this slot until it ends; `events` yields `data:` lines."""
+        self.streaming = True
+        return _SlotStream(_sse_guard(self.st, events), self)
+
+
+class _SlotStream(StreamingResponse):
+    def __init__(self, events, slot: _Slot):
+        super().__init__(events, media_type="text/event-stream")
+        self.slot = slot
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.slot.release()
+
+
+async def _sse_guard(st: "ServerState", events):
+    """A stream's events, ended by an error event when the request fails, then always `data: [DONE]`."""
+    try:
+        async for e in events:
+            yield e
+    except APIError as e:
+        st.stream_errors += 1
+        yield _sse(e.body())
+    except Exception:  # a bug mid-stream: the status is sent already; say so in the stream and end it cleanly
+        log.exception("error in a stream")
+        st.stream_errors += 1
+        yield _sse(APIError(500, "internal error while streaming; see the server log", "server_error").body())
+    yield "data: [DONE]\n\n"
+
+
 class ServerState:
     """What the routes share (`app.state.qiusuo`): the engine (None while loading), limits, counters for /metrics,
-    and the checks every /v1 route makes."""
+    the drain state, and the checks every /v1 route makes."""
 
     def __init__(self, engine: Engine | None, model_name: str, api_key: str | None, max_concurrency: int,
-                 max_queue: int):
+                 max_queue: int, max_body_bytes: int | None, body_timeout: float, request_timeout: float | None,
+                 shutdown_timeout: float):
         self.engine, self.model_name, self.api_key = engine, model_name, api_key
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
+        self.max_body_bytes, self.body_timeout, self.request_timeout = max_body_bytes, body_timeout, request_timeout
+        self.shutdown_timeout = shutdown_timeout
         self.inflight = 0
-        self.http = {"ok": 0, "client_error": 0, "rejected_busy": 0}
+        self.responses: Counter[int] = Counter()  # by HTTP status
+        self.disconnects = self.stream_errors = 0
+        self.draining = False
+        self.stopping = asyncio.Event()  # set when the drain time is over: in-flight requests are stopped
         self.created = int(time.time())
+        # parsing and tokenising, off the event loop; few threads, so a burst of huge bodies queues, not piles up
+        self.workers = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="qiusuo-parse")
+
+    async def in_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.workers, fn, *args)
 
     def ready(self, request: Request) -> Engine:
         """The engine, once the API key checks out and the model has loaded."""
@@ -90,47 +266,107 @@ class ServerState:
             raise APIError(401, "invalid or missing API key: send 'Authorization: Bearer <key>'",
                            "authentication_error", code="invalid_api_key")
         if self.engine is None:
-            raise APIError(503, "the model is still loading; retry shortly", "service_unavailable")
+            raise APIError(503, "the model is still loading; retry shortly", "service_unavailable",
+                           headers={"Retry-After": "5"})
         return self.engine
 
+    def admit(self) -> _Slot:
+        """A place among the requests in flight, or 429 (503 while shutting down)."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down; retry on another instance or later",
+                           "service_unavailable", code="server_shutdown", headers={"Retry-After": "5"})
+        if self.inflight >= self.max_concurrency + self.max_queue:
+            raise APIError(429, f"the server is busy ({self.inflight} requests in flight, queue full); retry later",
+                           "rate_limit_exceeded", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+        return _Slot(self)
+
     async def parse(self, request: Request, kind: type[BaseModel]) -> Any:
-        """The body as a `kind`; any malformed or invalid input is a 400 (404 for an unknown model)."""
+        """The body as a `kind`: read within the size cap and deadline, parsed in a worker thread; 404 for an
+        unknown model."""
+        limit = self.max_body_bytes or max(1 << 20, 16 * self.engine.max_model_len)  # 16 bytes per token of context
+        closing = {"Connection": "close"}  # the rest of the body is not read: the connection cannot be reused
+        too_big = APIError(413, f"the body is larger than this server's limit of {limit} bytes (--max-body-mb)",
+                           code="request_too_large", headers=closing)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_big
+        body = bytearray()
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise too_big
+
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object")
-        try:
-            req = kind.model_validate(body)
-        except ValidationError as e:
-            err = e.errors()[0]
-            param = ".".join(str(x) for x in err["loc"]) or None
-            raise APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value") from None
+            await asyncio.wait_for(read(), self.body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.body_timeout:g} s (--body-timeout)",
+                           code="request_timeout", headers=closing) from None
+        except ClientDisconnect:
+            raise ClientGone() from None
+        req = await self.in_worker(decode_body, bytes(body), kind)
         if req.model != self.model_name:
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
         return req
 
-    def admit(self) -> None:
-        if self.inflight >= self.max_concurrency + self.max_queue:
-            raise APIError(429, f"the server is busy ({self.inflight} requests in flight, queue full); retry later",
-                           "rate_limit_exceeded", code="rate_limit_exceeded")
+    def begin_drain(self) -> None:
+        """Shutting down (on the event loop's thread): refuse new requests; stop the in-flight ones after
+        `shutdown_timeout` seconds."""
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().call_later(self.shutdown_timeout, self.stopping.set)
 
-    async def run(self, engine: Engine, ids: list[int], params: SamplingParams):
-        """Deltas then Usage of one request, counted in-flight while it lasts."""
-        self.inflight += 1
+    async def run(self, request: Request, engine: Engine, ids: list[int], params: SamplingParams,
+                  watch_disconnect: bool):
+        """Deltas then the Usage of one request. Ends early (aborting it in the engine) when the client
+        disconnects (`watch_disconnect`: streams are watched by Starlette), `request_timeout` seconds after it
+        was handed to the engine, or when the drain time is over; those, and a sample that failed in the engine,
+        raise instead of the Usage."""
+        rid, why = uuid.uuid4().hex, []
+        watcher = asyncio.create_task(self._watch(request if watch_disconnect else None, engine, rid, why))
+        failed = None
         try:
-            async for d in engine.stream(ids, params, request_id=f"{uuid.uuid4().hex}"):
+            async for d in engine.stream(ids, params, request_id=rid):
+                if isinstance(d, Usage):
+                    watcher.cancel()
+                    if why == ["disconnect"]:
+                        raise ClientGone()
+                    if why == ["timeout"]:
+                        raise APIError(504, f"the request ran longer than this server's limit of "
+                                       f"{self.request_timeout:g} s (--request-timeout) and was stopped", "timeout",
+                                       code="request_timeout")
+                    if why == ["shutdown"]:
+                        raise APIError(503, f"the server is shutting down; this request was stopped after "
+                                       f"{self.shutdown_timeout:g} s of draining; retry it", "service_unavailable",
+                                       code="server_shutdown", headers={"Retry-After": "5"})
+                    if failed:
+                        raise APIError(500, failed, "server_error", code="generation_failed")
+                elif d.error:
+                    failed = d.error
                 yield d
         finally:
-            self.inflight -= 1
+            watcher.cancel()
 
-    async def collect(self, engine: Engine, ids: list[int], params: SamplingParams) -> tuple[list[Completion], Usage]:
+    async def _watch(self, request: Request | None, engine: Engine, rid: str, why: list[str]) -> None:
+        waits = {asyncio.ensure_future(self.stopping.wait()): "shutdown"}
+        if request is not None:
+            waits[asyncio.ensure_future(_disconnected(request))] = "disconnect"
+        try:
+            done, _ = await asyncio.wait(waits, timeout=self.request_timeout, return_when=asyncio.FIRST_COMPLETED)
+            why.append(waits[done.pop()] if done else "timeout")
+            engine.abort(rid)
+        finally:
+            for t in waits:
+                t.cancel()
+
+    async def collect(self, request: Request, engine: Engine, ids: list[int],
+                      params: SamplingParams) -> tuple[list[Completion], Usage]:
         """A whole request: each sample's `Completion` (joined as `Engine.generate` joins them) and the Usage."""
         pieces: dict[int, list[Delta]] = {}
         usage = None
-        async for d in self.run(engine, ids, params):
+        async for d in self.run(request, engine, ids, params, watch_disconnect=True):
             if isinstance(d, Usage):
                 usage = d
             else:
@@ -138,15 +374,26 @@ class ServerState:
         return join_deltas(pieces), usage
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def create_app(engine: Engine | None, model_name: str, api_key: str | None = None, max_concurrency: int = 32,
-               max_queue: int = 64):
+               max_queue: int = 64, *, max_body_bytes: int | None = None, body_timeout: float = 10.0,
+               request_timeout: float | None = None, shutdown_timeout: float = 5.0):
     """The FastAPI app. Pass engine=None and set `app.state.qiusuo.engine` later to serve /health 503 while the
-    model loads. The engine's thread is started here."""
+    model loads. The engine's thread is started here. max_body_bytes None: 16 bytes per token of context, at
+    least 1 MiB."""
     app = FastAPI(title="qiusuo")
-    app.state.qiusuo = ServerState(engine, model_name, api_key, max_concurrency, max_queue)
+    st = app.state.qiusuo = ServerState(engine, model_name, api_key, max_concurrency, max_queue, max_body_bytes,
+                                        body_timeout, request_timeout, shutdown_timeout)
     if engine is not None:
         engine.start()
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_middleware(_Guard, state=st)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
@@ -155,21 +402,60 @@ def create_app(engine: Engine | None, model_name: str, api_key: str | None = Non
     return app
 
 
+class _Guard:
+    """ASGI middleware around the routes: counts every response by status for /metrics, and turns an exception
+    nothing handled into an OpenAI-shaped 500 (logged with its traceback), so a bug answers like any error."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counted(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                self.state.responses[message["status"]] += 1
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        except ClientGone:
+            self.state.disconnects += 1
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            e = APIError(500, "internal error; see the server log", "server_error")
+            await JSONResponse(e.body(), status_code=500)(scope, receive, counted)
+
+
 def _state(request: Request) -> ServerState:
     return request.app.state.qiusuo
 
 
 async def api_error(request: Request, e: APIError) -> JSONResponse:
-    _state(request).http["client_error" if e.status != 429 else "rejected_busy"] += 1
-    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
-                        status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+    """Routing's own errors (404 unknown path, 405 wrong method) in OpenAI's shape."""
+    what = {404: f"no route {request.url.path}; see /v1/models, /v1/completions, /v1/chat/completions",
+            405: f"{request.method} is not allowed on {request.url.path}; use "
+                 + (e.headers or {}).get("Allow", "another method")}.get(e.status_code, str(e.detail))
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+    return JSONResponse(APIError(e.status_code, what, code=code).body(), status_code=e.status_code, headers=e.headers)
 
 
 # ---- small routes ----
 
 async def health(request: Request):
-    if _state(request).engine is None:
-        return JSONResponse({"status": "loading"}, status_code=503)
+    st = _state(request)
+    if st.engine is None or st.draining:
+        return JSONResponse({"status": "loading" if st.engine is None else "shutting down"}, status_code=503)
     return {"status": "ok"}
 
 
@@ -189,14 +475,19 @@ async def metrics(request: Request):
     def put(name: str, kind: str, help_: str, value: float) -> None:
         lines.extend([f"# HELP qiusuo_{name} {help_}", f"# TYPE qiusuo_{name} {kind}", f"qiusuo_{name} {value}"])
 
-    put("http_inflight_requests", "gauge", "HTTP requests being served", st.inflight)
-    put("http_client_errors_total", "counter", "requests answered with a 4xx error", st.http["client_error"])
-    put("http_rejected_busy_total", "counter", "requests answered 429 (queue full)", st.http["rejected_busy"])
+    put("http_inflight_requests", "gauge", "requests admitted and not yet answered", st.inflight)
+    lines += ["# HELP qiusuo_http_responses_total responses by HTTP status (streams count once, at their start)",
+              "# TYPE qiusuo_http_responses_total counter"]
+    lines += [f'qiusuo_http_responses_total{{status="{s}"}} {n}' for s, n in sorted(st.responses.items())]
+    put("http_disconnects_total", "counter", "requests whose client went away before the answer", st.disconnects)
+    put("http_stream_errors_total", "counter", "streams ended by an error event", st.stream_errors)
     if e is not None:
         s = e.stats
         put("requests_total", "counter", "requests the engine accepted", s["requests"])
         put("prompt_tokens_total", "counter", "prompt tokens accepted", s["prompt_tokens"])
         put("generation_tokens_total", "counter", "tokens generated", s["generation_tokens"])
+        put("sequences_aborted_total", "counter", "sequences stopped before their end", s["aborted"])
+        put("sequences_failed_total", "counter", "sequences that failed (could not be sampled)", s["failed"])
         put("queue_depth", "gauge", "sequences waiting for a batch slot or cache blocks", len(e.waiting))
         put("running_sequences", "gauge", "sequences in the running batch", len(e.running))
         put("cache_blocks_used", "gauge", "latent cache blocks held by sequences", e.pool.used_blocks)
@@ -213,25 +504,32 @@ async def metrics(request: Request):
 
 # ---- helpers of the generating routes ----
 
-def _params(req: _Common, max_tokens: int | None, prompt_len: int, engine: Engine, logprobs: int | None):
+def _params(req: _Common, max_tokens: int | None, prompt_len: int, engine: Engine, logprobs: int | None,
+            prompt_param: str) -> SamplingParams:
+    """The request's sampling values over the checkpoint's generation_config.json defaults (`engine.generation`)."""
+    sampling = dict(engine.generation.sampling)
+    sampling.update({k: v for k in ("temperature", "top_p", "top_k", "min_p") if (v := getattr(req, k)) is not None})
+    default_max = sampling.pop("max_tokens", None)
     if max_tokens is None:
-        max_tokens = max(engine.max_model_len - prompt_len, 1)
+        max_tokens = default_max or max(engine.max_model_len - prompt_len, 1)
     try:
-        p = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                           min_p=req.min_p, seed=req.seed, stop=req.stop or [], n=req.n,
+        p = SamplingParams(max_tokens=max_tokens, **sampling, seed=req.seed, stop=req.stop or [], n=req.n,
                            stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs)
+    except ParamError as e:
+        raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+    try:
         engine.check_fits(prompt_len, p)
     except ValueError as e:
-        code = "context_length_exceeded" if "context" in str(e) else "invalid_value"
-        raise APIError(400, str(e), param="max_tokens" if code == "invalid_value" else None, code=code) from None
+        raise APIError(400, str(e), param=prompt_param, code="context_length_exceeded") from None
     return p
 
 
 def _encode(engine: Engine, prompt, param: str) -> list[int]:
+    """Token ids of a prompt (runs in a worker thread)."""
     try:
         return engine.encode_prompt(prompt)
     except ValueError as e:
-        raise APIError(400, str(e), param=param) from None
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
 
 
 def _sse(obj: dict) -> str:
@@ -278,32 +576,32 @@ def _chat_logprobs(engine: Engine, tokens, lps, tops) -> list[dict]:
 async def completions(request: Request):
     st = _state(request)
     engine = st.ready(request)
-    req = await st.parse(request, CompletionRequest)
-    prompt = req.prompt
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-        if len(prompt) != 1:
-            raise APIError(400, "only one prompt per request is supported; send a string", param="prompt")
-        prompt = prompt[0]
-    ids = _encode(engine, prompt, "prompt")
-    params = _params(req, req.max_tokens or 16, len(ids), engine, req.logprobs)
-    st.admit()
-    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": st.model_name}
-    if req.stream:
-        return StreamingResponse(_completion_events(st, engine, ids, params, head), media_type="text/event-stream")
-    outs, usage = await st.collect(engine, ids, params)
-    choices = []
-    for c in outs:
-        lp = (_completion_logprobs(engine, c.token_ids, c.logprobs or [], c.top_logprobs or [], 0)
-              if params.logprobs is not None else None)
-        choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
-    st.http["ok"] += 1
-    return {**head, "choices": choices, "usage": _usage(usage)}
+    with st.admit() as slot:
+        req = await st.parse(request, CompletionRequest)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+            if len(prompt) != 1:
+                raise APIError(400, "only one prompt per request is supported; send a string", param="prompt")
+            prompt = prompt[0]
+        ids = await st.in_worker(_encode, engine, prompt, "prompt")
+        params = _params(req, req.max_tokens or 16, len(ids), engine, req.logprobs, "prompt")
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": st.model_name}
+        if req.stream:
+            return slot.stream(_completion_events(st, request, engine, ids, params, head))
+        outs, usage = await st.collect(request, engine, ids, params)
+        choices = []
+        for c in outs:
+            lp = (_completion_logprobs(engine, c.token_ids, c.logprobs or [], c.top_logprobs or [], 0)
+                  if params.logprobs is not None else None)
+            choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+        return {**head, "choices": choices, "usage": _usage(usage)}
 
 
-async def _completion_events(st: ServerState, engine: Engine, ids: list[int], params: SamplingParams, head: dict):
+async def _completion_events(st: ServerState, request: Request, engine: Engine, ids: list[int],
+                             params: SamplingParams, head: dict):
     offsets = [0] * params.n
-    async for d in st.run(engine, ids, params):
+    async for d in st.run(request, engine, ids, params, watch_disconnect=False):
         if isinstance(d, Usage):
             yield _sse({**head, "choices": [], "usage": _usage(d)})
             break
@@ -312,63 +610,174 @@ async def _completion_events(st: ServerState, engine: Engine, ids: list[int], pa
         offsets[d.index] += len(d.text)
         yield _sse({**head, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
                                          "finish_reason": d.finish_reason}]})
-    yield "data: [DONE]\n\n"
 
 
 # ---- /v1/chat/completions ----
 
+def _chat_prompt(engine: Engine, req: ChatRequest) -> tools.ChatPrompt:
+    """The chat rendered with its tools and encoded, markers in user text kept plain (`tools.prepare_chat`; runs in
+    a worker thread)."""
+    try:
+        chat = tools.prepare_chat(engine.tokenizer, [m.for_template() for m in req.messages], req.tools,
+                                  req.tool_choice)
+    except tools.ToolError as e:  # bad tools / tool_choice / messages, or the template refused the conversation
+        raise APIError(400, str(e), param=e.param) from None
+    chat.ids = _encode(engine, chat.ids, "messages")
+    return chat
+
+
 async def chat_completions(request: Request):
     st = _state(request)
     engine = st.ready(request)
-    req = await st.parse(request, ChatRequest)
-    try:
-        text = engine.tokenizer.apply_chat_template([m.model_dump() for m in req.messages], add_generation_prompt=True)
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from None
-    ids = _encode(engine, text, "messages")
-    want_lp = (req.top_logprobs or 0) if req.logprobs else None
-    params = _params(req, req.max_completion_tokens or req.max_tokens, len(ids), engine, want_lp)
-    st.admit()
-    thinking = text.rstrip().endswith(ThinkSplitter.OPEN)  # templates that open the reasoning themselves
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": st.model_name}
-    if req.stream:
-        return StreamingResponse(_chat_events(st, engine, ids, params, head, thinking), media_type="text/event-stream")
-    outs, usage = await st.collect(engine, ids, params)
-    choices = []
-    for c in outs:
-        reasoning, content = ThinkSplitter(thinking).feed(c.text, final=True)
-        msg = {"role": "assistant", "content": content}
-        if reasoning:
-            msg["reasoning_content"] = reasoning
-        lp = ({"content": _chat_logprobs(engine, c.token_ids, c.logprobs or [], c.top_logprobs or [])}
-              if params.logprobs is not None else None)
-        choices.append({"index": c.index, "message": msg, "logprobs": lp, "finish_reason": c.finish_reason})
-    st.http["ok"] += 1
-    return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(usage)}
+    with st.admit() as slot:
+        req = await st.parse(request, ChatRequest)
+        chat = await st.in_worker(_chat_prompt, engine, req)
+        ids = chat.ids
+        want_lp = (req.top_logprobs or 0) if req.logprobs else None
+        params = _params(req, req.max_completion_tokens or req.max_tokens, len(ids), engine, want_lp, "messages")
+        thinking = chat.thinking  # templates that open the reasoning themselves
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": st.model_name}
+        if req.stream:
+            return slot.stream(_chat_events(st, request, engine, ids, params, head, thinking, chat))
+        outs, usage = await st.collect(request, engine, ids, params)
+        choices = []
+        for c in outs:
+            reasoning, content = ThinkSplitter(thinking).feed(c.text, final=True)
+            content, calls, finish = tools.reply(_tool_stream(chat), content, c.finish_reason)
+            msg = {"role": "assistant", "content": content}
+            if calls:
+                msg["tool_calls"] = calls
+            if reasoning:
+                msg["reasoning_content"] = reasoning
+            lp = ({"content": _chat_logprobs(engine, c.token_ids, c.logprobs or [], c.top_logprobs or [])}
+                  if params.logprobs is not None else None)
+            choices.append({"index": c.index, "message": msg, "logprobs": lp, "finish_reason": finish})
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(usage)}
 
 
-async def _chat_events(st: ServerState, engine: Engine, ids: list[int], params: SamplingParams, head: dict,
-                       thinking: bool):
+def _tool_stream(chat: tools.ChatPrompt) -> tools.ToolCallStream | None:
+    """The tool-call parser of one reply, when the request has tools to call."""
+    return tools.ToolCallStream(chat.fmt, chat.names, chat.prefix) if chat.fmt else None
+
+
+async def _chat_events(st: ServerState, request: Request, engine: Engine, ids: list[int], params: SamplingParams,
+                       head: dict, thinking: bool, chat: tools.ChatPrompt):
     split = [ThinkSplitter(thinking) for _ in range(params.n)]
+    parsers = [_tool_stream(chat) for _ in range(params.n)]
     for i in range(params.n):
         yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]})
-    async for d in st.run(engine, ids, params):
+    async for d in st.run(request, engine, ids, params, watch_disconnect=False):
         if isinstance(d, Usage):
             yield _sse({**head, "choices": [], "usage": _usage(d)})
             break
-        reasoning, content = split[d.index].feed(d.text, final=d.finish_reason is not None)
-        delta = {}
+        final = d.finish_reason is not None
+        reasoning, content = split[d.index].feed(d.text, final=final)
+        delta, finish, parser = {}, d.finish_reason, parsers[d.index]
+        if parser is not None:
+            content, new = parser.feed(content, final=final)
+            if new:
+                delta["tool_calls"] = tools.call_deltas(new, len(parser.calls) - len(new))
+            if final and parser.calls:
+                finish = "tool_calls"
         if reasoning:
             delta["reasoning_content"] = reasoning
-        if content or not reasoning:
+        if content or not (reasoning or "tool_calls" in delta):
             delta["content"] = content
         lp = ({"content": _chat_logprobs(engine, d.token_ids, d.logprobs, d.top_logprobs)}
               if params.logprobs is not None and d.logprobs else None)
         yield _sse({**head, "choices": [{"index": d.index, "delta": delta, "logprobs": lp,
-                                         "finish_reason": d.finish_reason}]})
-    yield "data: [DONE]\n\n"
+                                         "finish_reason": finish}]})
+
+
+# ---- running it ----
+
+def _raw_response(status: int, error: APIError) -> bytes:
+    """A whole HTTP/1.1 response written straight to a socket, for connections refused before any request."""
+    body = json.dumps(error.body()).encode()
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+def _protocol(state: ServerState, max_connections: int, header_timeout: float):
+    """uvicorn's HTTP/1.1 protocol with a hard cap on open connections (the one past it gets a 503 and is closed
+    before anything is read; uvicorn's own `limit_concurrency` answers only once a request has arrived, so silent
+    connections would pile up) and a deadline for each request line and headers, on a new connection and after
+    every response (uvicorn's keep-alive timer stops at the first byte, so a request dribbled byte by byte would
+    hold its connection for ever)."""
+    busy = APIError(503, f"too many open connections (limit {max_connections}, --max-connections); retry later",
+                    "service_unavailable", code="too_many_connections")
+    slow = APIError(408, f"no request headers within {header_timeout:g} s (--header-timeout)", code="request_timeout")
+
+    class Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                self._refuse(503, busy)
+            else:
+                self._expect_request()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._expect_request()
+
+        def _expect_request(self) -> None:
+            self.loop.call_later(header_timeout, self._request_due, self.cycle)
+
+        def _request_due(self, cycle) -> None:
+            """No new request has started since the timer was armed and none is being answered: 408 to a
+            connection holding part of a request; an idle one is closed silently, as keep-alive expiry does (an
+            unsolicited 408 could be read as the answer to a request the client sends at that moment)."""
+            idle = cycle is None or cycle.response_complete
+            if self.cycle is cycle and idle and not self.transport.is_closing():
+                if self.conn.trailing_data[0]:
+                    self._refuse(408, slow)
+                else:
+                    self.transport.close()
+
+        def _refuse(self, status: int, error: APIError) -> None:
+            state.responses[status] += 1
+            self.transport.write(_raw_response(status, error))
+            self.transport.close()
+
+    return Protocol
+
+
+def serve_config(app, host: str = "127.0.0.1", port: int = 8000, max_connections: int = 256,
+                 header_timeout: float = 10.0, log_level: str = "warning"):
+    """uvicorn's Config for `app`, with the connection cap and header deadline of `_protocol`; uvicorn's own
+    graceful-shutdown timeout backs up the drain (`Server`) by a second."""
+    st = app.state.qiusuo
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off",
+                          http=_protocol(st, max_connections, header_timeout),
+                          timeout_graceful_shutdown=math.ceil(st.shutdown_timeout) + 1)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, draining on SIGTERM / SIGINT (`handle_exit`; a second SIGINT forces exit): uvicorn stops
+    accepting and closes idle connections, the app refuses new requests and stops in-flight ones after
+    `shutdown_timeout` (`ServerState.begin_drain`), then the engine's thread is stopped."""
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self.state: ServerState = config.app.state.qiusuo
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig, frame) -> None:  # a signal handler, or any thread
+        super().handle_exit(sig, frame)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.state.begin_drain)
+
+    async def shutdown(self, sockets=None) -> None:
+        await super().shutdown(sockets)
+        self.state.workers.shutdown(wait=False)
+        if self.state.engine is not None:
+            self.state.engine.shutdown()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -377,13 +786,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def serve_in_thread(app, host: str = "127.0.0.1", port: int | None = None):
+def serve_in_thread(app, host: str = "127.0.0.1", port: int | None = None, **config):
     """Run uvicorn on `app` in a daemon thread (tests, benchmarks); returns (server, base_url). Stop it with
-    `server.should_exit = True`."""
-    import uvicorn
-
+    `server.should_exit = True`, or drain it as SIGTERM does with `server.handle_exit(signal.SIGTERM, None)`.
+    config: `serve_config`'s max_connections, header_timeout."""
     port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off"))
+    server = Server(serve_config(app, host, port, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -400,23 +808,43 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="name clients pass as `model`; unset: the folder name")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-concurrency", type=int, default=32, help="sequences decoded together")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that before 429")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests admitted beyond --max-concurrency (they wait); past both, 429 with Retry-After")
+    p.add_argument("--max-connections", type=int, default=256, help="open connections; the next gets 503")
+    p.add_argument("--max-body-mb", type=float, default=None,
+                   help="largest request body in MiB (413 beyond); unset: 16 bytes per token of context, >= 1")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a new connection has to send its request headers")
+    p.add_argument("--body-timeout", type=float, default=10.0, help="seconds to receive a request body (408 after)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="stop a request that runs longer than this many seconds (504); unset: no limit")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="on SIGTERM, seconds in-flight requests get to finish before they are stopped")
 
 
 def main(args: argparse.Namespace) -> int:
-    import os
-
-    import uvicorn
-
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    app = create_app(None, name, args.api_key, args.max_concurrency, args.max_queue)
+    body = int(args.max_body_mb * 2**20) if args.max_body_mb else None
+    app = create_app(None, name, args.api_key, args.max_concurrency, args.max_queue, max_body_bytes=body,
+                     body_timeout=args.body_timeout, request_timeout=args.request_timeout,
+                     shutdown_timeout=args.shutdown_timeout)
+    server = Server(serve_config(app, args.host, args.port, args.max_connections, args.header_timeout, "info"))
+    failed: list[BaseException] = []
 
     def load() -> None:
-        engine = engine_from_args(args, max_batch=args.max_concurrency)
+        try:
+            engine = engine_from_args(args, max_batch=args.max_concurrency)
+        except Exception as e:  # stop the server: answering 503 "loading" forever would hide it
+            failed.append(e)
+            server.should_exit = True
+            return
         engine.start()
         app.state.qiusuo.engine = engine
-        print(f"qiusuo serve: {name} ready on http://{args.host}:{args.port}/v1", flush=True)
+        print(f"qiusuo serve: {name} ready on http://{args.host}:{args.port}/v1 "
+              f"({torch.get_num_threads()} CPU threads)", flush=True)
 
     threading.Thread(target=load, daemon=True).start()  # /health answers 503 until this finishes
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    server.run()
+    if failed:
+        raise failed[0]  # the command's one-line error
     return 0

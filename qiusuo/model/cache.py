@@ -21,9 +21,7 @@ Layer cache of kind `window` (DeepSeek-V4; `WindowLayerCache`): the last `window
 one shared head, plus one `pool(name)` per compressor (the main compressor; CSA layers also the indexer's):
     update(kv (B, T, hd)) -> (keys (B, W + T, hd), key_positions (B, W + T))   the W tokens before the new
                                             ones, then the T new ones, positions ascending (-1: before the start)
-    pool(name).history(kv, gate) -> (L, seq_kv, seq_gate)   the last `span` raw projections before the T new
-                                                            tokens, then the new ones; L = tokens seen before
-    pool(name).append(entries (B, n, w)) -> (B, n_all, w)   every compressed entry of the sequence so far
+    pool(name): one compressor's pool, the protocol in `qiusuo.model.compressor` (`history`, `append`)
 A V4 layer's cache is bounded by the window plus one pool entry per `ratio` tokens: per token it costs
 `width / ratio` values per pool, the few percent of V3's latent that is V4's point at long context.
 """
@@ -70,8 +68,9 @@ class LayerCacheSpec:
 
 
 def compilable(specs: list[LayerCacheSpec]) -> bool:
-    """Whether a decoding step over these caches has static shapes and no Python-side state changes, which is
-    what `torch.compile` needs: latent caches do; V4's pools count entries in Python as windows close."""
+    """Whether a decoding step over the *contiguous* cache of these specs has static shapes and no Python-side
+    state changes, which is what `torch.compile` needs: latent caches do; the contiguous V4 pools count entries
+    in Python as windows close (the paged engine's V4 caches compile: their state is all in tensors)."""
     return all(s.kind == "latent" for s in specs)
 
 
@@ -128,23 +127,31 @@ class _ContiguousPool:
     Rows advance together (`ContiguousCache.length`), so every row closes its windows at the same step."""
 
     def __init__(self, owner: "ContiguousCache", spec: PoolSpec, B: int, device, dtype):
-        self.owner, self.span = owner, spec.span
+        self.owner, self.span, self.ratio = owner, spec.span, spec.ratio
         self.tail_kv = torch.zeros(B, spec.span, spec.raw, device=device, dtype=dtype)
         self.tail_gate = torch.full((B, spec.span, spec.raw), float("-inf"), device=device, dtype=dtype)
         self.entries = torch.zeros(B, owner.max_len // spec.ratio, spec.width, device=device, dtype=dtype)
         self.count = 0
 
-    def history(self, kv: torch.Tensor, gate: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+    def history(self, kv: torch.Tensor, gate: torch.Tensor):
+        B, T = kv.shape[:2]
         seq_kv = torch.cat([self.tail_kv, kv.to(self.tail_kv.dtype)], 1)
         seq_gate = torch.cat([self.tail_gate, gate.to(self.tail_gate.dtype)], 1)
         self.tail_kv, self.tail_gate = seq_kv[:, -self.span:], seq_gate[:, -self.span:]
-        return self.owner.length, seq_kv, seq_gate
+        L = self.owner.length
+        self.count_after = (L + T) // self.ratio
+        full = torch.full((B,), L, dtype=torch.long, device=kv.device)
+        return full, torch.full_like(full, T), seq_kv, seq_gate
 
-    def append(self, entries: torch.Tensor) -> torch.Tensor:
-        n = entries.shape[1]
-        self.entries[:, self.count: self.count + n] = entries.to(self.entries.dtype)
-        self.count += n
-        return self.entries[:, : self.count]
+    def append(self, entries: torch.Tensor, valid: torch.Tensor, first: torch.Tensor,
+               select: torch.Tensor | None = None) -> torch.Tensor:
+        n = self.count_after - self.count  # rows advance together: every entry of this call is valid
+        self.entries[:, self.count: self.count_after] = entries[:, :n].to(self.entries.dtype)
+        self.count = self.count_after
+        every = self.entries[:, : self.count]
+        if select is None:
+            return every
+        return every[torch.arange(every.shape[0], device=every.device)[:, None, None], select]
 
 
 class ContiguousCache:

@@ -144,7 +144,7 @@ class CompressedAttention(nn.Module):
         to absorb); packed-document masks are not supported."""
         if mask is not None:
             raise ValueError("DeepSeek-V4 attention does not take packed documents (doc_ids): its compressed "
-                             "windows would pool across them; train on unpacked rows")
+                             "windows would pool across them; train on unpacked rows (SFT: --sft.pack=false)")
         B, T, _ = x.shape
         cos, sin = rope[self.rope_kind]
         pos = rope.positions if rope.positions.dim() == 2 else rope.positions[None]  # (B|1, T)
@@ -161,12 +161,17 @@ class CompressedAttention(nn.Module):
         extra = extra_ok = sel = None
         if self.compressor is not None:
             c = self.compressor
-            entries = c(x, rope, layer.pool("compressor") if layer is not None else None)  # (B, n, hd)
+            main = layer.pool("compressor") if layer is not None else None
             if self.kind == CSA:  # the indexer reads detached inputs: only its own loss trains it
                 sel = c.indexer.select(x.detach(), q_lat.detach(), rope, pos,
                                        layer.pool("indexer") if layer is not None else None)
-                extra, extra_ok = entries[torch.arange(B, device=x.device)[:, None, None], sel.idx], sel.valid
+                # from a cache, only the chosen entries are read (decoding: k of n / m); the reference needs all
+                entries = c(x, rope, main, None if self.dense_reference else sel.idx)  # (B, T, k, hd) | (B, n, hd)
+                extra = entries if entries.dim() == 4 else entries[torch.arange(B, device=x.device)[:, None, None],
+                                                                       sel.idx]
+                extra_ok = sel.valid
             else:
+                entries = c(x, rope, main)  # (B, n, hd)
                 extra, extra_ok = entries, visible_entries(pos, entries.shape[1], c.ratio).expand(B, T, -1)
         if self.dense_reference:
             out, attn = self._dense(q, keys, key_pos, pos, entries if extra is not None else None, extra_ok, sel)

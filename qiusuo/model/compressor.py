@@ -10,9 +10,16 @@ CSA's windows overlap: entry w pools the second half of the channels of window w
 w-1 (2m slots, stride m); HCA's windows do not (m slots). An entry exists once its window's last token has
 been seen, so query t sees entry w iff (w + 1) * m <= t + 1: a query never sees an entry reaching past it.
 
-One code path serves the full forward and the cache: the raw projections of the `span` tokens before the new
-ones (none, -inf gates, without a cache) are prepended, and every window that closes among the new tokens is
+One code path serves the full forward and the caches: the raw projections of the `span` tokens before the new
+ones (none, -inf gates, without a cache) are prepended, and every window that closes among a row's new tokens is
 pooled from that sequence. So prefill, chunked prefill and token-by-token decoding compute the same entries.
+
+The pool protocol a cache implements (`qiusuo.model.cache` contiguous, `qiusuo.infer.paged` paged):
+    history(kv, gate (B, T, C)) -> (L (B,), counts (B,), seq_kv, seq_gate (B, span + T, C))   and keeps the tail
+    append(entries (B, n, w), valid (B, n), first (B,), select (B, T, k) | None)
+        -> every entry of each row so far (B, n_all, w), or the selected ones per query (B, T, k, w)
+where L are the tokens each row held before, counts its real new tokens (the rest is padding), and entry k of
+row b is entry number first_b + k of its sequence.
 
 The indexer (CSA only) is a compressor at `index_head_dim` with its own queries (from the attention's query
 latent) and per-head weights: score(t, s) = sum_h w_{t,h} * ReLU(q_{t,h} . k_s), and each query keeps the
@@ -69,35 +76,47 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(ratio, coff * width))
         self.kv_norm = RMSNorm(width, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: RopeAt, pool=None) -> torch.Tensor:
-        """x (B, T, D) -> every entry so far (B, n, w): this call's and, with a cache `pool`, the earlier ones."""
+    def forward(self, x: torch.Tensor, rope: RopeAt, pool=None, select: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D) -> every entry so far (B, n, w): this call's and, with a cache `pool`, the earlier ones;
+        with a pool and `select` (B, T, k) entry numbers, only those, per query (B, T, k, w) (CSA decoding reads
+        the indexer's k choices, not all n). Rows may stand at different lengths and add different counts of
+        tokens (the paged engine's batches): each row pools the windows that close among its own new tokens."""
         B, T, _ = x.shape
         m, w = self.ratio, self.width
         kv, gate = self.kv_proj(x), self.gate_proj(x)  # (B, T, C)
         if pool is None:
-            L = 0
+            L = torch.zeros(B, dtype=torch.long, device=x.device)
+            counts = torch.full((B,), T, dtype=torch.long, device=x.device)
             seq_kv = torch.cat([kv.new_zeros(B, self.span, kv.shape[-1]), kv], 1)
             seq_gate = torch.cat([gate.new_full((B, self.span, gate.shape[-1]), float("-inf")), gate], 1)
         else:
-            L, seq_kv, seq_gate = pool.history(kv, gate)  # seq[0] is position L - span
-        first, n = L // m, (L + T) // m - L // m  # entries closing among the new tokens
+            L, counts, seq_kv, seq_gate = pool.history(kv, gate)  # (B,), (B,); row b's seq[0] is position L_b - span
+        first = L // m  # (B,) the first entry that can close now
+        n_row = (L + counts) // m - first  # (B,) entries closing among each row's new tokens
+        # a bound known from the shapes alone (no host sync, the same in a compiled step): at most ceil(T / m)
+        # windows close among T tokens; without a cache exactly T // m
+        n = T // m if pool is None else -(-T // m)
         if n == 0:
-            entries = kv.new_zeros(B, 0, w)
+            entries, valid = kv.new_zeros(B, 0, w), n_row.new_zeros(B, 0, dtype=torch.bool)
         else:
-            base = first * m - (L - self.span)  # seq index of window `first`'s first token (>= m with overlap)
+            # seq index of each row's window `first`'s first token (>= m + 1 with overlap), then n * m tokens on
+            idx = (first * m - (L - self.span))[:, None] + torch.arange(n * m, device=x.device)  # (B, n*m)
+            idx = idx.clamp(max=seq_kv.shape[1] - 1)  # windows past a row's count: computed, marked invalid
 
-            def windows(t: torch.Tensor, start: int) -> torch.Tensor:
-                return t[:, start: start + n * m].reshape(B, n, m, -1)  # (B, n, m, C)
+            def windows(t: torch.Tensor, back: int) -> torch.Tensor:
+                return t.gather(1, (idx - back)[..., None].expand(-1, -1, t.shape[-1])).view(B, n, m, -1)
 
-            cur_kv, cur_g = windows(seq_kv, base), windows(seq_gate, base) + self.position_bias
+            cur_kv, cur_g = windows(seq_kv, 0), windows(seq_gate, 0) + self.position_bias  # (B, n, m, C)
             if self.overlap:  # first m slots: window w-1's first w channels; next m: window w's last w
-                prev_kv, prev_g = windows(seq_kv, base - m), windows(seq_gate, base - m) + self.position_bias
+                prev_kv, prev_g = windows(seq_kv, m), windows(seq_gate, m) + self.position_bias
                 cur_kv = torch.cat([prev_kv[..., :w], cur_kv[..., w:]], 2)  # (B, n, 2m, w)
                 cur_g = torch.cat([prev_g[..., :w], cur_g[..., w:]], 2)
             pooled = (cur_kv * cur_g.softmax(2, dtype=torch.float32).to(cur_kv.dtype)).sum(2)  # (B, n, w)
-            cos, sin = rope.at("compress", (first + torch.arange(n, device=x.device)) * m)
+            k = torch.arange(n, device=x.device)
+            cos, sin = rope.at("compress", (first[:, None] + k) * m)  # (B, n, P/2): each window's first token
             entries = rotate_tail(self.kv_norm(pooled)[:, :, None], cos, sin)[:, :, 0]
-        return entries if pool is None else pool.append(entries)
+            valid = k < n_row[:, None]  # (B, n)
+        return entries if pool is None else pool.append(entries, valid, first, select)
 
 
 class IndexScorer(nn.Module):

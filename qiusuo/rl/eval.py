@@ -22,7 +22,7 @@ def evaluate(model, tokenizer, task, n: int = 200, seed: int = 0, max_tokens: in
     from qiusuo.rl.rollout import stop_token
 
     problems = task.problems("test", n, seed=seed, unique=True)
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template(chat_messages(p, with_answer=False))) for p in problems]
+    prompts = [tokenizer.encode_chat(chat_messages(p, with_answer=False)) for p in problems]
     end = stop_token(tokenizer)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, stop_token_ids=[end])
     engine = Engine(model, tokenizer, max_batch=batch, block_size=block_size,

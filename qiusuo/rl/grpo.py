@@ -136,7 +136,7 @@ class GRPO:
 
     def prompt_ids(self, problems) -> list[list[int]]:
         tok = self.tok
-        return [tok.encode(tok.apply_chat_template(chat_messages(p, with_answer=False))) for p in problems]
+        return [tok.encode_chat(chat_messages(p, with_answer=False)) for p in problems]
 
     def step(self) -> dict:
         cfg, g, model = self.cfg, self.cfg.grpo, self.model

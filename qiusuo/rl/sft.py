@@ -87,14 +87,17 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool
 
     Each assistant turn's span is found by rendering the chat up to the turn with the generation prompt (start)
     and through the turn (end); the template and tokenizer must be prefix-stable (ours are: turns end in special
-    tokens), which is checked rather than assumed."""
-    full = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False))
+    tokens), which is checked rather than assumed. The chats are training data, trusted: their `<think>` and
+    answer markers are meant to become control tokens (user text goes through `encode_chat` instead); the
+    template writes its own BOS."""
+    full = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=False), add_bos=False)
     train = [False] * len(full)
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = tokenizer.encode(tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)) if i else []
-        end = tokenizer.encode(tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False))
+        start = tokenizer.encode(tokenizer.apply_chat_template(messages[:i]), add_bos=False) if i else []
+        end = tokenizer.encode(tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False),
+                               add_bos=False)
         if full[: len(end)] != end or end[: len(start)] != start:
             raise ChatDataError("the chat template does not render chats prefix by prefix (a turn changes how "
                                 "earlier text is tokenised); use a template whose turns end in special tokens")

@@ -236,10 +236,8 @@ class Trainer:
     def samples(self, model: torch.nn.Module | None = None) -> list[dict]:
         """Continuations of the configured prompts from the serving engine (temperature 0.8, seeded per prompt:
         the same run gives the same text). `model`: a gathered copy under `dist` (a sharded model cannot
-        generate on rank 0 alone). A model the engine does not serve yet (DeepSeek-V4) samples greedily through
-        `Transformer.generate`, marked `"greedy": true`."""
+        generate on rank 0 alone)."""
         from qiusuo.infer.engine import Engine
-        from qiusuo.infer.paged import check_servable
         from qiusuo.infer.sampling import SamplingParams
 
         prompts = self.cfg.eval.prompts
@@ -250,14 +248,6 @@ class Trainer:
         longest = max(len(i) for i in ids)
         room = self.model_cfg.max_position_embeddings - longest
         new = max(1, min(self.cfg.eval.sample_tokens, room))
-        try:
-            check_servable(model.cache_specs())
-        except ValueError:
-            outs = [model.eval().generate(torch.tensor([i], device=self.device), new, self.tokenizer.eos_id)[0, len(i):]
-                    for i in ids]
-            self.model.train()
-            return [{"prompt": p, "text": self.tokenizer.decode(o.tolist()), "greedy": True}
-                    for p, o in zip(prompts, outs)]
         engine = Engine(model, self.tokenizer, max_batch=len(ids), max_model_len=longest + new)
         params = [SamplingParams(max_tokens=new, temperature=0.8, seed=self.cfg.run.seed + i) for i in range(len(ids))]
         outs = engine.generate(ids, params)

@@ -68,7 +68,8 @@ def test_fp8_round_trip_through_files(tmp_path):
     n_fp8 = 0
     for name, w in before.items():
         got = after[name]
-        if name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and ".mlp.gate." not in name:
+        fp8 = name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and ".mlp.gate." not in name
+        if fp8 and not name.endswith("eh_proj.weight"):  # MTP's eh_proj stays bf16, as in DeepSeek-V3's checkpoint
             n_fp8 += 1
             _, s = quantize_blocks(w)
             assert not torch.equal(got, w), name

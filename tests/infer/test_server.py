@@ -47,7 +47,8 @@ def test_models_health_metrics(server, client):
     assert httpx.get(server[1] + "/health").status_code == 200
     text = httpx.get(server[1] + "/metrics").text
     for name in ["qiusuo_requests_total", "qiusuo_generation_tokens_total", "qiusuo_queue_depth",
-                 "qiusuo_cache_usage_ratio", "qiusuo_time_to_first_token_seconds_sum"]:
+                 "qiusuo_cache_usage_ratio", "qiusuo_time_to_first_token_seconds_sum",
+                 'qiusuo_http_responses_total{status="200"}', "qiusuo_sequences_failed_total"]:
         assert name in text
 
 

@@ -33,8 +33,13 @@ def test_from_hf_hub_form():
     assert cfg.softmax_scale > 192 ** -0.5  # mscale^2 applied
 
 
+SMALL = {"vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
+         "v_head_dim": 16, "moe_intermediate_size": 32}  # the shape fields every real config.json names
+
+
 def test_from_hf_transformers5_form():
-    d = {"model_type": "deepseek_v3", "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 100,
+    d = {"model_type": "deepseek_v3", **SMALL,
          "n_routed_experts": 8, "n_group": 2, "topk_group": 1, "num_experts_per_tok": 2,
          "rope_parameters": {"rope_type": "yarn", "rope_theta": 5000.0, "factor": 4.0,
                              "original_max_position_embeddings": 128}}
@@ -45,7 +50,8 @@ def test_from_hf_transformers5_form():
 
 
 def test_v2_defaults_to_softmax_greedy():
-    cfg = ModelConfig.from_hf({"model_type": "deepseek_v2", "n_group": 1, "topk_group": 1})
+    cfg = ModelConfig.from_hf({"model_type": "deepseek_v2", **SMALL, "n_routed_experts": 8, "num_experts_per_tok": 2,
+                               "n_group": 1, "topk_group": 1})
     assert cfg.scoring_func == "softmax" and cfg.topk_method == "greedy"
 
 

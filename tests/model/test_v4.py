@@ -255,13 +255,9 @@ def test_cache_bytes_per_layer_kind():
         cache_bytes_per_token(flash, 2)
 
 
-def test_what_is_not_served_yet_says_so():
-    """The paged engine and compiled decoding are issue 13's for V4: both refuse with a message, not a crash."""
-    from qiusuo.infer.engine import Engine
-
+def test_compiled_contiguous_decoding_says_it_cannot():
+    """The contiguous V4 cache counts its entries in Python (the paged engine's V4 caches compile: tests/infer)."""
     model = Transformer(get_config("v4-tiny"))
-    with pytest.raises(ValueError, match="paged engine"):
-        Engine(model, tokenizer=type("T", (), {"vocab_size": 10})())
     with pytest.raises(ValueError, match="compile=False"):
         model.generate(torch.zeros(1, 4, dtype=torch.long), 2, compile=True)
     assert model.generate(torch.zeros(1, 4, dtype=torch.long), 3).shape == (1, 7)

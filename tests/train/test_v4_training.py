@@ -1,5 +1,5 @@
 """DeepSeek-V4 through the one training core: `qiusuo train --config pretrain-v4-tiny` learns, balances its
-score-routed layers (never the hash-routed ones) and samples greedily (the paged engine serves V4 in issue 13).
+score-routed layers (never the hash-routed ones) and samples through the serving engine.
 Its exact resume is `tests/train/test_trainer.py::test_resume_equals_uninterrupted_run_bitwise[pretrain-v4-tiny]`."""
 
 import pytest
@@ -35,6 +35,6 @@ def test_v4_run_learns_balances_and_samples(data_dir, tmp_path):
     tables = [h.tid2eid.clone() for h in hashed]
     summary = trainer.train()
     assert summary["val_loss"] < before.loss - 0.5, (before, summary)
-    assert summary["samples"][0].get("greedy") and isinstance(summary["samples"][0]["text"], str)
+    assert isinstance(summary["samples"][0]["text"], str)  # sampled by the serving engine over paged V4 caches
     assert all(torch.equal(h.tid2eid, t) for h, t in zip(hashed, tables))  # hash tables are fixed
     assert all(r.e_score_correction_bias.abs().sum() > 0 for r in moe_routers(trainer.model))  # balanced

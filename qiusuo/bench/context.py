@@ -1,0 +1,121 @@
+"""`qiusuo bench context`: what long context costs, DeepSeek-V3 (MLA, latent cache) against DeepSeek-V4
+(sliding window + CSA/HCA compressed caches), two presets of about the same size (`bench`: 10.7M parameters,
+7.1M active; `v4-bench`: 12.0M, 7.3M active), random weights, in the serving engine.
+
+For each context length: a prompt of that length prefilled in chunks (`--chunk` tokens per forward), then
+`--new-tokens` greedy tokens at batch 1; prints prefill tokens/s, decode tokens/s and the cache bytes the
+sequence holds (blocks plus, for V4, its window state), the V4 / V3 ratios, the formula table of the published
+shapes, and a plot (`--plot`, PNG) of decode cost and cache size against context length.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from qiusuo.bench.common import add_device_args, bench_tokenizer, setup
+from qiusuo.config import get_config
+from qiusuo.model.count import cache_bytes_per_token
+from qiusuo.model.transformer import Transformer
+
+PRESETS = {"V3": "bench", "V4": "v4-bench"}
+PUBLISHED = {"DeepSeek-V3": "deepseek-v3", "DeepSeek-V4-Flash": "deepseek-v4-flash", "DeepSeek-V4-Pro": "deepseek-v4-pro"}
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add_device_args(p, dtype=False)
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 65536], help="prompt lengths")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens decoded after each prompt")
+    p.add_argument("--chunk", type=int, default=2048, help="prefill tokens per forward")
+    p.add_argument("--plot", default=None, help="write the plot to this PNG")
+
+
+def measure(model: Transformer, tok, context: int, new: int, chunk: int) -> dict[str, float]:
+    """Prefill `context` random tokens, decode `new`: seconds of each, and the sequence's cache bytes."""
+    from qiusuo.infer.engine import Engine
+    from qiusuo.infer.paged import state_bytes
+    from qiusuo.infer.sampling import SamplingParams
+
+    engine = Engine(model, tok, max_batch=1, max_model_len=context + new + 1, max_prefill_tokens=chunk,
+                    cache_memory=1 << 34)
+    prompt = torch.randint(0, model.cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
+    times: list[float] = []
+    engine.submit(prompt, SamplingParams(max_tokens=new + 1, temperature=0, ignore_eos=True),
+                  lambda d: times.append(time.perf_counter()))
+    start = time.perf_counter()
+    held = 0
+    while engine.has_work():
+        engine.step()
+        held = max(held, engine.pool.used_blocks)
+    pool = engine.pool
+    cache = held * pool.block_size * pool.bytes_per_token + (state_bytes(pool.specs, pool.dtype.itemsize)
+                                                               if pool.num_states else 0)
+    first = times[0]  # the first token's delta comes right after prefill
+    return {"prefill_s": first - start, "decode_s": times[-2] - first, "cache_bytes": cache}
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    device = setup(args)
+    tok = bench_tokenizer()
+    longest = max(args.contexts) + args.new_tokens + 1
+    print(f"device {device}, threads {torch.get_num_threads()}, fp32, batch 1, {args.new_tokens} new tokens, "
+          f"prefill in chunks of {args.chunk}", flush=True)
+    results: dict[str, float] = {}
+    for name, preset in PRESETS.items():
+        torch.manual_seed(0)
+        cfg = get_config(preset, num_nextn_predict_layers=0, max_position_embeddings=longest)
+        model = Transformer(cfg).to(device).eval()
+        for ctx in args.contexts:
+            r = measure(model, tok, ctx, args.new_tokens, args.chunk)
+            results |= {f"{name}/{ctx}/prefill_tok_s": ctx / r["prefill_s"],
+                        f"{name}/{ctx}/decode_tok_s": args.new_tokens / r["decode_s"],
+                        f"{name}/{ctx}/cache_bytes": r["cache_bytes"]}
+            print(f"{name} ({preset}) context {ctx:7d}: prefill {ctx / r['prefill_s']:8.0f} tok/s, decode "
+                  f"{args.new_tokens / r['decode_s']:7.1f} tok/s, cache {r['cache_bytes'] / 2**20:8.2f} MiB", flush=True)
+    for ctx in args.contexts:
+        d = results[f"V4/{ctx}/decode_tok_s"] / results[f"V3/{ctx}/decode_tok_s"]
+        c = results[f"V4/{ctx}/cache_bytes"] / results[f"V3/{ctx}/cache_bytes"]
+        print(f"context {ctx:7d}: V4 / V3 decode speed {d:.2f}x, cache {c:.3f}x", flush=True)
+    print("published shapes, cache bytes per token in bf16 (formula, `qiusuo.model.count`):", flush=True)
+    for label, per_token in published_cache_bytes().items():
+        print(f"  {label:18s} 128k {per_token[0]:10,.0f}   1M {per_token[1]:10,.0f}", flush=True)
+    if args.plot:
+        plot(results, args.contexts, args.plot)
+    return results
+
+
+def published_cache_bytes() -> dict[str, tuple[float, float]]:
+    """Cache bytes per token in bf16 at 128k and 1M for the published shapes. DeepSeek-V3.2 has no model kind
+    here yet (issue 15): its cache is V3's latent plus one `index_head_dim` (128) indexer key per token and layer,
+    counted by that formula."""
+    out = {}
+    for label, preset in PUBLISHED.items():
+        cfg = get_config(preset)
+        out[label] = tuple(cache_bytes_per_token(cfg, 2, n) for n in (1 << 17, 1 << 20))
+        if preset == "deepseek-v3":
+            v32 = out[label][0] + 128 * 2 * cfg.num_hidden_layers
+            out["DeepSeek-V3.2"] = (v32, v32)
+    return out
+
+
+def plot(results: dict[str, float], contexts: list[int], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in PRESETS:
+        a.plot(contexts, [1e3 / results[f"{name}/{c}/decode_tok_s"] for c in contexts], "o-", label=name)
+        b.plot(contexts, [results[f"{name}/{c}/cache_bytes"] / 2**20 for c in contexts], "o-", label=name)
+    for ax, title in ((a, "decode ms per token"), (b, "cache MiB per sequence")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context tokens")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle("DeepSeek-V3 (bench) vs DeepSeek-V4 (v4-bench): long context on this CPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}", flush=True)
