@@ -19,10 +19,10 @@ from typing import Any
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v4", "kimi_k2")
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "kimi_k2")
 # families that are the DeepSeek-V3 architecture under another name (Moonshot's Kimi-K2 ships `model_type: kimi_k2` with
 # `architectures: ["DeepseekV3ForCausalLM"]`, so engines can tell it apart; the weights and the math are V3's)
-V3_ARCHITECTURE = ("deepseek_v3", "kimi_k2")
+V3_ARCHITECTURE = ("deepseek_v3", "deepseek_v32", "kimi_k2")
 # a Hugging Face config.json of each family must name these: a missing one would silently take our small defaults
 REQUIRED_HF = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts")
@@ -76,13 +76,17 @@ class ModelConfig:
     eos_token_id: int | None = None
     pad_token_id: int | None = None
     swiglu_limit: float | None = None  # clamp SwiGLU's gate (above) and up (both sides) pre-activations; V4: 10
-    # ---- DeepSeek-V4 only (model_type "deepseek_v4"); defaults are transformers' (the V4-Flash shapes)
+    # V4's recipe on any family (qiusuo's switches; V4 itself always has mHC): mHC streams instead of the plain
+    # residual, and per-layer MLP kinds (`mlp_layer_types`: "dense" | "moe" | "hash_moe") instead of
+    # first_k_dense_replace. A V2/V3 model with them is ours alone: transformers cannot load it.
+    use_mhc: bool | None = None  # None: True for V4, False otherwise; the hc_* fields below size it
+    # ---- DeepSeek-V4 (model_type "deepseek_v4"); defaults are transformers' (the V4-Flash shapes)
     head_dim: int = 512  # width of the one shared key = value head; rotary on its last qk_rope_head_dim dims
     sliding_window: int = 128  # every V4 layer attends to the last `sliding_window` tokens (itself included)
     layer_types: list[str] | None = None  # per layer: one of V4_ATTENTION_KINDS (None: V4-Pro's default schedule)
     compress_rates: dict | None = None  # {CSA: m, HCA: m'}; default {CSA: 4, HCA: 128}
     compress_rope_theta: float = 160000.0  # rotary base of CSA/HCA layers (they alone get `rope_scaling`)
-    mlp_layer_types: list[str] | None = None  # per layer: "hash_moe" (tid2eid table) or "moe"; None: 3 hash layers
+    mlp_layer_types: list[str] | None = None  # per layer: "hash_moe" (tid2eid table) or "moe"; V4's None: 3 hash
     hc_mult: int = 4  # mHC: residual streams per token
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
@@ -98,6 +102,10 @@ class ModelConfig:
             self.topk_method = "noaux_tc" if v3 else "greedy"
         if self.scoring_func is None:
             self.scoring_func = "sqrtsoftplus" if self.is_v4 else "sigmoid" if v3 else "softmax"
+        if self.use_mhc is None:
+            self.use_mhc = self.is_v4
+        if self.mlp_layer_types is not None:
+            self.mlp_layer_types = list(self.mlp_layer_types)
         if self.is_v4:
             n = self.num_hidden_layers
             if self.compress_rates is None:
@@ -120,6 +128,11 @@ class ModelConfig:
     def is_v4(self) -> bool:
         return self.model_type == "deepseek_v4"
 
+    @property
+    def is_v32(self) -> bool:
+        """DeepSeek-V3.2: V3 with sparse attention (the `dsa` attention kind)."""
+        return self.model_type == "deepseek_v32"
+
     def compress_rate(self, kind: str) -> int:
         """Tokens pooled into one compressed entry by a V4 layer of `kind` (CSA or HCA)."""
         return int(self.compress_rates[kind])
@@ -133,7 +146,8 @@ class ModelConfig:
         return bool(self.n_routed_experts)
 
     def is_moe_layer(self, i: int) -> bool:
-        """Layer i (0-based) uses MoE; MTP blocks (i >= num_hidden_layers) follow the same rule."""
+        """Layer i (0-based) uses MoE; MTP blocks (i >= num_hidden_layers) follow the same rule (`mlp_layer_types`,
+        when set, decides instead: `qiusuo.model.block.mlp_kind`)."""
         return self.is_moe and (self.is_v4 or i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0)
 
     @property
@@ -199,6 +213,15 @@ class ModelConfig:
             raise bad("swiglu_limit", "must be positive, or None for no clamp")
         if self.is_v4:
             self._validate_v4(bad)
+        else:
+            self._validate_recipe(bad)
+        if self.is_v32:
+            for name in ("index_n_heads", "index_head_dim", "index_topk", "q_lora_rank"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    raise bad(name, "must be a positive integer (DeepSeek-V3.2's indexer)")
+            if self.index_head_dim < self.qk_rope_head_dim:
+                raise bad("index_head_dim", f"must be >= qk_rope_head_dim={self.qk_rope_head_dim}")
         if not self.is_moe:
             return
         e = self.n_routed_experts
@@ -230,6 +253,27 @@ class ModelConfig:
             if self.topk_method == "noaux_tc" and e // g < 2:
                 raise bad("n_group", "noaux_tc ranks groups by their top-2 scores: each group needs >= 2 experts")
 
+    def _validate_recipe(self, bad) -> None:
+        """V4's recipe switches on a V2/V3 model."""
+        if self.use_mhc:
+            for name in ("hc_mult", "hc_sinkhorn_iters"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                    raise bad(name, "must be a positive integer when use_mhc is on")
+        kinds = self.mlp_layer_types
+        if kinds is None:
+            return
+        if len(kinds) != self.num_hidden_layers:
+            raise bad("mlp_layer_types", f"has {len(kinds)} entries; num_hidden_layers={self.num_hidden_layers} "
+                                         "needs one per layer")
+        for i, k in enumerate(kinds):
+            if k not in ("dense",) + V4_MLP_KINDS:
+                raise bad("mlp_layer_types", f"entry {i} is {k!r}; each must be 'dense', 'moe' or 'hash_moe'")
+            if k != "dense" and not self.is_moe:
+                raise bad("mlp_layer_types", f"entry {i} is {k!r} but the model has no experts (n_routed_experts)")
+            if k == "dense" and self.intermediate_size <= 0:
+                raise bad("intermediate_size", "must be positive when there are dense layers")
+
     def _validate_v4(self, bad) -> None:
         n, P = self.num_hidden_layers, self.qk_rope_head_dim
         for name in ("head_dim", "sliding_window", "hc_mult", "hc_sinkhorn_iters", "o_groups", "o_lora_rank",
@@ -239,6 +283,8 @@ class ModelConfig:
                 raise bad(name, "must be a positive integer")
         if not self.q_lora_rank:
             raise bad("q_lora_rank", "DeepSeek-V4 needs a query LoRA rank (its indexer reads the query latent)")
+        if not self.use_mhc:
+            raise bad("use_mhc", "DeepSeek-V4's residual is mHC: leave it on (None or True)")
         if self.num_key_value_heads not in (None, 1):
             raise bad("num_key_value_heads", "DeepSeek-V4 attention has one shared key/value head: use 1")
         for name, width in (("head_dim", self.head_dim), ("index_head_dim", self.index_head_dim)):
@@ -297,6 +343,8 @@ class ModelConfig:
                              f"them all; is this the checkpoint's complete config.json?")
         if mt == "deepseek_v4":
             d = _v4_hf_fields(d)
+        if mt == "deepseek_v32":
+            d = _v32_hf_fields(d)
         rp = d.pop("rope_parameters", None)
         if rp:
             rp = dict(rp)
@@ -362,9 +410,16 @@ class ModelConfig:
         """The hub form of `config.json` (what DeepSeek ships), loadable by transformers 5 as well."""
         if self.is_v4:
             return self._v4_to_hf()
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in V4_ONLY}
+        # V4-only fields stay out, except the recipe switches this model uses (then it is ours alone)
+        used = {"swiglu_limit": self.swiglu_limit is not None, "mlp_layer_types": self.mlp_layer_types is not None,
+                **{k: bool(self.use_mhc) for k in ("hc_mult", "hc_sinkhorn_iters", "hc_eps")},
+                **{k: self.is_v32 for k in ("index_n_heads", "index_head_dim", "index_topk")}}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in V4_ONLY or used.get(k)}
+        if not self.use_mhc:
+            d.pop("use_mhc")
         v3 = self.model_type in V3_ARCHITECTURE  # Kimi-K2 ships as DeepseekV3ForCausalLM with its own model_type
-        d["architectures"] = ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"]
+        d["architectures"] = ["DeepseekV32ForCausalLM" if self.is_v32 else "DeepseekV3ForCausalLM" if v3
+                              else "DeepseekV2ForCausalLM"]
         d["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
         d["n_routed_experts"] = self.n_routed_experts
         return d
@@ -379,7 +434,7 @@ class ModelConfig:
                 "hc_mult", "hc_sinkhorn_iters", "hc_eps", "o_groups", "o_lora_rank", "index_n_heads",
                 "index_head_dim", "index_topk")
         d = {k: getattr(self, k) for k in keys}
-        d.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], num_key_value_heads=1,
+        d.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], num_key_value_heads=1,  # mHC implied
                  partial_rotary_factor=self.qk_rope_head_dim / self.head_dim)
         return d
 
@@ -409,6 +464,19 @@ V4_ONLY = ("head_dim", "sliding_window", "layer_types", "compress_rates", "compr
            "hc_mult", "hc_sinkhorn_iters", "hc_eps", "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim",
            "index_topk", "swiglu_limit")
 _COMPRESS_RATIO_KEYS = {"compress_rate_csa": CSA, "compress_rate_hca": HCA}
+
+
+def _v32_hf_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """A DeepSeek-V3.2 `config.json` -> our fields: transformers' `mlp_layer_types` ("dense" then "sparse") is
+    V3's `first_k_dense_replace`; the indexer's defaults are transformers' (64 heads of 128, top-2048)."""
+    d = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048, **d}
+    kinds = d.pop("mlp_layer_types", None)
+    if kinds is not None:
+        dense = next((i for i, k in enumerate(kinds) if k != "dense"), len(kinds))
+        if any(k != "sparse" for k in kinds[dense:]):
+            raise ValueError(f"config.json mlp_layer_types {kinds}: DeepSeek-V3.2 has dense layers, then sparse ones")
+        d["first_k_dense_replace"] = dense
+    return d
 
 
 def _v4_hf_fields(d: dict[str, Any]) -> dict[str, Any]:
@@ -491,6 +559,13 @@ _V4_FLASH = dict(
     max_position_embeddings=1048576, num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1,
 )
 
+_BENCH = dict(
+    model_type="deepseek_v3", vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+    num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=None, kv_lora_rank=64,
+    qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
+    num_experts_per_tok=4, n_group=4, topk_group=2, max_position_embeddings=2048,
+)
+
 _V4_TINY = dict(
     model_type="deepseek_v4", vocab_size=512, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
     num_attention_heads=4, head_dim=32, qk_rope_head_dim=8, q_lora_rank=32, n_routed_experts=8,
@@ -518,12 +593,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_nextn_predict_layers=1,
     ),
     # the configuration every benchmark runs on (`qiusuo bench`; README "Performance")
-    "bench": dict(
-        model_type="deepseek_v3", vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8, q_lora_rank=None, kv_lora_rank=64,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
-        num_experts_per_tok=4, n_group=4, topk_group=2, max_position_embeddings=2048,
-    ),
+    "bench": _BENCH,
     # `qiusuo demo`: the lowest held-out bits per byte in 5 minutes on 2 CPU cores (sweep in qiusuo/presets/demo.toml)
     "demo": dict(
         model_type="deepseek_v3", vocab_size=8192, hidden_size=192, intermediate_size=512, moe_intermediate_size=128,
@@ -543,6 +613,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=100000, eos_token_id=100001,
     ),
     "deepseek-v3": _V3,
+    # DeepSeek-V3.2(-Exp): V3 plus the lightning indexer (64 heads of 128, top-2048 tokens) on every layer
+    "deepseek-v3.2": dict(_V3, model_type="deepseek_v32", index_n_heads=64, index_head_dim=128, index_topk=2048),
+    # V3.2 at the `bench` size (with a query LoRA, which its indexer reads): `qiusuo bench context`'s sparse MLA
+    "v32-bench": dict(_BENCH, model_type="deepseek_v32", q_lora_rank=64, index_n_heads=8, index_head_dim=32,
+                      index_topk=256),
     # DeepSeek-V4 at test size: every attention kind, a hash layer, mHC with 2 streams, MTP
     "v4-tiny": _V4_TINY,
     # DeepSeek-V4 at the `bench` size (hidden 256, 4 layers, 16 experts top-4): `qiusuo bench context`'s V4 side

@@ -1,6 +1,7 @@
 """`qiusuo bench context`: what long context costs, DeepSeek-V3 (MLA, latent cache) against DeepSeek-V4
-(sliding window + CSA/HCA compressed caches), two presets of about the same size (`bench`: 10.7M parameters,
-7.1M active; `v4-bench`: 12.0M, 7.3M active), random weights, in the serving engine.
+(sliding window + CSA/HCA compressed caches) and DeepSeek-V3.2 (MLA reading the indexer's top-k), presets of
+about the same size (`bench` with a query LoRA, `v32-bench` the same plus the indexer, `v4-bench`: 12.0M
+parameters, 7.3M active), random weights, in the serving engine.
 
 For each context length: a prompt of that length prefilled in chunks (`--chunk` tokens per forward), then
 `--new-tokens` greedy tokens at batch 1; prints prefill tokens/s, decode tokens/s and the cache bytes the
@@ -20,7 +21,9 @@ from qiusuo.config import get_config
 from qiusuo.model.count import cache_bytes_per_token
 from qiusuo.model.transformer import Transformer
 
-PRESETS = {"V3": "bench", "V4": "v4-bench"}
+# arm -> (preset, overrides). V3 with the query LoRA V3.2 needs is V3.2's dense twin (the same model minus the
+# indexer); `bench` itself (no query LoRA) was the V3 side of the first long-context table (README)
+PRESETS = {"V3": ("bench", {"q_lora_rank": 64}), "V3.2": ("v32-bench", {}), "V4": ("v4-bench", {})}
 PUBLISHED = {"DeepSeek-V3": "deepseek-v3", "DeepSeek-V4-Flash": "deepseek-v4-flash", "DeepSeek-V4-Pro": "deepseek-v4-pro"}
 
 
@@ -29,6 +32,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 65536], help="prompt lengths")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens decoded after each prompt")
     p.add_argument("--chunk", type=int, default=2048, help="prefill tokens per forward")
+    p.add_argument("--models", nargs="+", default=list(PRESETS), choices=list(PRESETS), help="which arms to run")
     p.add_argument("--plot", default=None, help="write the plot to this PNG")
 
 
@@ -63,9 +67,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     print(f"device {device}, threads {torch.get_num_threads()}, fp32, batch 1, {args.new_tokens} new tokens, "
           f"prefill in chunks of {args.chunk}", flush=True)
     results: dict[str, float] = {}
-    for name, preset in PRESETS.items():
+    for name in args.models:
+        preset, over = PRESETS[name]
         torch.manual_seed(0)
-        cfg = get_config(preset, num_nextn_predict_layers=0, max_position_embeddings=longest)
+        cfg = get_config(preset, **over, num_nextn_predict_layers=0, max_position_embeddings=longest)
         model = Transformer(cfg).to(device).eval()
         for ctx in args.contexts:
             r = measure(model, tok, ctx, args.new_tokens, args.chunk)
@@ -75,14 +80,20 @@ def run(args: argparse.Namespace) -> dict[str, float]:
             print(f"{name} ({preset}) context {ctx:7d}: prefill {ctx / r['prefill_s']:8.0f} tok/s, decode "
                   f"{args.new_tokens / r['decode_s']:7.1f} tok/s, cache {r['cache_bytes'] / 2**20:8.2f} MiB", flush=True)
     for ctx in args.contexts:
-        d = results[f"V4/{ctx}/decode_tok_s"] / results[f"V3/{ctx}/decode_tok_s"]
-        c = results[f"V4/{ctx}/cache_bytes"] / results[f"V3/{ctx}/cache_bytes"]
-        print(f"context {ctx:7d}: V4 / V3 decode speed {d:.2f}x, cache {c:.3f}x", flush=True)
+        for name in [m for m in args.models if m != "V3" and "V3" in args.models]:
+            d = results[f"{name}/{ctx}/decode_tok_s"] / results[f"V3/{ctx}/decode_tok_s"]
+            c = results[f"{name}/{ctx}/cache_bytes"] / results[f"V3/{ctx}/cache_bytes"]
+            print(f"context {ctx:7d}: {name} / V3 decode speed {d:.2f}x, cache {c:.3f}x", flush=True)
+    v32 = get_config("v32-bench")
+    for ctx in args.contexts:  # what one decoding step reads per layer (formula; tests/model/test_v32.py checks k)
+        k = min(v32.index_topk, ctx)
+        print(f"reads per decoding step and layer at {ctx}: V3 {ctx} latents of {v32.latent_dim}; V3.2 {k} latents "
+              f"+ {ctx} indexer keys of {v32.index_head_dim} ({(k * v32.latent_dim + ctx * v32.index_head_dim) / (ctx * v32.latent_dim):.2f}x the values)", flush=True)
     print("published shapes, cache bytes per token in bf16 (formula, `qiusuo.model.count`):", flush=True)
     for label, per_token in published_cache_bytes().items():
         print(f"  {label:18s} 128k {per_token[0]:10,.0f}   1M {per_token[1]:10,.0f}", flush=True)
     if args.plot:
-        plot(results, args.contexts, args.plot)
+        plot(results, args.contexts, args.plot, args.models)
     return results
 
 
@@ -100,14 +111,14 @@ def published_cache_bytes() -> dict[str, tuple[float, float]]:
     return out
 
 
-def plot(results: dict[str, float], contexts: list[int], path: str) -> None:
+def plot(results: dict[str, float], contexts: list[int], path: str, models: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for name in PRESETS:
+    for name in models:
         a.plot(contexts, [1e3 / results[f"{name}/{c}/decode_tok_s"] for c in contexts], "o-", label=name)
         b.plot(contexts, [results[f"{name}/{c}/cache_bytes"] / 2**20 for c in contexts], "o-", label=name)
     for ax, title in ((a, "decode ms per token"), (b, "cache MiB per sequence")):
@@ -115,7 +126,7 @@ def plot(results: dict[str, float], contexts: list[int], path: str) -> None:
         ax.set_xlabel("context tokens")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle("DeepSeek-V3 (bench) vs DeepSeek-V4 (v4-bench): long context on this CPU")
+    fig.suptitle("DeepSeek-V3 vs V3.2 vs V4 (bench sizes): long context on this CPU")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"plot: {path}", flush=True)

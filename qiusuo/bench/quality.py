@@ -1,5 +1,8 @@
-"""Quality per compute, measured: a MoE and a dense model with the same active parameters per token, trained for
-the same wall-clock budget on the same data, compared by held-out bits per byte (`qiusuo bench quality`).
+"""Quality per compute, measured: run configs trained for the same wall-clock budget on the same data, compared
+by held-out bits per byte on the whole validation split (`qiusuo bench quality`). By default the arms are a MoE
+and its dense twin (the same active parameters per token); `--arm NAME=CONFIG[,section.key=value...]` compares
+any set instead (AdamW vs Muon, with and without mHC or hash layers, fp32 vs bf16: `CONFIG` is a run preset or
+TOML; `twin:NAME` is the dense twin of arm NAME).
 
 The dense twin is derived from the MoE config (`dense_twin`), not hand-written: every layer becomes a dense MLP
 whose width makes the active MLP parameters equal (shared + top-k routed experts + router, averaged over the
@@ -33,18 +36,23 @@ def dense_twin(cfg: ModelConfig) -> dict:
     """Overrides that turn the MoE `cfg` into a dense model with (almost) the same active parameters per token:
     all layers dense, width = the active MLP parameters of the MoE model (dense layers, shared and top-k routed
     experts, routers) spread evenly over the layers. Rounding leaves a gap below one MLP column per layer."""
+    from qiusuo.model.block import mlp_kind
+
     if not cfg.is_moe:
         raise ValueError("dense_twin needs a MoE config (n_routed_experts > 0); the model is already dense")
+    if cfg.is_v4:
+        raise ValueError("DeepSeek-V4 has no dense layers; compare it with another config as an --arm")
     D, L = cfg.hidden_size, cfg.num_hidden_layers
     active_mlp = 0
     for i in range(L):
-        if cfg.is_moe_layer(i):
+        if mlp_kind(cfg, i) != "dense":
             width = ((cfg.n_shared_experts or 0) + cfg.num_experts_per_tok) * cfg.moe_intermediate_size
             active_mlp += 3 * D * width + cfg.n_routed_experts * D  # SwiGLU experts + router
         else:
             active_mlp += 3 * D * cfg.intermediate_size
     return dict(intermediate_size=max(1, round(active_mlp / (3 * D * L))), first_k_dense_replace=L,
-                n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None, n_group=None, topk_group=None)
+                n_routed_experts=None, n_shared_experts=None, num_experts_per_tok=None, n_group=None, topk_group=None,
+                mlp_layer_types=None)
 
 
 @dataclass
@@ -82,20 +90,22 @@ def run_config(base: str, settings: dict, data_dir: str, out_dir: Path, minutes:
     return cfg
 
 
-def compare(moe_cfg: RunConfig, dense_cfg: RunConfig, eval_every_s: float, eval_batches: int | None,
+def compare(configs: dict[str, RunConfig], eval_every_s: float, eval_batches: int | None,
             progress: bool = True) -> dict:
-    """Train both arms for their budget (minutes and/or steps, from their run configs), interleaved; evaluate each
-    on the validation split every `eval_every_s` charged seconds, and on the whole split at the end."""
+    """Train every arm for its budget (minutes and/or steps, from its run config), interleaved; evaluate each on
+    the validation split every `eval_every_s` charged seconds, and on the whole split at the end."""
     from qiusuo.train.trainer import Trainer
 
-    arms = [Arm("moe", Trainer(moe_cfg)), Arm("dense", Trainer(dense_cfg))]
-    budget = 60 * moe_cfg.train.minutes if moe_cfg.train.minutes > 0 else math.inf
-    max_steps = moe_cfg.train.steps
+    arms = [Arm(name, Trainer(cfg)) for name, cfg in configs.items()]
+    first_cfg = next(iter(configs.values()))
+    budget = 60 * first_cfg.train.minutes if first_cfg.train.minutes > 0 else math.inf
+    max_steps = first_cfg.train.steps
     for arm in arms:
         arm.record(eval_batches)
         arm.next_eval = eval_every_s
-    total = 2 * budget if math.isfinite(budget) else 2 * max_steps
-    with tqdm(total=round(total), unit="s" if math.isfinite(budget) else "step", desc="moe vs dense", file=sys.stderr,
+    total = len(arms) * (budget if math.isfinite(budget) else max_steps)
+    title = " vs ".join(configs)
+    with tqdm(total=round(total), unit="s" if math.isfinite(budget) else "step", desc=title, file=sys.stderr,
               dynamic_ncols=True, disable=not progress) as bar:
         while not all(a.done for a in arms):
             arm = min((a for a in arms if not a.done), key=lambda a: (a.seconds, a.name))
@@ -110,12 +120,12 @@ def compare(moe_cfg: RunConfig, dense_cfg: RunConfig, eval_every_s: float, eval_
                 arm.next_eval += eval_every_s
             bar.n = min(round(sum(a.seconds for a in arms) if math.isfinite(budget) else sum(a.trainer.step for a in arms)), bar.total)
             bar.set_postfix({a.name: f"{a.curve[-1]['bpb']:.3f}" for a in arms}, refresh=False)
-            bar.set_description(f"moe vs dense ({arm.name} loss {m['ce']:.3f})", refresh=False)
+            bar.set_description(f"{title} ({arm.name} loss {m['ce']:.3f})", refresh=False)
             bar.refresh()
     for arm in arms:
         arm.record(None)  # the whole validation split
     t0 = arms[0].trainer
-    result = {"device": str(t0.device), "unigram_bpb": t0.unigram_bpb(),
+    result = {"device": str(t0.device), "unigram_bpb": t0.unigram_bpb(), "arms": list(configs),
               "budget_seconds": budget if math.isfinite(budget) else None, "max_steps": max_steps}
     for arm in arms:
         t = arm.trainer
@@ -135,7 +145,7 @@ def plot(result: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("moe", "dense"):
+    for name in result["arms"]:
         r = result[name]
         label = f"{name}: {r['params_active'] / 1e6:.2f}M active / {r['params_total'] / 1e6:.2f}M total"
         for ax, x in zip(axes, ("seconds", "tokens")):
@@ -144,7 +154,7 @@ def plot(result: dict, path: Path) -> Path:
         ax.axhline(result["unigram_bpb"], color="gray", ls="--", label=f"unigram {result['unigram_bpb']:.3f}")
         ax.set(xlabel=x, ylabel="validation bits per byte")
         ax.legend()
-    fig.suptitle("MoE vs dense at the same active parameters and wall-clock budget")
+    fig.suptitle(" vs ".join(result["arms"]) + " at the same wall-clock budget")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -160,8 +170,52 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches per intermediate point (the final point reads the whole split)")
     p.add_argument("--out", default="runs/quality", help="folder for quality.json and quality.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=CONFIG[,section.key=value...]",
+                   help="an arm to compare (repeat); CONFIG is a run preset or TOML, `twin:NAME` the dense twin of "
+                        "arm NAME; --section.key flags apply to every arm (default: the MoE of --config and its "
+                        "dense twin)")
     # the base run config of both models (its model is the MoE) and --section.key VALUE for both (--optim.lr=2e-3)
     add_config_args(p, "pretrain-demo")
+
+
+def parse_arm(spec: str) -> tuple[str, str, dict]:
+    """`NAME=CONFIG[,section.key=value...]` -> (name, config, {key: value}); values are TOML literals or strings."""
+    import tomllib
+
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--arm {spec!r}: write NAME=CONFIG[,section.key=value...]")
+    config, *pairs = rest.split(",")
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--arm {spec!r}: {pair!r} is not section.key=value")
+        try:
+            settings[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            settings[key] = value
+    return name, config, settings
+
+
+def arm_configs(args: argparse.Namespace, settings: dict, base: str, out: Path, vocab: int) -> dict[str, RunConfig]:
+    """The arms' run configs: `--arm`s in order (`twin:NAME` after NAME), or the MoE of `base` and its twin."""
+    specs = [parse_arm(a) for a in args.arm] or [("moe", base, {}), ("dense", "twin:moe", {})]
+    configs: dict[str, RunConfig] = {}
+    for name, config, own in specs:
+        if name in configs:
+            raise ValueError(f"--arm {name!r} is given twice")
+        if config.startswith("twin:"):
+            of = config.removeprefix("twin:")
+            if of not in configs:
+                raise ValueError(f"--arm {name}=twin:{of}: no arm {of!r} before it")
+            twin = dense_twin(configs[of].model.build(vocab_size=vocab))
+            src = next(c for n, c, _ in specs if n == of)
+            own = {**next(o for n, _, o in specs if n == of), **own}
+            configs[name] = run_config(src, {**settings, **own}, args.data, out / name, args.minutes, args.steps, twin)
+        else:
+            configs[name] = run_config(config, {**settings, **own}, args.data, out / name, args.minutes, args.steps)
+    return configs
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,25 +225,29 @@ def run(args: argparse.Namespace) -> int:
 
     out, settings, base = Path(args.out), overrides(args), args.config or args.default_config
     try:
-        moe = run_config(base, settings, args.data, out / "moe", args.minutes, args.steps)
+        for spec in args.arm:  # settings checked before any data is prepared
+            _, config, own = parse_arm(spec)
+            if not config.startswith("twin:"):
+                run_config(config, {**settings, **own}, args.data, out, args.minutes, args.steps)
+        if not args.arm:
+            run_config(base, settings, args.data, out, args.minutes, args.steps)
         if not (Path(args.data) / "val" / "manifest.json").is_file():
             from qiusuo.data.prepare import prepare
 
             print(f"preparing the default corpus in {args.data}", file=sys.stderr)
             prepare(args.data, progress=not args.no_progress)
         vocab = json.loads((Path(args.data) / "train" / "manifest.json").read_text())["vocab_size"]
-        twin = dense_twin(moe.model.build(vocab_size=vocab))
-        dense = run_config(base, settings, args.data, out / "dense", args.minutes, args.steps, twin)
-        result = compare(moe, dense, args.eval_every, args.eval_batches, progress=not args.no_progress)
+        configs = arm_configs(args, settings, base, out, vocab)
+        result = compare(configs, args.eval_every, args.eval_batches, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, DataError) as e:
         print(f"qiusuo bench quality: {e}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    result["config"] = {"base": base, "overrides": settings, "dense_twin": twin}
+    result["config"] = {"base": base, "overrides": settings, "arms": args.arm or ["moe", "dense (twin)"]}
     (out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     png = plot(result, out / "quality.png")
     print(f"{'model':6} {'active':>9} {'total':>9} {'steps':>6} {'tokens':>9} {'tok/s':>7} {'val bpb':>8}")
-    for name in ("moe", "dense"):
+    for name in result["arms"]:
         r = result[name]
         print(f"{name:6} {r['params_active']:>9,} {r['params_total']:>9,} {r['steps']:>6} {r['tokens']:>9,} "
               f"{r['tokens_per_s']:>7.0f} {r['final_bpb']:>8.4f}")

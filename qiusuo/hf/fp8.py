@@ -116,5 +116,8 @@ def dequantize_blocks(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dty
 
 def is_quantizable(name: str, t: torch.Tensor) -> bool:
     """The tensors DeepSeek-V3 stores in FP8: the 2D projection matrices of attention, MLPs and experts. The
-    embedding, output head, router, norms and the routing bias stay in the model dtype."""
+    embedding, output head, router, norms and the routing bias stay in the model dtype. V3.2's indexer: `wq_b`
+    and `wk` are FP8, `weights_proj` is not (transformers' `_keep_in_fp32_modules`)."""
+    if ".indexer." in name:
+        return t.dim() == 2 and name.endswith((".wq_b.weight", ".wk.weight"))
     return t.dim() == 2 and name.endswith(("_proj.weight", "_proj_with_mqa.weight")) and ".mlp.gate." not in name

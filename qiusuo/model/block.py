@@ -20,14 +20,15 @@ from torch import nn
 from qiusuo.config import V4_ATTENTION_KINDS, ModelConfig, SLIDING
 from qiusuo.model.cache import LayerCacheSpec
 from qiusuo.model.compressed_attention import CompressedAttention
+from qiusuo.model.dsa import SparseMLA
 from qiusuo.model.mhc import RESIDUAL_KINDS, residual_kind
 from qiusuo.model.mla import MLA
 from qiusuo.model.moe import DenseMLP, MoE, Routing
 from qiusuo.model.rope import RMSNorm
 
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {
-    "mla": MLA, **{k: functools.partial(CompressedAttention, kind=k) for k in V4_ATTENTION_KINDS}}
-CACHE_SPECS = {"mla": MLA.cache_spec,
+    "mla": MLA, "dsa": SparseMLA, **{k: functools.partial(CompressedAttention, kind=k) for k in V4_ATTENTION_KINDS}}
+CACHE_SPECS = {"mla": MLA.cache_spec, "dsa": SparseMLA.cache_spec,
                **{k: functools.partial(CompressedAttention.cache_spec, kind=k) for k in V4_ATTENTION_KINDS}}
 
 
@@ -35,13 +36,17 @@ def attention_kind(cfg: ModelConfig, layer_idx: int) -> str:
     """The attention kind of layer `layer_idx`. V4's MTP blocks (past num_hidden_layers) attend over the
     sliding window only, as DeepSeek's MTP block (it ships no compressor)."""
     if not cfg.is_v4:
-        return "mla"
+        return "dsa" if cfg.is_v32 else "mla"
     return cfg.layer_types[layer_idx] if layer_idx < cfg.num_hidden_layers else SLIDING
 
 
 def mlp_kind(cfg: ModelConfig, layer_idx: int) -> str:
-    if cfg.is_v4:
-        return cfg.mlp_layer_types[layer_idx] if layer_idx < cfg.num_hidden_layers else "moe"
+    """`mlp_layer_types` when the config has it (V4 always; V2/V3 with V4's recipe); MTP blocks are score-routed
+    MoE then. Otherwise V2/V3's rule: dense for the first `first_k_dense_replace` layers, MoE after."""
+    if cfg.mlp_layer_types is not None:
+        if layer_idx < cfg.num_hidden_layers:
+            return cfg.mlp_layer_types[layer_idx]
+        return "moe" if cfg.is_moe else "dense"
     return "moe" if cfg.is_moe_layer(layer_idx) else "dense"
 
 

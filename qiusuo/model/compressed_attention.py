@@ -180,7 +180,7 @@ class CompressedAttention(nn.Module):
                                               extra_ok)
         out = rotate_tail(out, cos, -sin)  # undo the keys' rotation at the query's position
         grouped = self.o_a_proj(out.reshape(B, T, self.o_a_proj.groups, -1))  # (B, T, G, R)
-        aux = indexer_loss(sel, attn) if sel is not None and sel.n and torch.is_grad_enabled() else None
+        aux = indexer_loss(sel.score, sel.valid, attn) if sel is not None and sel.n and torch.is_grad_enabled() else None
         return self.o_b_proj(grouped.flatten(2)), aux
 
     def _dense(self, q, keys, key_pos, pos, entries, entries_ok, sel):

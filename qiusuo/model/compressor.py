@@ -169,18 +169,18 @@ class Selection(NamedTuple):
         return out.scatter_(-1, self.idx, self.valid)
 
 
-def indexer_loss(sel: Selection, attn: torch.Tensor) -> torch.Tensor:
-    """The indexer's own objective (DeepSeek-V3.2 report eq. 3-4, sparse stage; V4 trains CSA's indexer the
-    same way): KL(p || softmax(score)) over each query's chosen entries, where p is the main attention's
-    probability of those entries summed over heads and renormalised. The selection itself is discrete, so this
-    is the only signal that teaches the indexer what attention would have wanted; the target is detached and
-    the indexer reads detached inputs (`CompressedAttention`), so the loss trains the indexer alone.
-    attn (B, T, k) fp32 -> scalar, mean over the queries that chose an entry."""
-    p = attn.detach() * sel.valid
+def indexer_loss(score: torch.Tensor, chosen: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """The indexer's own objective (DeepSeek-V3.2 report eq. 3-4; V4 trains CSA's indexer the same way):
+    KL(p || softmax(score)) over each query's chosen keys, where p is the main attention's probability of those
+    keys summed over heads and renormalised (the sparse stage; the dense warm-up passes every visible key as
+    chosen). The selection itself is discrete, so this is the only signal that teaches the indexer what attention
+    would have wanted; the target is detached and the indexer reads detached inputs, so the loss trains the
+    indexer alone. score, attn (B, T, n) fp32, chosen (B, T, n) bool -> scalar, mean over queries with a choice."""
+    p = attn.detach() * chosen
     mass = p.sum(-1, keepdim=True)
     rows = mass[..., 0] > 0
     if not bool(rows.any()):
-        return sel.score.new_zeros(())
+        return score.new_zeros(())
     p = p[rows] / mass[rows]
-    logq = sel.score.masked_fill(~sel.valid, float("-inf"))[rows].log_softmax(-1)
+    logq = score.masked_fill(~chosen, float("-inf"))[rows].log_softmax(-1)
     return torch.where(p > 0, p * (p.clamp_min(1e-30).log() - logq), torch.zeros_like(p)).sum(-1).mean()

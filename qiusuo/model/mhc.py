@@ -143,7 +143,8 @@ RESIDUAL_KINDS: dict[str, type[nn.Module]] = {"plain": PlainResidual, "mhc": Hyp
 
 
 def residual_kind(cfg: ModelConfig) -> str:
-    return "mhc" if cfg.is_v4 else "plain"
+    """mHC for V4, and for any model with `use_mhc` (V4's recipe on an MLA model); else the plain residual."""
+    return "mhc" if cfg.use_mhc else "plain"
 
 
 def expand_streams(cfg: ModelConfig, x: torch.Tensor) -> torch.Tensor:

@@ -57,21 +57,36 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         H, N, P, R = self.H, self.N, self.P, self.R
         cos, sin = rope["main"]
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q = q.view(B, T, H, N + P)
+        q_lat = None if hasattr(self, "q_proj") else self.q_a_layernorm(self.q_a_proj(x))  # (B, T, q_lora_rank)
+        q = (self.q_proj(x) if q_lat is None else self.q_b_proj(q_lat)).view(B, T, H, N + P)
         q_nope, q_pe = q.split([N, P], dim=-1)  # (B, T, H, N), (B, T, H, P)
         q_pe = apply_rotary(q_pe, cos, sin, self.interleave)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([R, P], dim=-1)  # (B, T, R), (B, T, P)
         k_pe = apply_rotary(k_pe[:, :, None, :], cos, sin, self.interleave)[:, :, 0]
-        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # (B, T, C)
+        latent = self.stored(torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1), x, rope)  # (B, T, C [+ more])
         if cache is not None:
-            latent, mask = cache.layer(self.layer_idx).update(latent)  # (B, S, C), (B, 1, T, S) | None
+            latent, mask = cache.layer(self.layer_idx).update(latent)  # (B, S, ...), (B, 1, T, S) | None
         causal = cache is None and mask is None and T > 1
+        latent, mask, causal, chosen = self.select(latent, mask, causal, x, q_lat, rope)  # (B, S, C)
         if absorb:
             out = self._absorbed(q_nope, q_pe, latent, mask, causal)
         else:
             out = self._expanded(q_nope, q_pe, latent, mask, causal)
-        return self.o_proj(out.reshape(B, T, H * self.V)), None  # no auxiliary loss
+        aux = self.aux_loss(q_nope, q_pe, latent, chosen)
+        return self.o_proj(out.reshape(B, T, H * self.V)), aux
+
+    def stored(self, latent: torch.Tensor, x: torch.Tensor, rope) -> torch.Tensor:
+        """What this layer caches per token: the latent (V3.2's sparse kind appends its indexer key)."""
+        return latent
+
+    def select(self, stored, mask, causal, x, q_lat, rope):
+        """(latent (B, S, C), mask, causal, what `aux_loss` needs) the attention reads: all of it (V3.2's sparse
+        kind keeps the top-k)."""
+        return stored, mask, causal, None
+
+    def aux_loss(self, q_nope, q_pe, latent, chosen) -> torch.Tensor | None:
+        """An auxiliary loss of this attention (V3.2's indexer objective); MLA has none."""
+        return None
 
     def _expanded(self, q_nope, q_pe, latent, mask, causal) -> torch.Tensor:
         B, T, H, _ = q_nope.shape

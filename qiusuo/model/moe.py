@@ -196,6 +196,7 @@ class Experts(nn.Module):
         self.limit = cfg.swiglu_limit
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, D))
         self.down_proj = nn.Parameter(torch.empty(E, D, I))
+        self.weight_transform = None  # FP4 quantisation-aware training (qiusuo.train.qat.set_fp4_qat) or None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """x (N, D), weights (N, K), idx (N, K) -> (N, D)."""
@@ -226,6 +227,8 @@ class Experts(nn.Module):
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Run each expert on its contiguous slice of the sorted tokens xs (M, D)."""
         w_gu, w_d = self.gate_up_proj, self.down_proj
+        if self.weight_transform is not None:
+            w_gu, w_d = self.weight_transform(w_gu), self.weight_transform(w_d)
         dt = torch.get_autocast_dtype("cuda") if xs.is_cuda and torch.is_autocast_enabled("cuda") else xs.dtype
         if xs.is_cuda and dt == torch.bfloat16:  # grouped_mm's CUDA kernels are bf16 (sm90+)
             offs = counts.cumsum(0).to(torch.int32)

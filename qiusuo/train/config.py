@@ -12,9 +12,10 @@ users already type (`qiusuo sft --lr 1e-3` is `--optim.lr=1e-3`).
 Run presets are named for the job (`pretrain-demo`, `pretrain-tiny`, `pretrain-bench`, `sft`, `grpo`) and model
 sizes for the model (`tiny`, `bench`, `demo`, `deepseek-v3`, ...), so one name never means two things.
 
-Precision: `run.precision = "auto"` trains in fp32 on CPU and with bf16 autocast on CUDA. CPUs without native
-bf16 (AVX2-only, e.g. the 2-core EPYC this was tuned on) run bf16 matmuls ~50x slower than fp32, so bf16 on CPU is
-opt-in (`--run.precision=bf16`), worth it only on CPUs with AMX/AVX512-BF16.
+Precision: `run.precision = "auto"` trains with bf16 autocast on CUDA; on a CPU it picks the faster of fp32 and
+bf16 (`qiusuo.runtime.pick_precision`): CPUs without native bf16 (AVX2-only, e.g. the 2-core EPYC this was tuned on,
+where bf16 matmuls run ~50x slower) keep fp32 without measuring; CPUs with AVX512-BF16/AMX get bf16 only when its
+measured matmul peak beats fp32's.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class RunSection:
     out_dir: str = "runs/train"  # checkpoints, metrics.jsonl, plots, samples and the final model go here
     seed: int = 0  # model init, data order, sampling
     device: str = "auto"  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1", ...
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32", "bf16"
+    precision: str = "auto"  # "auto" (bf16 on CUDA; on CPU the measured faster of fp32 and bf16), "fp32", "bf16"
     compile: bool = False  # torch.compile the model (worth it on CUDA; minutes of compile time on a CPU)
     progress: bool = True  # tqdm bar on stderr
     threads: int = 0  # CPU threads for torch; 0: the cores not busy with other work (load average), at least 1
@@ -71,15 +72,22 @@ class TrainSection:
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     mtp_weight: float = 0.3  # lambda of the multi-token-prediction loss (ignored without MTP modules)
     log_every: int = 10  # steps between metrics.jsonl lines
+    fp4_qat: bool = False  # fake-quantise routed experts to FP4 (e2m1, per-32 ue8m0 scales) in the forward, as exported
+    fp4_qat_from: float = 0.0  # with fp4_qat: the share of the run after which it is on (DeepSeek-V4: the last part)
+    indexer_warmup_steps: int = 0  # DeepSeek-V3.2: first steps with dense attention, the indexer learning to mimic it
 
 
 @dataclass
 class OptimSection:
-    lr: float = 3e-3  # peak learning rate
+    name: str = "adamw"  # "adamw" | "muon" (Muon for hidden matrices and experts, AdamW for the rest: qiusuo.train.muon)
+    lr: float = 3e-3  # peak learning rate (Muon too: its update RMS is matched to AdamW's, Moonlight's rule)
     weight_decay: float = 0.1  # decoupled (AdamW); never on norms, biases or embeddings
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    momentum: float = 0.95  # Muon's momentum
+    nesterov: bool = True  # Muon: Nesterov momentum
+    ns_steps: int = 5  # Muon: Newton-Schulz iterations
 
 
 @dataclass
@@ -176,6 +184,14 @@ class RunConfig:
             raise bad("train.steps", "must be >= 1 (or set train.minutes)")
         if self.optim.lr <= 0:
             raise bad("optim.lr", "must be positive")
+        if self.optim.name not in ("adamw", "muon"):
+            raise bad("optim.name", "use 'adamw' or 'muon'")
+        if self.optim.name == "muon" and self.parallel.dp == "fsdp":
+            raise bad("optim.name", "Muon orthogonalises whole matrices; FSDP shards them (use parallel.dp='ddp')")
+        if self.optim.ns_steps < 1:
+            raise bad("optim.ns_steps", "must be >= 1")
+        if not 0 <= self.train.fp4_qat_from <= 1:
+            raise bad("train.fp4_qat_from", "must be in [0, 1]")
         if self.schedule.kind not in ("cosine", "wsd", "constant"):
             raise bad("schedule.kind", "use 'cosine', 'wsd' or 'constant'")
         if not 0 <= self.schedule.min_lr_ratio <= 1:

@@ -86,6 +86,7 @@ class ExpertParallel(Experts):
         E = full.gate_up_proj.shape[0]
         self.num_experts, self.ep, self.ep_rank, self.group = E, ep, ep_rank, group
         self.limit = full.limit  # V4's SwiGLU clamp
+        self.weight_transform = getattr(full, "weight_transform", None)  # FP4 QAT (qiusuo.train.qat)
         self.local = E // ep
         lo = ep_rank * self.local
         self.gate_up_proj = nn.Parameter(full.gate_up_proj.detach()[lo:lo + self.local].clone())  # (E/P, 2I, D)

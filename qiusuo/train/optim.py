@@ -1,4 +1,5 @@
-"""AdamW with the usual parameter groups, and learning-rate schedules as pure functions of progress.
+"""The optimizer of a run (`optim.name`): AdamW with the usual parameter groups, or Muon for the hidden matrices with
+AdamW for the rest (`qiusuo.train.muon`); and learning-rate schedules as pure functions of progress.
 
 Groups: matrices (linear weights, 3D expert weights, the router) get decoupled weight decay; norms, biases and
 embeddings do not (decaying an embedding row shrinks rare tokens toward zero for no benefit; decaying a norm
@@ -22,20 +23,31 @@ from qiusuo.train.config import OptimSection, ScheduleSection
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: `decay` (2D+ weights of Linear layers and experts) and `no_decay` (norm gains, biases,
     embeddings). Tied weights appear once (in the embedding's no-decay group)."""
+    params, seen = [], set()
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    return adamw_groups(model, params, weight_decay)
+
+
+def adamw_groups(model: nn.Module, params: list, weight_decay: float) -> list[dict]:
+    """`params` (some of the model's) split into the `decay` and `no_decay` groups of `param_groups`."""
     embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for name, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        (no_decay if p.dim() < 2 or id(p) in embed_ids else decay).append(p)
+    decay = [p for p in params if not (p.dim() < 2 or id(p) in embed_ids)]
+    no_decay = [p for p in params if p.dim() < 2 or id(p) in embed_ids]
     return [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimSection):
+    """`optim.name`: "adamw" (torch.optim.AdamW) or "muon" (`qiusuo.train.muon.MuonAdamW`: the same interface)."""
+    if cfg.name == "muon":
+        from qiusuo.train.muon import build_muon
+
+        return build_muon(model, cfg)
     fused = all(p.is_cuda for p in model.parameters())  # the fused kernel exists on CUDA only
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, fused=fused or None)

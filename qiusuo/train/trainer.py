@@ -45,6 +45,7 @@ from qiusuo.train import checkpoint as ckpt
 from qiusuo.train.config import DataSection, ModelSection, RunConfig
 from qiusuo.train.metrics import MetricsLog, plot_run
 from qiusuo.train.optim import build_optimizer, lr_factor
+from qiusuo.train.qat import set_fp4_qat
 from qiusuo.train.step import TrainingDiverged, TrainStep
 
 __all__ = ["EvalResult", "TokenSource", "Trainer", "TrainingDiverged"]
@@ -111,9 +112,9 @@ class Trainer:
         self.rank, self.world_size = (dist.rank, dist.world_size) if dist else (0, 1)
         self.is_main = self.rank == 0
         self.device = dist.device if dist else resolve_device(cfg.run.device)
-        self.autocast_dtype = resolve_precision(cfg.run.precision, self.device)
         self.out_dir = Path(cfg.run.out_dir)
         set_threads(self.device, cfg.run.threads)
+        self.autocast_dtype = resolve_precision(cfg.run.precision, self.device)  # "auto" measures at these threads
 
         self.source = source or TokenSource(cfg.data, cfg.run.seed, self.rank, self.world_size)
         self.tokenizer = self.source.tokenizer
@@ -128,6 +129,7 @@ class Trainer:
         self.step_fn = TrainStep(self.model, self.optimizer, grad_clip=cfg.train.grad_clip, gamma=cfg.balance.gamma,
                                  dist=dist, autocast=self.autocast_dtype, on_diverged=self._advice)
         self.elapsed = 0.0
+        self._fp4_qat = False
         self.resumed_from = None
         if resume is not None:
             self._resume(resume)
@@ -182,9 +184,22 @@ class Trainer:
         """One optimizer step on `grad_accum` micro-batches from the source. Raises `TrainingDiverged` before
         touching the weights if the loss or the gradient norm is not finite."""
         self.model.train()
+        self.set_fp4_qat()
+        for m in self.model.modules():  # DeepSeek-V3.2's dense warm-up, then sparse training (qiusuo.model.dsa)
+            if hasattr(m, "dense_warmup"):
+                m.dense_warmup = self.step < self.cfg.train.indexer_warmup_steps
         batches = [tuple(t.to(self.device, non_blocking=True) for t in self.source.next_batch())
                    for _ in range(self.cfg.train.grad_accum)]
         return self.step_fn(batches, lambda b: self.source.loss(self.forward, b, self.cfg), self.lr())
+
+    def set_fp4_qat(self) -> bool:
+        """FP4 quantisation-aware training of the routed experts (`qiusuo.train.qat`) on from `train.fp4_qat_from`
+        of the run: a function of progress, so a resumed run switches at the same step. Returns whether it is on."""
+        on = self.cfg.train.fp4_qat and self.progress() >= self.cfg.train.fp4_qat_from
+        if on != self._fp4_qat:
+            set_fp4_qat(self.model, on)
+            self._fp4_qat = on
+        return on
 
     @torch.no_grad()
     def evaluate(self, batches: int | None = None) -> EvalResult | None:

@@ -99,3 +99,21 @@ def test_bad_setting_exits_nonzero_with_one_line(tmp_path, capsys, setting, why)
     err = capsys.readouterr().err.strip().splitlines()
     assert why in err[-1] and err[-1].startswith("qiusuo bench quality")
     assert not (tmp_path / "none").exists()
+
+
+def test_any_set_of_arms_with_a_twin(data_dir, tmp_path, restore_threads):
+    """`--arm NAME=CONFIG[,key=value]`: three arms (the plain model, the same with mHC streams, the dense twin of
+    the first), each trained for the same budget; bad arm specs are one-line errors before any training."""
+    out = tmp_path / "arms"
+    common = ["--data", str(data_dir), "--out", str(out), "--minutes", "30", "--steps", "4", "--eval-every", "1e9",
+              "--eval-batches", "1", "--no-progress", "--data.batch_size=2", "--data.seq_len=32",
+              "--schedule.warmup_steps=1", "--run.threads=1"]
+    args = parse(common + ["--arm", f"plain={TINY}", "--arm", f"mhc={TINY},model.use_mhc=true,model.hc_mult=2",
+                           "--arm", "dense=twin:plain"])
+    assert run(args) == 0
+    result = json.loads((out / "quality.json").read_text())
+    assert result["arms"] == ["plain", "mhc", "dense"]
+    assert all(result[a]["steps"] == 4 for a in result["arms"])
+    assert result["mhc"]["params_total"] > result["plain"]["params_total"] > result["dense"]["params_total"]
+    for bad in ("nameonly", "x=twin:nobody", f"a={TINY},model.hidden_size"):
+        assert run(parse(common + ["--arm", bad])) == 2

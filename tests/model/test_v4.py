@@ -18,6 +18,7 @@ from qiusuo.model.count import cache_bytes_by_kind, cache_bytes_per_token, count
 from qiusuo.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")
+import twins  # noqa: E402 (tests/model/twins.py)
 
 TOL = 1e-4
 CASES = {
@@ -44,17 +45,8 @@ def hf_config(**kw):
     return transformers.DeepseekV4Config(**base)
 
 
-@torch.no_grad()
 def randomise(model: Transformer, seed: int = 0) -> None:
-    """Every tensor random (sinks, position biases, mHC bases and routing biases included, so none is inert)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, t in model.state_dict().items():
-        if name.endswith("tid2eid"):
-            t.copy_(torch.rand(t.shape[0], model.cfg.n_routed_experts, generator=gen).argsort(-1)[:, : t.shape[1]])
-        elif name.endswith("norm.weight"):
-            t.copy_(1 + 0.1 * torch.randn(t.shape, generator=gen))
-        else:
-            t.copy_(0.5 * torch.randn(t.shape, generator=gen))
+    twins.randomise(model, 0.5, seed)
 
 
 @pytest.fixture(autouse=True)
@@ -67,14 +59,7 @@ def softmax_scores(monkeypatch):
 
 
 def pair(case: str):
-    hf = hf_config(**CASES[case])
-    ours = Transformer(ModelConfig.from_hf(hf.to_dict())).eval()
-    randomise(ours)
-    theirs = transformers.DeepseekV4ForCausalLM(hf).eval()
-    sd = {("" if k == "lm_head.weight" else "model.") + k: v for k, v in ours.state_dict().items()}
-    missing, unexpected = theirs.load_state_dict(sd, strict=False)
-    assert not unexpected and all("inv_freq" in k for k in missing), (missing, unexpected)
-    return ours, theirs
+    return twins.twin_pair(hf_config(**CASES[case]), transformers.DeepseekV4ForCausalLM, 0.5)
 
 
 @pytest.mark.parametrize("case", list(CASES))

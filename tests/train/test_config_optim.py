@@ -161,3 +161,43 @@ def test_aliases_set_their_keys():
                                              "--steps", "7"]))
     assert (cfg.optim.lr, cfg.sft.pack, cfg.model.preset, cfg.train.steps, cfg.sft.data) == (1e-3, False, "bench", 7, "x.jsonl")
     assert cfg.optim.weight_decay == 0.0  # the `sft` preset's default, not pretraining's
+
+
+def test_optim_name_picks_the_optimizer_and_bad_ones_are_named():
+    from qiusuo.train.muon import MuonAdamW
+
+    model = Transformer(get_config("tiny"))
+    assert isinstance(build_optimizer(model, load_run_config("pretrain-tiny").optim), torch.optim.AdamW)
+    assert isinstance(build_optimizer(model, load_run_config("pretrain-tiny", {"optim.name": "muon"}).optim), MuonAdamW)
+    with pytest.raises(ValueError, match="optim.name='sgd'"):
+        load_run_config("pretrain-tiny", {"optim.name": "sgd"})
+    with pytest.raises(ValueError, match="FSDP shards them"):
+        load_run_config("pretrain-tiny", {"optim.name": "muon", "parallel.dp": "fsdp"})
+    with pytest.raises(ValueError, match="train.fp4_qat_from"):
+        load_run_config("pretrain-tiny", {"train.fp4_qat_from": 1.5})
+
+
+def test_precision_auto_measures_only_where_bf16_is_native(monkeypatch):
+    from qiusuo import runtime
+
+    def peaks(fp32, bf16):
+        calls = []
+        return calls, lambda dt: calls.append(dt) or (bf16 if dt == torch.bfloat16 else fp32)
+
+    calls, peak = peaks(100e9, 300e9)
+    assert runtime.pick_precision(False, peak) is None and calls == []  # AVX2-only: fp32, nothing measured
+    assert runtime.pick_precision(True, peak) == torch.bfloat16  # AMX-like: bf16 3x faster
+    assert runtime.pick_precision(True, peaks(151e9, 82e9)[1]) is None  # flags but slower (this project's Xeon)
+    assert runtime.pick_precision(True, peaks(100e9, 105e9)[1]) is None  # within BF16_MIN_SPEEDUP: keep fp32
+    assert runtime.resolve_precision("auto", torch.device("cuda")) == torch.bfloat16
+    assert runtime.resolve_precision("fp32", torch.device("cuda")) is None
+    assert runtime.resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+
+    measured = []
+    monkeypatch.setattr(runtime, "matmul_peak", lambda dev, dt, n=None, repeats=5: measured.append(dt) or
+                        (400e9 if dt == torch.bfloat16 else 170e9))
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16 and measured
+    measured.clear()
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})
+    assert runtime.resolve_precision("auto", torch.device("cpu")) is None and not measured

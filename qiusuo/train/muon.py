@@ -1,0 +1,189 @@
+"""Muon for the hidden matrices, AdamW for the rest, as one optimizer object (DeepSeek-V4's and Moonlight's recipe).
+
+Which parameter gets what (`split_params`):
+- Muon (`torch.optim.Muon`): the weights of every `nn.Linear` except the output head: attention, dense MLP,
+  shared-expert and MTP projections, and V4's compressor and indexer projections. Those are hidden matrices like
+  any other (DeepSeek-V4 keeps AdamW only for the embedding, the head, mHC's static biases and gating factors and
+  the norms), so they get Muon too; their `position_bias` tensors are biases and stay on AdamW.
+- Muon on 3D expert weights (`ExpertMuon`): `gate_up_proj` (E, 2I, D) and `down_proj` (E, D, I) of routed experts,
+  each expert's matrix orthogonalised separately, all E in one batched Newton-Schulz (`zeropower_batched`).
+- AdamW: embeddings, the output head, norms, biases, routers (`gate.weight`), mHC's parameters (`attn_hc`,
+  `ffn_hc`, `hc_head`: raw parameters, not `nn.Linear`), attention sinks and position biases.
+
+Learning-rate matching: Muon's orthogonalised update has RMS ~ 1/sqrt(max(A, B)) for an (A, B) matrix; scaling the
+lr by 0.2 * sqrt(max(A, B)) (Moonlight, "Muon is Scalable for LLM Training", `adjust_lr_fn="match_rms_adamw"`) gives
+it AdamW's typical update RMS of ~0.2, so the AdamW peak lr and weight decay carry over unchanged. The 3D experts
+apply the same rule per expert matrix, A, B = the last two dims. Weight decay is decoupled, `p *= 1 - lr * wd` with the
+unadjusted lr, as torch's Muon does.
+
+`MuonAdamW` exposes what the trainer, `TrainStep`, `set_lr`, checkpoints and `Distributed.full_state` use:
+`param_groups` (all parts' groups, in order), `state`, `step`, `zero_grad`, `state_dict`/`load_state_dict` in
+`torch.optim.Optimizer`'s layout (parameters numbered across all groups in order), so saved state resumes bit for
+bit and distributed code can map state entries to parameters by position.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS
+
+NS_COEFFICIENTS = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
+
+
+def zeropower_batched(g: torch.Tensor, ns_coefficients=NS_COEFFICIENTS, ns_steps: int = 5,
+                      eps: float = EPS) -> torch.Tensor:
+    """Newton-Schulz orthogonalisation of each matrix of g (E, A, B), in one batched call: the same bf16 iteration,
+    coefficients and Frobenius normalisation as torch's `_zeropower_via_newtonschulz` applied to g[e] one by one."""
+    a, b, c = ns_coefficients
+    x = g.bfloat16()
+    tall = g.size(-2) > g.size(-1)
+    if tall:
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(ns_steps):
+        gram = x @ x.mT
+        update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.baddbmm(x, update, x, beta=a)
+    return x.mT if tall else x
+
+
+def match_rms_adamw(lr: float, shape: torch.Size) -> float:
+    """Moonlight's rule on one matrix's (A, B): lr * 0.2 * sqrt(max(A, B))."""
+    A, B = shape[-2:]
+    return lr * 0.2 * math.sqrt(max(A, B))
+
+
+class ExpertMuon(torch.optim.Optimizer):
+    """Muon for stacked expert weights (E, A, B): torch's Muon update (momentum with Nesterov, decoupled weight
+    decay, Moonlight lr matching per expert matrix) with the orthogonalisation batched over experts."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS, eps: float = EPS, ns_steps: int = 5):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 3:
+                    raise ValueError(f"ExpertMuon takes stacked (experts, rows, cols) weights, got {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mom)
+                update = p.grad.lerp(buf, mom) if group["nesterov"] else buf
+                update = zeropower_batched(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-match_rms_adamw(lr, p.shape))
+        return loss
+
+
+def split_params(model: nn.Module) -> tuple[list, list, list]:
+    """(2D Muon matrices, 3D expert weights, AdamW parameters), each in `named_parameters` order, tied weights once."""
+    from qiusuo.model.moe import Experts
+
+    head = getattr(model, "lm_head", None)
+    embeds = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    skip = embeds | ({id(head.weight)} if isinstance(head, nn.Linear) else set())
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - skip
+    experts = {id(p) for m in model.modules() if isinstance(m, Experts) for p in (m.gate_up_proj, m.down_proj)}
+    muon, expert, adamw, seen = [], [], [], set()
+    for _, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in linear and p.dim() == 2:
+            muon.append(p)
+        elif id(p) in experts and p.dim() == 3:
+            expert.append(p)
+        else:
+            adamw.append(p)
+    return muon, expert, adamw
+
+
+class MuonAdamW:
+    """Several optimizers over disjoint parameters, seen as one (module docstring)."""
+
+    def __init__(self, parts: list[torch.optim.Optimizer]):
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.parts for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        return {p: s for o in self.parts for p, s in o.state.items()}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for o in self.parts:
+            o.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        state, groups, offset = {}, [], 0
+        for o in self.parts:
+            sd = o.state_dict()
+            state.update({i + offset: s for i, s in sd["state"].items()})
+            groups += [{**g, "params": [i + offset for i in g["params"]]} for g in sd["param_groups"]]
+            offset += sum(len(g["params"]) for g in o.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict) -> None:
+        groups = sd["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"optimizer state has {len(groups)} parameter groups, this optimizer {len(self.param_groups)}: "
+                             "was it saved with another optim.name?")
+        offset, g0 = 0, 0
+        for o in self.parts:
+            n_groups = len(o.param_groups)
+            n = sum(len(g["params"]) for g in o.param_groups)
+            mine = groups[g0:g0 + n_groups]
+            o.load_state_dict({
+                "state": {int(i) - offset: s for i, s in sd["state"].items() if offset <= int(i) < offset + n},
+                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in mine]})
+            offset, g0 = offset + n, g0 + n_groups
+
+    def __repr__(self) -> str:
+        return "MuonAdamW(" + ", ".join(type(o).__name__ for o in self.parts) + ")"
+
+
+def build_muon(model: nn.Module, cfg) -> MuonAdamW:
+    """Muon (2D), ExpertMuon (3D experts) and AdamW (the rest, with optim.py's decay groups) from an OptimSection."""
+    from qiusuo.train.optim import adamw_groups
+
+    muon, expert, rest = split_params(model)
+    common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                  ns_steps=cfg.ns_steps)
+    parts = []
+    if muon:
+        parts.append(torch.optim.Muon([{"params": muon, "name": "muon"}], adjust_lr_fn="match_rms_adamw", **common))
+    if expert:
+        parts.append(ExpertMuon([{"params": expert, "name": "muon_experts"}], **common))
+    fused = all(p.is_cuda for p in model.parameters())
+    parts.append(torch.optim.AdamW(adamw_groups(model, rest, cfg.weight_decay), lr=cfg.lr,
+                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None))
+    return MuonAdamW(parts)
