@@ -289,11 +289,12 @@ class PagedBatch:
         n = torch.tensor(counts + [0] * (rows - len(tables)), dtype=torch.long, device=device)  # (rows,)
         self._positions = start[:, None] + torch.arange(T, device=device)  # (rows, T)
         self.pool, self.starts, self.counts_t = pool, start, n  # (rows,): V4's layer caches read these
-        self.states = torch.tensor([pool.num_states if t.state is None else t.state for t in tables]
-                                   + [pool.num_states] * (rows - len(tables)), dtype=torch.long, device=device)
-        nb = max([len(t.blocks) for t in tables] + [1])  # block tables as a tensor, for V4's entry slots
-        self.block_ids = torch.tensor([t.blocks + [-1] * (nb - len(t.blocks)) for t in tables]
-                                      + [[-1] * nb] * (rows - len(tables)), dtype=torch.long, device=device)
+        if pool.num_states:  # V4's layer caches: each row's state and its block table as tensors (entry slots)
+            self.states = torch.tensor([t.state for t in tables] + [pool.num_states] * (rows - len(tables)),
+                                       dtype=torch.long, device=device)
+            nb = max([len(t.blocks) for t in tables] + [1])
+            self.block_ids = torch.tensor([t.blocks + [-1] * (nb - len(t.blocks)) for t in tables]
+                                          + [[-1] * nb] * (rows - len(tables)), dtype=torch.long, device=device)
         self._layers = [LAYER_KINDS[spec.kind](self, data) for spec, data in zip(pool.specs, pool.layers)]
         if not any(spec.kind == "latent" for spec in pool.specs):
             return  # V4 layers read block ids and positions, not per-token slots or a (T, S) mask
