@@ -594,7 +594,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # the configuration every benchmark runs on (`qiusuo bench`; README "Performance")
     "bench": _BENCH,
-    # `qiusuo demo`: the lowest held-out bits per byte in 5 minutes on 2 CPU cores (sweep in qiusuo/presets/demo.toml)
+    # `qiusuo demo`: the lowest held-out bits per byte in 5 minutes on 2 CPU cores (sweep in presets/pretrain-demo.toml)
     "demo": dict(
         model_type="deepseek_v3", vocab_size=8192, hidden_size=192, intermediate_size=512, moe_intermediate_size=128,
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=6, q_lora_rank=None, kv_lora_rank=64,

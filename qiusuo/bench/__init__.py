@@ -6,6 +6,7 @@
     serve     load test: concurrent streaming clients on the server  qiusuo/bench/serve.py
     quality   MoE vs dense, same active parameters, same wall clock  qiusuo/bench/quality.py
     context   long context: V3 vs V4 decode speed and cache size     qiusuo/bench/context.py
+    speculative  MTP speculative decoding vs plain decoding          qiusuo/bench/speculative.py
 
 Shared flags live in `common.py`. This module only dispatches; a benchmark's exit code is the command's.
 """
@@ -27,6 +28,8 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
     "quality": ("qiusuo.bench.quality", "add_args", "run", "MoE vs dense, same active params, same wall clock"),
     "serve": ("qiusuo.bench.serve", "add_args", "run", "load test: concurrent clients against the server"),
     "context": ("qiusuo.bench.context", "add_args", "run", "long context: V3 vs V4 decode speed and cache size"),
+    "speculative": ("qiusuo.bench.speculative", "add_args", "run",
+                    "MTP speculative decoding vs plain: tokens/s and acceptance"),
 }
 
 

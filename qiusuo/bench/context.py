@@ -24,7 +24,8 @@ from qiusuo.model.transformer import Transformer
 # arm -> (preset, overrides). V3 with the query LoRA V3.2 needs is V3.2's dense twin (the same model minus the
 # indexer); `bench` itself (no query LoRA) was the V3 side of the first long-context table (README)
 PRESETS = {"V3": ("bench", {"q_lora_rank": 64}), "V3.2": ("v32-bench", {}), "V4": ("v4-bench", {})}
-PUBLISHED = {"DeepSeek-V3": "deepseek-v3", "DeepSeek-V4-Flash": "deepseek-v4-flash", "DeepSeek-V4-Pro": "deepseek-v4-pro"}
+PUBLISHED = {"DeepSeek-V3": "deepseek-v3", "DeepSeek-V3.2": "deepseek-v3.2", "DeepSeek-V4-Flash": "deepseek-v4-flash",
+             "DeepSeek-V4-Pro": "deepseek-v4-pro"}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -98,17 +99,10 @@ def run(args: argparse.Namespace) -> dict[str, float]:
 
 
 def published_cache_bytes() -> dict[str, tuple[float, float]]:
-    """Cache bytes per token in bf16 at 128k and 1M for the published shapes. DeepSeek-V3.2 has no model kind
-    here yet (issue 15): its cache is V3's latent plus one `index_head_dim` (128) indexer key per token and layer,
-    counted by that formula."""
-    out = {}
-    for label, preset in PUBLISHED.items():
-        cfg = get_config(preset)
-        out[label] = tuple(cache_bytes_per_token(cfg, 2, n) for n in (1 << 17, 1 << 20))
-        if preset == "deepseek-v3":
-            v32 = out[label][0] + 128 * 2 * cfg.num_hidden_layers
-            out["DeepSeek-V3.2"] = (v32, v32)
-    return out
+    """Cache bytes per token in bf16 at 128k and 1M for the published shapes, from each model's layer cache
+    specs (DeepSeek-V3.2: V3's latent plus its 128-wide indexer key, 85,888 bytes per token at any length)."""
+    return {label: tuple(cache_bytes_per_token(get_config(preset), 2, n) for n in (1 << 17, 1 << 20))
+            for label, preset in PUBLISHED.items()}
 
 
 def plot(results: dict[str, float], contexts: list[int], path: str, models: list[str]) -> None:

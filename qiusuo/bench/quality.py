@@ -178,14 +178,33 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p, "pretrain-demo")
 
 
+def split_top_level(text: str) -> list[str]:
+    """`text` split at the commas outside brackets and quotes, so a TOML list value keeps its own commas."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
 def parse_arm(spec: str) -> tuple[str, str, dict]:
-    """`NAME=CONFIG[,section.key=value...]` -> (name, config, {key: value}); values are TOML literals or strings."""
+    """`NAME=CONFIG[,section.key=value...]` -> (name, config, {key: value}); values are TOML literals (lists
+    included: `model.mlp_layer_types=["dense","hash_moe","moe","moe"]`) or strings."""
     import tomllib
 
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
         raise ValueError(f"--arm {spec!r}: write NAME=CONFIG[,section.key=value...]")
-    config, *pairs = rest.split(",")
+    config, *pairs = split_top_level(rest)
     settings = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

@@ -34,6 +34,24 @@ from qiusuo.infer.sequence import Request, Sequence
 __all__ = ["Completion", "Delta", "Engine", "RequestOutput", "Usage"]
 
 
+SPECULATIVE = ("mtp",)  # draft sources
+
+
+def check_speculative(cfg, speculative: str | None, draft_tokens: int) -> int:
+    """The draft tokens per step for `speculative` (0: off), or a clear error."""
+    if speculative is None:
+        return 0
+    if speculative not in SPECULATIVE:
+        raise ValueError(f"speculative={speculative!r} is not a draft source; use one of {list(SPECULATIVE)}")
+    if not cfg.num_nextn_predict_layers:
+        raise ValueError("speculative='mtp' drafts with the checkpoint's MTP module, and this model has none "
+                         "(num_nextn_predict_layers = 0); train one with --train.mtp_weight > 0 and "
+                         "--model.num_nextn_predict_layers=1, or serve without speculation")
+    if not 1 <= draft_tokens <= 16:
+        raise ValueError(f"draft_tokens must be between 1 and 16, got {draft_tokens}")
+    return draft_tokens
+
+
 class Engine:
     """Serve `model` (a `qiusuo.Transformer`) with `tokenizer` (encode/decode/eos_id/token_to_id).
 
@@ -41,11 +59,14 @@ class Engine:
     repeated n times still share blocks). cache_memory: bytes of cache (default: room for every batch row at
     full context, at most 1 GiB). max_model_len: prompt + output tokens per sequence. generation: the checkpoint's
     `GenerationConfig` (generation_config.json: sampling defaults the server and the commands apply under a request's
-    own values, eos ids that end every reply)."""
+    own values, eos ids that end every reply). speculative="mtp": draft `draft_tokens` tokens per step with the
+    checkpoint's MTP module and verify them in one forward (`speculative.py`; the same outputs, greedy token for
+    token, sampled in distribution)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, block_size: int = 16, cache_memory: int | None = None,
                  max_model_len: int | None = None, cache_dtype: torch.dtype | None = None,
-                 max_prefill_tokens: int = 4096, compile: bool = False, generation=None):
+                 max_prefill_tokens: int = 4096, compile: bool = False, generation=None,
+                 speculative: str | None = None, draft_tokens: int = 1):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.generation = generation or GenerationConfig()  # the checkpoint's sampling defaults and eos ids
         cfg = model.cfg
@@ -56,22 +77,25 @@ class Engine:
                              "load the tokenizer that belongs to this model")
         self.max_model_len = min(max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.max_batch = max_batch
-        specs = model.cache_specs()
+        K = check_speculative(cfg, speculative, draft_tokens)
+        specs = model.cache_specs(draft=K > 0)
         check_servable(specs)
         block_size = window_block_size(specs, block_size)  # V4: a multiple of every compression rate
         states = max_batch if state_bytes(specs, 1) else 0  # V4: one window state per batch row, taken first
-        budget = None if cache_memory is None else cache_memory - states * state_bytes(specs, dtype.itemsize)
+        state_size = state_bytes(specs, dtype.itemsize, K)
+        budget = None if cache_memory is None else cache_memory - states * state_size
         if budget is not None and budget <= 0:
             raise ValueError(f"cache_memory={cache_memory} bytes does not hold the window states of {max_batch} "
-                             f"sequences ({states * state_bytes(specs, dtype.itemsize)} bytes for DeepSeek-V4's "
+                             f"sequences ({states * state_size} bytes for DeepSeek-V4's "
                              "sliding windows and open compression windows); raise it or lower max_batch")
         per_token = -(-block_bytes(specs, block_size, dtype.itemsize) // block_size)
         num_blocks = pool_blocks(per_token, block_size, max_batch, self.max_model_len, budget)
-        self.pool = BlockPool(specs, num_blocks, block_size, device=self.device, dtype=dtype, num_states=states)
+        self.pool = BlockPool(specs, num_blocks, block_size, device=self.device, dtype=dtype, num_states=states,
+                              slack=K, drafter=K > 0)
         self.max_model_len = min(self.max_model_len, num_blocks * block_size)
         self.scheduler = Scheduler(self.pool, max_batch)
         self.runner = ModelRunner(model, self.pool, max_batch=max_batch, max_model_len=self.max_model_len,
-                                  max_prefill_tokens=max_prefill_tokens, compile=compile)
+                                  max_prefill_tokens=max_prefill_tokens, compile=compile, draft_tokens=K)
         # end of a reply: EOS and the template's end-of-turn token (`tokenizer.stop_ids`), generation_config's eos ids
         self.stop_ids = set(tokenizer.stop_ids) | set(self.generation.eos_token_ids)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Request) | ("abort", request id)
@@ -81,6 +105,11 @@ class Engine:
         self._ids = itertools.count()
         self.stats = {"requests": 0, "prompt_tokens": 0, "generation_tokens": 0, "ttft_sum": 0.0, "ttft_count": 0,
                       "aborted": 0, "failed": 0}
+
+    @property
+    def speculation(self) -> dict[str, float]:
+        """Speculative decoding's acceptance so far: overall, per draft position, tokens per verified step."""
+        return self.runner.counters.summary()
 
     @property
     def waiting(self) -> list[Sequence]:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
     from qiusuo.infer.sampling import Sampled
+    from qiusuo.infer.speculative import Emitted
     from qiusuo.infer.sequence import Sequence
 
 
@@ -141,14 +142,16 @@ class TextOutput:
         return self.detok.text[self.emitted:]
 
 
-def process(seqs: list[Sequence], sampled: Sampled, stats: dict) -> Iterator[tuple[Sequence, str]]:
-    """One sampled token per sequence (row r of `sampled` is `seqs[r]`'s): counted; a stop token ends the
-    sequence; any other becomes its pending token and its final text goes to the request's sink. Yields
-    (sequence, finish reason) as each one finishes: the caller frees its blocks and calls `close` before the
-    next sequence is processed, so sinks see every sequence's last Delta and Usage in step order."""
+def process(seqs: list[Sequence], sampled: Sampled | Emitted, stats: dict) -> Iterator[tuple[Sequence, str]]:
+    """The tokens of one step per sequence (row r of `sampled` is `seqs[r]`'s: one sampled token, or a
+    speculative step's accepted drafts and bonus), in order: counted; a stop token ends the sequence; any other
+    becomes its pending token and its final text goes to the request's sink (one Delta per token); a token
+    followed by another of the same step is in the cache already and joins the output. Yields (sequence, finish
+    reason) as each one finishes, dropping the rest of its step: the caller frees its blocks and calls `close`
+    before the next sequence is processed, so sinks see every sequence's last Delta and Usage in step order."""
     now = time.perf_counter()
     for r, s in enumerate(seqs):
-        req, tok = s.req, sampled.tokens[r]
+        req = s.req
         if r in sampled.errors:  # this row alone could not be sampled
             s.error = f"sampling failed: {sampled.errors[r]}"
             yield s, "error"
@@ -157,20 +160,30 @@ def process(seqs: list[Sequence], sampled: Sampled, stats: dict) -> Iterator[tup
             req.first_token = now
             stats["ttft_sum"] += now - req.arrival
             stats["ttft_count"] += 1
-        req.completion_tokens += 1
-        stats["generation_tokens"] += 1
-        if tok in req.stop_ids:
-            yield s, "stop"
-            continue
-        s.pending = tok
-        lp = [sampled.logprobs[r]] if sampled.logprobs is not None else []
-        top = [sampled.top[r]] if sampled.top is not None else []
-        piece, reason = s.text.push(tok, final=len(s.out) + 1 >= req.params.max_tokens)
-        req.sink(Delta(s.index, piece, [tok], lp, top, reason))
-        if reason is not None:
-            s.out.append(s.pending)  # the final token is output, never fed back
-            s.pending = None
-            yield s, reason
+        toks, lps, tops = _row(sampled, r)
+        for i, tok in enumerate(toks):
+            req.completion_tokens += 1
+            stats["generation_tokens"] += 1
+            if tok in req.stop_ids:
+                yield s, "stop"
+                break
+            s.pending = tok
+            piece, reason = s.text.push(tok, final=len(s.out) + 1 >= req.params.max_tokens)
+            req.sink(Delta(s.index, piece, [tok], lps[i: i + 1], tops[i: i + 1], reason))
+            if reason is not None or i + 1 < len(toks):
+                s.out.append(s.pending)  # a final token is output, never fed back; a drafted one is cached
+                s.pending = None
+            if reason is not None:
+                yield s, reason
+                break
+
+
+def _row(sampled: Sampled | Emitted, r: int) -> tuple[list[int], list[float], list]:
+    """Row r's tokens, logprobs and top logprobs as lists (a plain step has one token per row)."""
+    tok, lp, top = sampled.tokens[r], sampled.logprobs, sampled.top
+    if isinstance(tok, int):
+        return [tok], [lp[r]] if lp is not None else [], [top[r]] if top is not None else []
+    return tok, lp[r] if lp is not None else [], top[r] if top is not None else []
 
 
 def close(s: Sequence, reason: str) -> None:

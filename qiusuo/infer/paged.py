@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qiusuo.infer.paged_sparse import PagedSparseLatent
 from qiusuo.infer.paged_window import PagedWindow, WindowStorage, window_block_size
 from qiusuo.model.cache import LayerCacheSpec
 
@@ -56,7 +57,7 @@ class PagedLatent:
         return block_size * spec.width
 
     @staticmethod
-    def state_values(spec: LayerCacheSpec) -> int:
+    def state_values(spec: LayerCacheSpec, slack: int = 0) -> int:
         return 0
 
     def __init__(self, batch: "PagedBatch", data: torch.Tensor):
@@ -71,7 +72,7 @@ class PagedLatent:
 
 
 # layer-cache kind (LayerCacheSpec.kind) -> its paged implementation
-LAYER_KINDS = {"latent": PagedLatent, "window": PagedWindow}
+LAYER_KINDS = {"latent": PagedLatent, "sparse_latent": PagedSparseLatent, "window": PagedWindow}
 
 
 def check_servable(specs: list[LayerCacheSpec]) -> None:
@@ -87,18 +88,23 @@ def block_bytes(specs: list[LayerCacheSpec], block_size: int, itemsize: int) -> 
     return sum(LAYER_KINDS[s.kind].block_values(s, block_size) for s in specs) * itemsize
 
 
-def state_bytes(specs: list[LayerCacheSpec], itemsize: int) -> int:
-    """Bytes one sequence state holds over all layers (0 without V4 layers)."""
-    return sum(LAYER_KINDS[s.kind].state_values(s) for s in specs) * itemsize
+def state_bytes(specs: list[LayerCacheSpec], itemsize: int, slack: int = 0) -> int:
+    """Bytes one sequence state holds over all layers (0 without V4 layers), with rings `slack` slots longer."""
+    return sum(LAYER_KINDS[s.kind].state_values(s, slack) for s in specs) * itemsize
 
 
 class BlockPool:
     """The block pool of all layers: `layers[l]` is layer l's storage, built by its kind from `specs[l]`
     (`latent`: (num_blocks * block_size + 1, C); `window`: `paged_window.WindowStorage`). `num_states`: sequence
-    states for kinds that keep one (V4: one per batch row); 0 when no layer needs them."""
+    states for kinds that keep one (V4: one per batch row); 0 when no layer needs them.
+
+    Speculative decoding (`infer/speculative.py`): `slack` = the drafts a step may write past a sequence's
+    length (V4's rings get that many more slots, so rejected drafts overwrite nothing still needed); `drafter`:
+    the last layer is the MTP drafter, whose entry at position p depends on token p + 1 as well, so a block is
+    named by its tokens AND the token after it (a prompt continuing differently must not share the block)."""
 
     def __init__(self, specs: list[LayerCacheSpec], num_blocks: int, block_size: int = 16, device=None,
-                 dtype: torch.dtype = torch.float32, num_states: int = 0):
+                 dtype: torch.dtype = torch.float32, num_states: int = 0, slack: int = 0, drafter: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
         check_servable(specs)
@@ -108,6 +114,7 @@ class BlockPool:
                              f"compression rate divides (got {block_size}; use {window_block_size(specs, block_size)})")
         self.specs, self.block_size, self.num_blocks = list(specs), block_size, num_blocks
         self.device, self.dtype = torch.device(device or "cpu"), dtype
+        self.slack, self.lookahead = slack, int(drafter)  # lookahead: tokens past a block that name it
         self.num_states = num_states if stateful else 0
         self.free_states = list(range(self.num_states - 1, -1, -1))
         # V4's windows are per sequence: sharing a prefix also needs a snapshot of them at its end (paged_window.py)
@@ -141,11 +148,11 @@ class BlockPool:
     def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
         return hash((parent, tokens))
 
-    def _match(self, tokens: list[int]) -> list[int]:
-        """Cached blocks holding the longest full-block prefix of `tokens` (read-only probe)."""
+    def _match(self, tokens: list[int], num_blocks: int) -> list[int]:
+        """Cached blocks holding the longest prefix of `tokens` of at most `num_blocks` full blocks (read-only)."""
         bs, out, parent = self.block_size, [], None
-        for i in range(len(tokens) // bs):
-            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+        for i in range(num_blocks):
+            chunk = tuple(tokens[i * bs:(i + 1) * bs + self.lookahead])
             h = self.chain_hash(parent, chunk)
             b = self.by_hash.get(h)
             if b is None or self.block_tokens[b] != chunk:
@@ -164,7 +171,7 @@ class BlockPool:
         """Blocks for a sequence that will hold up to `total_tokens`, reusing cached blocks of `prompt`'s prefix.
         At least the last prompt token is always recomputed (its logits start decoding). None if the pool
         cannot hold it now (the caller waits for running sequences to finish)."""
-        shared = self._match(prompt[: max(len(prompt) - 1, 0)])
+        shared = self._match(prompt, max(len(prompt) - 1, 0) // self.block_size)
         fresh = self.blocks_for(total_tokens) - len(shared)
         revived = sum(1 for b in shared if self.refcount[b] == 0)
         if fresh > len(self.free) + len(self.lru) - revived or (self.num_states and not self.free_states):
@@ -204,17 +211,19 @@ class BlockPool:
         return b
 
     def register(self, table: BlockTable, tokens: list[int]) -> None:
-        """Name every newly filled block of `table` (tokens = the sequence's tokens, at least num_cached)."""
+        """Name every newly filled block of `table` (tokens = the sequence's tokens, at least num_cached; with a
+        drafter, a block waits for the token after it)."""
         bs = self.block_size
-        for i in range(table.num_hashed, table.num_cached // bs):
+        filled = min(table.num_cached, len(tokens) - self.lookahead) // bs
+        for i in range(table.num_hashed, filled):
             parent = table.hashes[i - 1] if i else None
-            chunk = tuple(tokens[i * bs:(i + 1) * bs])
+            chunk = tuple(tokens[i * bs:(i + 1) * bs + self.lookahead])
             h = self.chain_hash(parent, chunk)
             table.hashes[i] = h
             b = table.blocks[i]
             if h not in self.by_hash:  # else an identical block exists already; ours stays private
                 self.by_hash[h], self.block_hash[b], self.block_tokens[b] = b, h, chunk
-        table.num_hashed = max(table.num_hashed, table.num_cached // bs)
+        table.num_hashed = max(table.num_hashed, filled)
 
     def snapshot_boundary(self, table: BlockTable, prompt_len: int) -> int | None:
         """Where the runner should pause a V4 prefill to snapshot the state: the prompt's last full-block
@@ -277,13 +286,14 @@ class PagedBatch:
     compiled graph) only moves the tables' `num_cached` on: the forward itself has no Python side effects."""
 
     def __init__(self, pool: BlockPool, tables: list[BlockTable], counts: list[int] | int, rows: int | None = None,
-                 length: int | None = None):
+                 length: int | None = None, offset: int = 0, width: int = 0):
         device = pool.device
         counts = [counts] * len(tables) if isinstance(counts, int) else list(counts)
         self.tables, self.counts = tables, counts
         rows = rows or len(tables)
-        self.T = T = max(counts)
-        starts = [t.num_cached for t in tables] + [0] * (rows - len(tables))
+        self.T = T = max(max(counts), width)  # width: new tokens per row padded to a fixed count (compiled steps)
+        # offset: new tokens start that far past each row's length (speculative drafts, written and not kept)
+        starts = [t.num_cached + offset for t in tables] + [0] * (rows - len(tables))
         self.S = max(length or 0, max(st + c for st, c in zip(starts, counts)))
         start = torch.tensor(starts, dtype=torch.long, device=device)  # (rows,)
         n = torch.tensor(counts + [0] * (rows - len(tables)), dtype=torch.long, device=device)  # (rows,)
@@ -296,7 +306,7 @@ class PagedBatch:
             self.block_ids = torch.tensor([t.blocks + [-1] * (nb - len(t.blocks)) for t in tables]
                                           + [[-1] * nb] * (rows - len(tables)), dtype=torch.long, device=device)
         self._layers = [LAYER_KINDS[spec.kind](self, data) for spec, data in zip(pool.specs, pool.layers)]
-        if not any(spec.kind == "latent" for spec in pool.specs):
+        if not any(spec.kind in ("latent", "sparse_latent") for spec in pool.specs):
             return  # V4 layers read block ids and positions, not per-token slots or a (T, S) mask
         self.slots = pool.slots(tables, self.S, rows)  # (rows, S) read
         real = torch.arange(T, device=device)[None, :] < n[:, None]  # (rows, T) not padding

@@ -4,11 +4,13 @@ What a V4 layer keeps, and where it lives here:
 - the sliding window: the last W keys (= values) of the layer's one head, a ring of W slots per *sequence state*
   (slot = position % W): constant memory whatever the context;
 - each compressor's tail: the raw projections (kv and gate) of its last `span` tokens, the windows still open,
-  also per sequence state (`span` slots, position % span);
+  also per sequence state (a ring of `span` slots, position % span);
 - each compressor's entries (CSA's main and indexer pools, HCA's pool): one per m tokens, paged in the pool's
   blocks like MLA's latents. The block size is a multiple of every m (`window_block_size`), so a block holds
   exactly block_size / m entries: entry e of a sequence lives in its block table's block (e m) // bs at
   sub-slot ((e m) % bs) / m.
+With speculative decoding both rings have K more slots (the pool's `slack`), so the K drafts a step writes past
+the window never overwrite a key that is still needed once they are rejected: rollback is moving the length back.
 Sequence states come from a fixed set (one per batch row), taken at admission and returned at release
 (`BlockPool`); padding rows use the scratch state and the scratch entry slot.
 
@@ -45,13 +47,14 @@ def window_block_size(specs: list[LayerCacheSpec], block_size: int) -> int:
 class PoolStorage:
     spec: PoolSpec
     entries: torch.Tensor  # (num_blocks * bs / m + 1, w), last: scratch
-    tail_kv: torch.Tensor  # (states + 1, span, C)
-    tail_gate: torch.Tensor  # (states + 1, span, C), -inf where no token was
+    tail_kv: torch.Tensor  # (states + 1, span + slack, C), position p at slot p % (span + slack)
+    tail_gate: torch.Tensor  # (states + 1, span + slack, C)
 
 
 @dataclass
 class WindowStorage:
-    ring: torch.Tensor  # (states + 1, W, hd), last: the scratch state
+    ring: torch.Tensor  # (states + 1, W + slack, hd), last: the scratch state; position p at slot p % (W + slack)
+    window: int  # W
     pools: dict[str, PoolStorage]
 
     def reset(self, state: int) -> None:
@@ -78,19 +81,42 @@ class WindowStorage:
             p.tail_gate[state].fill_(value)
 
 
+def ring_read(ring: torch.Tensor, states: torch.Tensor, starts: torch.Tensor,
+              n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From a position-indexed ring (states + 1, R, C) (position p at slot p % R): each row's n positions before
+    its start, in order -> (values (rows, n, C), positions (rows, n), -1 before the sequence's start)."""
+    pos = starts[:, None] - n + torch.arange(n, device=ring.device)  # (rows, n)
+    vals = ring[states].gather(1, (pos % ring.shape[1])[..., None].expand(-1, -1, ring.shape[-1]))
+    return vals, torch.where(pos >= 0, pos, -1)
+
+
+def ring_write(ring: torch.Tensor, states: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+               new: torch.Tensor) -> None:
+    """Store each row's `counts` real new values (rows, T, C) at their positions' slots; of a chunk longer than
+    the ring only its last R (the rest would collide), padding in the scratch state (the last). Nothing older
+    than R - n positions is overwritten, which is what lets speculative decoding drop rejected tokens: a ring of
+    W + K slots keeps every key a later query can still need while K drafts are written past the window."""
+    T, R = new.shape[1], ring.shape[1]
+    i = torch.arange(T, device=new.device)[None, :]  # (1, T)
+    real = (i < counts[:, None]) & (i >= counts[:, None] - R)
+    st = torch.where(real, states[:, None], ring.shape[0] - 1)  # (rows, T)
+    ring.index_put_((st, (starts[:, None] + i) % R), new.to(ring.dtype))
+
+
 class PagedWindow:
     """Layer cache of kind `window` for one forward pass over `batch` (a `PagedBatch`)."""
 
     @staticmethod
     def storage(spec: LayerCacheSpec, pool) -> WindowStorage:
-        S, dev, dt = pool.num_states + 1, pool.device, pool.dtype
+        """Rings of `pool.slack` extra slots (speculative decoding's drafts: see `ring_write`)."""
+        S, dev, dt, k = pool.num_states + 1, pool.device, pool.dtype, pool.slack
         pools = {}
         for p in spec.pools:
             n = pool.num_blocks * (pool.block_size // p.ratio) + 1
             pools[p.name] = PoolStorage(p, torch.zeros(n, p.width, device=dev, dtype=dt),
-                                        torch.zeros(S, p.span, p.raw, device=dev, dtype=dt),
-                                        torch.full((S, p.span, p.raw), float("-inf"), device=dev, dtype=dt))
-        return WindowStorage(torch.zeros(S, spec.window, spec.width, device=dev, dtype=dt), pools)
+                                        torch.zeros(S, p.span + k, p.raw, device=dev, dtype=dt),
+                                        torch.full((S, p.span + k, p.raw), float("-inf"), device=dev, dtype=dt))
+        return WindowStorage(torch.zeros(S, spec.window + k, spec.width, device=dev, dtype=dt), spec.window, pools)
 
     @staticmethod
     def block_values(spec: LayerCacheSpec, block_size: int) -> int:
@@ -98,28 +124,20 @@ class PagedWindow:
         return sum(block_size // p.ratio * p.width for p in spec.pools)
 
     @staticmethod
-    def state_values(spec: LayerCacheSpec) -> int:
-        """Values one sequence state holds for this layer (ring and tails)."""
-        return spec.window * spec.width + sum(2 * p.span * p.raw for p in spec.pools)
+    def state_values(spec: LayerCacheSpec, slack: int = 0) -> int:
+        """Values one sequence state holds for this layer (ring and tails, each `slack` slots longer)."""
+        return (spec.window + slack) * spec.width + sum(2 * (p.span + slack) * p.raw for p in spec.pools)
 
     def __init__(self, batch, data: WindowStorage):
         self.batch, self.data = batch, data
 
     def update(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """kv (rows, T, hd) -> keys (rows, W + T, hd) and their positions (rows, W + T): each row's last W
-        positions before its new tokens (-1 before its start), then the new ones; the ring keeps the last W."""
+        positions before its new tokens (-1 before its start), then the new ones; the ring keeps the new ones."""
         b, ring = self.batch, self.data.ring
-        W = ring.shape[1]
-        L, counts, st = b.starts, b.counts_t, b.states  # (rows,)
-        j = torch.arange(W, device=kv.device)
-        old = L[:, None] - W + j  # (rows, W) positions
-        rows = ring[st]  # (rows, W, hd)
-        ordered = rows.gather(1, (old % W)[..., None].expand(-1, -1, ring.shape[-1]))
-        keys = torch.cat([ordered, kv.to(ring.dtype)], 1)
-        key_pos = torch.cat([torch.where(old >= 0, old, -1), b.positions(kv.shape[1])], 1)
-        keep = keys.gather(1, (counts[:, None] + j)[..., None].expand(-1, -1, ring.shape[-1]))  # the last W real
-        ring.index_put_((st[:, None].expand(-1, W), ((L + counts)[:, None] - W + j) % W), keep)
-        return keys, key_pos
+        old, pos = ring_read(ring, b.states, b.starts, self.data.window)  # (rows, W, hd), (rows, W)
+        ring_write(ring, b.states, b.starts, b.counts_t, kv)
+        return torch.cat([old, kv.to(ring.dtype)], 1), torch.cat([pos, b.positions(kv.shape[1])], 1)
 
     def pool(self, name: str) -> "PagedPool":
         return PagedPool(self.batch, self.data.pools[name])
@@ -133,14 +151,15 @@ class PagedPool:
 
     def history(self, kv: torch.Tensor, gate: torch.Tensor):
         b, d = self.batch, self.data
-        span = d.tail_kv.shape[1]
-        st, counts = b.states, b.counts_t
-        seq_kv = torch.cat([d.tail_kv[st], kv.to(d.tail_kv.dtype)], 1)  # (rows, span + T, C)
-        seq_gate = torch.cat([d.tail_gate[st], gate.to(d.tail_gate.dtype)], 1)
-        last = (counts[:, None] + torch.arange(span, device=kv.device))[..., None].expand(-1, -1, kv.shape[-1])
-        d.tail_kv[st] = seq_kv.gather(1, last)  # each row's last `span` real tokens
-        d.tail_gate[st] = seq_gate.gather(1, last)
-        return b.starts, counts, seq_kv, seq_gate
+        span = d.spec.span
+        old_kv, pos = ring_read(d.tail_kv, b.states, b.starts, span)  # (rows, span, C): the windows still open
+        old_gate = ring_read(d.tail_gate, b.states, b.starts, span)[0]
+        old_gate = old_gate.masked_fill((pos < 0)[..., None], float("-inf"))  # no token there: weight 0
+        old_kv = old_kv.masked_fill((pos < 0)[..., None], 0.0)
+        ring_write(d.tail_kv, b.states, b.starts, b.counts_t, kv)
+        ring_write(d.tail_gate, b.states, b.starts, b.counts_t, gate)
+        return b.starts, b.counts_t, torch.cat([old_kv, kv.to(old_kv.dtype)], 1), torch.cat(
+            [old_gate, gate.to(old_gate.dtype)], 1)
 
     def append(self, entries: torch.Tensor, valid: torch.Tensor, first: torch.Tensor,
                select: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,6 +7,10 @@ recomputed. Decoding runs the absorbed path, one token for every running sequenc
 eagerly or through `torch.compile` (`compile=True`, opt-in: compiling costs tens of seconds). The model advances
 the block tables itself (`PagedBatch.advance`); the runner then names the newly filled blocks for the prefix
 cache and samples one token per sequence.
+
+With `draft_tokens` K > 0 (speculative decoding, `speculative.py`), a decoding step instead verifies each row's
+pending token and its drafts (1 + k <= 1 + K tokens per row, absorbed attention), accepts, rolls every row back to
+its accepted length, and runs the MTP drafter over the same positions; prefill runs the drafter over the prompt.
 """
 
 from __future__ import annotations
@@ -16,39 +20,58 @@ import torch
 from qiusuo.infer.paged import BlockPool, PagedBatch
 from qiusuo.infer.sampling import Sampled, sample
 from qiusuo.infer.sequence import Sequence
+from qiusuo.infer.speculative import Counters, Emitted, accept, propose
+
+
+# speculative decoding gives up on a sequence whose first draft was accepted in under MIN_ACCEPTANCE of its
+# first PROBE drafting steps (`ModelRunner._give_up`)
+PROBE, MIN_ACCEPTANCE = 16, 0.1
 
 
 class ModelRunner:
+    """`draft_tokens` K > 0: speculative decoding with the model's MTP module (`speculative.py`); the pool then
+    holds the drafter's layer (`cache_specs(draft=True)`) and K slots of slack."""
+
     def __init__(self, model, pool: BlockPool, *, max_batch: int, max_model_len: int, max_prefill_tokens: int,
-                 compile: bool = False):
+                 compile: bool = False, draft_tokens: int = 0):
         self.model, self.pool = model, pool
         self.device = pool.device
         self.max_batch, self.max_model_len = max_batch, max_model_len
         self.max_prefill_tokens = max(1, max_prefill_tokens)
+        self.K = draft_tokens
+        self.counters = Counters(draft_tokens)
         self._compiled = self._compile() if compile else None
 
     def _compile(self):
-        """`model.decode_logits` through `torch.compile`, fed fixed shapes: rows padded to a power of two and the
+        """The decoding step through `torch.compile`, fed fixed shapes: rows padded to a power of two and the
         context gathered in multiples of 64 tokens, so a few compilations serve every batch (the first steps of
         each new shape take tens of seconds on a CPU). Inductor's freezing folds the weights in as constants
-        (prepacked matmuls): after changing the weights, build a new Engine."""
+        (prepacked matmuls): after changing the weights, build a new Engine. Speculative decoding compiles its
+        verification (K + 1 tokens per row) and the drafter instead of `decode_logits`."""
         options = {"freezing": True} if self.device.type == "cpu" else None
-        return torch.compile(self.model.decode_logits, options=options)
+        if not self.K:
+            return torch.compile(self.model.decode_logits, options=options)
+        return (torch.compile(self.model.verify_logits, options=options),
+                torch.compile(self.model.draft_states, options=options),
+                torch.compile(self.model.decode_logits, options=options))  # steps where no row drafts
+
+    # ---- prefill ----
 
     def prefill(self, seqs: list[Sequence]) -> Sampled:
         """Newly admitted sequences -> the first sampled token of each. A prompt longer than
         `max_prefill_tokens` is prefilled in pieces of that many tokens first (the same caches as in one go:
         every cache kind continues from `num_cached`), so one long prompt never needs one huge forward; a V4
-        prompt pauses at its last full block for the pool to snapshot its window state (prefix caching)."""
+        prompt pauses at its last full block for the pool to snapshot its window state (prefix caching). With
+        a drafter, each piece also fills the drafter's cache, and the first drafts follow the sampled token."""
         cap = self.max_prefill_tokens
         for s in seqs:
             stop = self.pool.snapshot_boundary(s.table, len(s.req.prompt))
             if stop is not None:  # V4: pause at the last full block to snapshot the state (prefix caching)
                 while s.table.num_cached < stop:
-                    self._prefill_chunk([s], min(cap, stop - s.table.num_cached))
+                    self._prefill_piece(s, min(cap, stop - s.table.num_cached))
                 self.pool.snapshot(s.table)
             while len(s.req.prompt) - s.table.num_cached > cap:
-                self._prefill_chunk([s], cap)
+                self._prefill_piece(s, cap)
         chunks: list[list[Sequence]] = [[]]
         longest = 0
         for s in seqs:
@@ -58,41 +81,157 @@ class ModelRunner:
                 longest = 0
             chunks[-1].append(s)
             longest = max(longest, n)
-        return self._sample(seqs, torch.cat([self._prefill_chunk(c) for c in chunks]))
+        passes = [self._prefill_forward(c) for c in chunks]
+        rows = [(state, torch.tensor([len(n) - 1 for n in news], device=self.device)) for state, _, news in passes]
+        h = torch.cat([self.model.collapse(st)[torch.arange(len(i), device=self.device), i] for st, i in rows])
+        sampled = self._sample(seqs, self.model.logits(h))  # (B, D) each row's last prompt token -> its token
+        done = 0
+        for c, (state, batch, news), (_, last) in zip(chunks, passes, rows):
+            toks = sampled.tokens[done: done + len(c)]
+            done += len(c)
+            if self.K:  # the drafter reads each position's next token: the prompt's, then the sampled one
+                self._draft(c, state, batch, [n[1:] + [t] for n, t in zip(news, toks)], last, False, [0] * len(c))
+            for s, t in zip(c, toks):
+                self.pool.register(s.table, s.req.prompt + [t][: bool(self.K)])
+        return sampled
 
-    def _prefill_chunk(self, seqs: list[Sequence], limit: int | None = None) -> torch.Tensor:
-        """One padded prefill forward -> logits (B, V) at each row's last new token (`limit`: at most that
-        many of each row's uncached prompt tokens)."""
+    def _prefill_piece(self, s: Sequence, limit: int) -> None:
+        """Prefill the next `limit` prompt tokens of `s` (more of the prompt follows)."""
+        state, batch, news = self._prefill_forward([s], limit)
+        if self.K:
+            start = s.table.num_cached - len(news[0])
+            self._draft([s], state, batch, [s.req.prompt[start + 1: start + len(news[0]) + 1]])
+        self.pool.register(s.table, s.req.prompt)
+
+    def _prefill_forward(self, seqs: list[Sequence], limit: int | None = None):
+        """One padded prefill forward over each row's uncached prompt tokens (at most `limit`) -> (the last
+        residual state (B, T, ...), its PagedBatch, each row's new tokens)."""
         news = [s.req.prompt[s.table.num_cached:][:limit] for s in seqs]
         T = max(len(n) for n in news)
         ids = torch.tensor([n + [0] * (T - len(n)) for n in news], device=self.device)  # (B, T) right-padded
-        h = self.model.hidden(ids, cache=PagedBatch(self.pool, [s.table for s in seqs], [len(n) for n in news]),
-                              absorb=False)  # (B, T, D)
-        last = torch.tensor([len(n) - 1 for n in news], device=self.device)
-        h = h[torch.arange(len(seqs), device=self.device), last]  # (B, D) each row's last prompt token
-        for s in seqs:
-            self.pool.register(s.table, s.req.prompt)
-        return self.model.logits(h)
+        batch = PagedBatch(self.pool, [s.table for s in seqs], [len(n) for n in news])
+        return self.model.states(ids, cache=batch, absorb=False), batch, news
 
-    def decode(self, seqs: list[Sequence]) -> Sampled:
-        """Feed every sequence its pending token -> the next sampled token of each."""
+    # ---- decoding ----
+
+    def decode(self, seqs: list[Sequence]) -> Sampled | Emitted:
+        """Feed every sequence its pending token -> the next sampled token of each (with a drafter: verify the
+        drafts too -> the tokens each sequence emits)."""
+        if self.K:
+            return self._speculate(seqs)
         tables = [s.table for s in seqs]
-        tokens = [[s.pending] for s in seqs]
-        if self._compiled is None:
-            batch = PagedBatch(self.pool, tables, 1)
-        else:
-            rows = min(1 << (len(seqs) - 1).bit_length(), max(self.max_batch, len(seqs)))  # 1, 2, 4, ... buckets
-            length = max(t.num_cached for t in tables) + 1
-            length = min(-(-length // 64) * 64, self.max_model_len)  # context gathered in steps of 64 tokens
-            tokens += [[0]] * (rows - len(seqs))
-            batch = PagedBatch(self.pool, tables, 1, rows=rows, length=length)
-        ids = torch.tensor(tokens, device=self.device)  # (rows, 1)
+        batch = self._batch(tables, 1)
+        ids = torch.tensor([[s.pending] for s in seqs] + [[0]] * (len(batch.starts) - len(seqs)),
+                           device=self.device)  # (rows, 1)
         logits = self.model.decode_step(ids, batch, compiled=self._compiled)[: len(seqs)]  # (B, V)
         for s in seqs:
             s.out.append(s.pending)
             s.pending = None
             self.pool.register(s.table, s.tokens)
         return self._sample(seqs, logits)
+
+    def _batch(self, tables, T: int, counts: list[int] | None = None) -> PagedBatch:
+        """The decoding PagedBatch: as it is eagerly; compiled, rows padded to a power of two and the context to a
+        multiple of 64 tokens (fixed shapes)."""
+        if self._compiled is None:
+            return PagedBatch(self.pool, tables, counts or T)
+        rows = min(1 << (len(tables) - 1).bit_length(), max(self.max_batch, len(tables)))  # 1, 2, 4, ... buckets
+        length = max(t.num_cached for t in tables) + T
+        length = min(-(-length // 64) * 64, self.max_model_len)  # context gathered in steps of 64 tokens
+        return PagedBatch(self.pool, tables, counts or T, rows=rows, length=length, width=T)
+
+    def _speculate(self, seqs: list[Sequence]) -> Emitted:
+        """Verify each row's pending token and drafts in one forward, accept, roll back, draft again."""
+        n = len(seqs)
+        tables = [s.table for s in seqs]
+        # a row emits at most max_tokens: the drafts it may still use (the cache holds them: reserved up front)
+        drafts = [s.drafts[: max(0, min(len(s.drafts), s.req.params.max_tokens - len(s.out) - 2))] for s in seqs]
+        widest = max(len(d) for d in drafts)
+        T = 1 + (self.K if self._compiled and widest else widest)  # compiled: one shape
+        batch = self._batch(tables, T, [len(d) + 1 for d in drafts])
+        rows = len(batch.starts)
+        ids = torch.tensor([[s.pending] + d + [0] * (T - 1 - len(d)) for s, d in zip(seqs, drafts)]
+                           + [[0] * T] * (rows - n), device=self.device)  # (rows, T)
+        if self._compiled and not widest and not any(s.drafting for s in seqs):  # all gave up: a plain step
+            state, logits = None, self._compiled[2](ids, batch)[:, None]
+        else:
+            verify = self._compiled[0] if self._compiled else self.model.verify_logits
+            state, logits = verify(ids, batch)  # (rows, T, ...), (rows, T, V)
+        emitted = accept(logits[:n], drafts, [s.draft_q[: len(d)] for s, d in zip(seqs, drafts)],
+                         [s.req.params for s in seqs], [s.gen for s in seqs])
+        for s, d, toks in zip(seqs, drafts, emitted.tokens):
+            self.counters.add(len(d), len(toks))
+            self._give_up(s, d, toks)
+        live = [i for i, s in enumerate(seqs) if s.drafting]  # rows whose drafter keeps up (see `_give_up`)
+        compiled = self._compiled is not None and len(live) == n  # a subset runs eagerly: no new shapes to compile
+        if len(live) < n and live:  # the drafter over those rows alone, at the verified positions
+            dstate = state[torch.tensor(live, device=self.device)]
+            dbatch = PagedBatch(self.pool, [tables[i] for i in live], [len(drafts[i]) + 1 for i in live], width=T)
+        else:
+            dstate, dbatch = state, batch
+        for s, toks in zip(seqs, emitted.tokens):
+            s.table.num_cached += len(toks)  # the pending token and the accepted drafts: the rest is rolled back
+        if live:  # the drafter over the same positions: position t reads the token at t + 1 (drafts, the bonus)
+            toks = [emitted.tokens[i] for i in live]
+            nxt = [t + [0] * (T - len(t)) for t in toks]
+            last = torch.tensor([len(t) - 1 for t in toks], device=self.device)
+            self._draft([seqs[i] for i in live], dstate, dbatch, nxt, last, True,
+                        [len(seqs[i].out) + len(t) for i, t in zip(live, toks)], compiled)
+        for i, (s, toks) in enumerate(zip(seqs, emitted.tokens)):
+            s.out.append(s.pending)
+            s.pending = None
+            if i in live:  # a row that stopped drafting left holes in its drafter's cache: its blocks stay private
+                self.pool.register(s.table, s.tokens + toks)
+        return emitted
+
+    def _give_up(self, s: Sequence, drafts: list[int], emitted: list[int]) -> None:
+        """After `PROBE` steps that drafted, a sequence whose first draft was accepted less than `MIN_ACCEPTANCE`
+        of the time stops drafting for good and decodes plainly: verifying 1 + K tokens and running the drafter
+        cost more than the rare accepted draft saves (random MTP weights: 0.6x plain decoding's speed on the
+        demo model here). A sequence's own history decides, so its output stays reproducible; the drafter's
+        cache is not kept from then on, so the sequence never drafts again."""
+        if not drafts:
+            return
+        s.spec_steps += 1
+        s.spec_hits += len(emitted) > 1
+        if s.spec_steps >= PROBE and s.spec_hits < MIN_ACCEPTANCE * s.spec_steps:
+            s.drafting = False
+            s.drafts, s.draft_q = [], []
+
+    def _draft(self, seqs: list[Sequence], state: torch.Tensor, batch: PagedBatch, nxt: list[list[int]],
+               last: torch.Tensor | None = None, absorb: bool = False, out_lens: list[int] | None = None,
+               compiled: bool = True) -> None:
+        """Run the drafter over `batch`'s positions (position t reads the main state at t and the token at t + 1,
+        `nxt`), writing its cache; with `last` (each row's last real position), draft into `s.drafts` /
+        `s.draft_q` from there: the first from this pass, the others one position further each, as many as the
+        row's next step can use (`out_lens`: its output length by then; max_tokens bounds what it may emit)."""
+        T = state.shape[1]
+        ids = torch.tensor([x + [0] * (T - len(x)) for x in nxt] + [[0] * T] * (state.shape[0] - len(nxt)),
+                           device=self.device)
+        draft = self._compiled[1] if self._compiled and absorb and compiled else self.model.draft_states
+        g = draft(state, ids, batch) if absorb else draft(state, ids, batch, absorb=False)  # (rows, T, ...)
+        if last is None:
+            return
+        for s in seqs:
+            s.drafts, s.draft_q = [], []
+        want = [max(0, min(self.K, s.req.params.max_tokens - n - 2)) for s, n in zip(seqs, out_lens)]
+        live = [r for r in range(len(seqs)) if want[r]]
+        sel = torch.tensor(live, dtype=torch.long, device=self.device)
+        g = g[sel, last[sel]][:, None]  # (live, 1, ...) each row's state at its last real position
+        logits = self.model.draft_logits(g)[:, 0]  # (live, V)
+        for j in range(self.K):
+            toks, qs, ok = propose(logits, [seqs[r].req.params for r in live], [seqs[r].gen for r in live])
+            for i, r in enumerate(live):
+                if ok[i]:
+                    seqs[r].drafts.append(toks[i])
+                    seqs[r].draft_q.append(qs[i])
+            keep = [i for i, r in enumerate(live) if ok[i] and want[r] > j + 1]
+            live = [live[i] for i in keep]
+            if not live:
+                return
+            step = PagedBatch(self.pool, [seqs[r].table for r in live], 1, offset=j)  # one position further
+            g = self.model.draft_states(g[keep], torch.tensor([[toks[i]] for i in keep], device=self.device), step)
+            logits = self.model.draft_logits(g)[:, -1]
 
     @staticmethod
     def _sample(seqs: list[Sequence], logits: torch.Tensor) -> Sampled:

@@ -137,9 +137,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.
     want = [p.logprobs for p in params]
     if all(k is None for k in want):
         return Sampled(out, None, None, errors)
-    lp = torch.log_softmax(logits, -1)  # (B, V)
+    return Sampled(out, *logprobs_of(logits, tokens, want), errors)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor,
+                want: list[int | None]) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """Rows of logits (B, V) and the token chosen in each (B,) -> each token's logprob under the unfiltered
+    model distribution, and row r's `want[r]` most likely (id, logprob) pairs (what the API reports)."""
+    lp = torch.log_softmax(logits.float(), -1)  # (B, V)
     chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
-    kmax = min(max(k or 0 for k in want), V)
+    kmax = min(max(k or 0 for k in want), lp.shape[-1])
     top_v, top_i = lp.topk(kmax, -1) if kmax else (lp[:, :0], lp[:, :0].long())
     top = [list(zip(top_i[r, : k or 0].tolist(), top_v[r, : k or 0].tolist())) for r, k in enumerate(want)]
-    return Sampled(out, chosen, top, errors)
+    return chosen, top

@@ -36,6 +36,10 @@ class Sequence:
         self.gen = req.params.generator(index)
         self.out: list[int] = []  # accepted output tokens
         self.pending: int | None = None  # last sampled token, not yet in the cache
+        self.drafts: list[int] = []  # speculative decoding: the tokens drafted to follow `pending`
+        self.draft_q: list = []  # and the distribution each was drawn from (None for greedy rows)
+        self.drafting = True  # False once speculation gave up on this sequence (`ModelRunner._give_up`)
+        self.spec_steps = self.spec_hits = 0  # steps that verified drafts, and those that kept the first
         self.table: BlockTable | None = None
         self.text = TextOutput(tokenizer, req.params.stop)
         self.finish: str | None = None

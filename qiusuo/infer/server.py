@@ -495,6 +495,16 @@ async def metrics(request: Request):
         put("cache_usage_ratio", "gauge", "fraction of cache blocks in use", e.pool.used_blocks / e.pool.num_blocks)
         put("prefix_cache_hit_tokens_total", "counter", "prompt tokens served from the prefix cache",
             e.pool.hit_tokens)
+        if e.runner.K:  # speculative decoding
+            c = e.runner.counters
+            put("spec_verify_steps_total", "counter", "sequence-steps that verified drafts", c.steps)
+            put("spec_emitted_tokens_total", "counter", "tokens those steps emitted", c.emitted)
+            put("spec_mean_tokens_per_step", "gauge", "tokens emitted per verified sequence-step",
+                c.emitted / max(c.steps, 1))
+            lines += ["# HELP qiusuo_spec_acceptance_rate drafts accepted / drafted, by draft position",
+                      "# TYPE qiusuo_spec_acceptance_rate gauge"]
+            lines += [f'qiusuo_spec_acceptance_rate{{position="{j + 1}"}} {a / max(d, 1)}'
+                      for j, (a, d) in enumerate(zip(c.accepted, c.drafted))]
         lines += ["# HELP qiusuo_time_to_first_token_seconds time from arrival to the first token",
                   "# TYPE qiusuo_time_to_first_token_seconds summary",
                   f"qiusuo_time_to_first_token_seconds_sum {s['ttft_sum']}",

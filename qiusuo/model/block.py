@@ -56,10 +56,12 @@ def make_mlp(cfg: ModelConfig, kind: str, layer_idx: int = 0) -> nn.Module:
     return MoE(cfg, hashed=kind == "hash_moe", layer_idx=layer_idx)
 
 
-def layer_cache_specs(cfg: ModelConfig) -> list[LayerCacheSpec]:
-    """What each main layer caches, from its attention kind (the caches and the block accounting read this;
-    MTP modules are not cached)."""
-    return [CACHE_SPECS[attention_kind(cfg, i)](cfg) for i in range(cfg.num_hidden_layers)]
+def layer_cache_specs(cfg: ModelConfig, draft: bool = False) -> list[LayerCacheSpec]:
+    """What each main layer caches, from its attention kind (the caches and the block accounting read this).
+    `draft`: also the first MTP module's block (layer `num_hidden_layers`), which speculative decoding runs over
+    the cache as one more layer."""
+    n = cfg.num_hidden_layers + (1 if draft and cfg.num_nextn_predict_layers else 0)
+    return [CACHE_SPECS[attention_kind(cfg, i)](cfg) for i in range(n)]
 
 
 class Block(nn.Module):

@@ -17,6 +17,16 @@ Layer cache of kind `latent` (`LatentLayerCache`):
 `mask` is True where a query may attend; None means "attend to every cached token" (decoding one token for rows
 of equal length). The serving engine implements the same protocol over a paged block pool (`infer/paged.py`).
 
+Layer cache of kind `sparse_latent` (DeepSeek-V3.2's DSA; `_ContiguousSparseLatent`): per token the MLA latent
+(C) and the lightning indexer's key (Dk) in TWO tensors, so that a decoding step can score the S keys first and then
+read only the k latents it picked (the indexer keys are what it must read whole, Dk values a token):
+    update(new: SparseContext of the T new tokens) -> (context: SparseContext of S tokens, mask (B, 1, T, S) bool)
+    SparseContext.keys (B, S, Dk)                   every context token's indexer key
+    SparseContext.latents(idx (B, n) long | None) -> (B, n, C)   the latents at context positions idx (None: all S)
+`mask` as for `latent` (the indexer masks its scores with it, then the attention reads its choice). The paged
+engine's context reads its blocks on demand (`infer/paged_sparse.py`); `SparseContext` itself holds both as
+tensors (the contiguous cache's buffers, or the new tokens when there is no cache).
+
 Layer cache of kind `window` (DeepSeek-V4; `WindowLayerCache`): the last `window` keys (= values) of the layer's
 one shared head, plus one `pool(name)` per compressor (the main compressor; CSA layers also the indexer's):
     update(kv (B, T, hd)) -> (keys (B, W + T, hd), key_positions (B, W + T))   the W tokens before the new
@@ -49,13 +59,15 @@ class PoolSpec:
 @dataclass(frozen=True)
 class LayerCacheSpec:
     """What one layer keeps. `kind` names the layer-cache class a cache builds for it; `width` is values per
-    cached token (`latent`: kv_lora_rank + qk_rope_head_dim) or per window slot (`window`: head_dim);
-    `window` > 0 bounds the tokens kept; `pools`: V4's compressed caches."""
+    cached token (`latent`: kv_lora_rank + qk_rope_head_dim; `sparse_latent`: that + index_head_dim) or per
+    window slot (`window`: head_dim); `key_width`: the last values of `width` that `sparse_latent` keeps apart
+    (the indexer key); `window` > 0 bounds the tokens kept; `pools`: V4's compressed caches."""
 
     kind: str
     width: int
     window: int = 0
     pools: tuple[PoolSpec, ...] = ()
+    key_width: int = 0
 
     def bytes_per_token(self, itemsize: int, context: int | None = None) -> float:
         """Cache bytes per token of a sequence of `context` tokens (a latent cache: the same at any length)."""
@@ -71,7 +83,7 @@ def compilable(specs: list[LayerCacheSpec]) -> bool:
     """Whether a decoding step over the *contiguous* cache of these specs has static shapes and no Python-side
     state changes, which is what `torch.compile` needs: latent caches do; the contiguous V4 pools count entries
     in Python as windows close (the paged engine's V4 caches compile: their state is all in tensors)."""
-    return all(s.kind == "latent" for s in specs)
+    return all(s.kind in ("latent", "sparse_latent") for s in specs)
 
 
 class LatentLayerCache(Protocol):
@@ -86,19 +98,64 @@ class Cache(Protocol):
     def advance(self, T: int) -> None: ...
 
 
+class SparseContext:
+    """What a `sparse_latent` layer cache returns: every context token's indexer key, and its latents on demand
+    (`latents`), so the attention reads all S keys but only the latents it picked. This implementation holds
+    both as tensors; the paged engine's (`infer/paged_sparse.py`) reads them from its blocks."""
+
+    def __init__(self, latent: torch.Tensor, keys: torch.Tensor):
+        self.latent, self.keys = latent, keys  # (B, S, C), (B, S, Dk)
+
+    def latents(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, C) the latents at positions idx (B, n) of each row; None: all S."""
+        if idx is None:
+            return self.latent
+        return self.latent[torch.arange(idx.shape[0], device=idx.device)[:, None], idx]
+
+
+def _length_mask(pos: torch.Tensor, S: int) -> torch.Tensor:
+    """(B, 1, T, S) causal + length mask of queries at pos (B, T) over the first S cached positions."""
+    return (torch.arange(S, device=pos.device)[None, None, :] <= pos[:, :, None])[:, None]
+
+
+def _write(data: torch.Tensor, pos: torch.Tensor, values: torch.Tensor) -> None:
+    """values (B, T, w) into data (B, max_len, w) at positions pos (B, T)."""
+    B, T, w = values.shape
+    data.scatter_(1, pos[:, :, None].expand(B, T, w), values.to(data.dtype))
+
+
 class _ContiguousLatent:
     """Layer cache of kind `latent` over one (B, max_len, C) buffer, writing at the owner's current positions."""
 
-    def __init__(self, owner: "ContiguousCache", data: torch.Tensor):
-        self.owner, self.data = owner, data
+    def __init__(self, owner: "ContiguousCache", spec: LayerCacheSpec, B: int, device, dtype):
+        self.owner = owner
+        self.data = torch.zeros(B, owner.max_len, spec.width, device=device, dtype=dtype)
+        self.buffers = (self.data,)  # what `num_bytes_per_token` counts
 
     def update(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         pos = self.owner.current  # (B, T)
-        B, T, C = latent.shape
-        self.data.scatter_(1, pos[:, :, None].expand(B, T, C), latent.to(self.data.dtype))
-        S = self.owner.max_len if T == 1 else int(pos.max()) + 1
-        mask = torch.arange(S, device=pos.device)[None, None, :] <= pos[:, :, None]  # (B, T, S) causal + length
-        return self.data[:, :S], mask[:, None]
+        _write(self.data, pos, latent)
+        S = self.owner.max_len if latent.shape[1] == 1 else int(pos.max()) + 1
+        return self.data[:, :S], _length_mask(pos, S)
+
+
+class _ContiguousSparseLatent:
+    """Layer cache of kind `sparse_latent`: a (B, max_len, C) latent buffer and a (B, max_len, Dk) key buffer.
+    Decoding (T == 1) hands out the whole buffers (static shapes, like `latent`): the indexer scores max_len keys
+    under the length mask and `SparseContext.latents` reads only the chosen k latents."""
+
+    def __init__(self, owner: "ContiguousCache", spec: LayerCacheSpec, B: int, device, dtype):
+        self.owner = owner
+        self.latent = torch.zeros(B, owner.max_len, spec.width - spec.key_width, device=device, dtype=dtype)
+        self.keys = torch.zeros(B, owner.max_len, spec.key_width, device=device, dtype=dtype)
+        self.buffers = (self.latent, self.keys)
+
+    def update(self, new: SparseContext) -> tuple[SparseContext, torch.Tensor]:
+        pos = self.owner.current  # (B, T)
+        _write(self.latent, pos, new.latent)
+        _write(self.keys, pos, new.keys)
+        S = self.owner.max_len if pos.shape[1] == 1 else int(pos.max()) + 1
+        return SparseContext(self.latent[:, :S], self.keys[:, :S]), _length_mask(pos, S)
 
 
 class _ContiguousWindow:
@@ -107,7 +164,7 @@ class _ContiguousWindow:
 
     def __init__(self, owner: "ContiguousCache", spec: LayerCacheSpec, B: int, device, dtype):
         W = spec.window
-        self.owner, self.W = owner, W
+        self.owner, self.W, self.buffers = owner, W, ()
         self.keys = torch.zeros(B, W, spec.width, device=device, dtype=dtype)
         self.key_pos = torch.full((B, W), -1, dtype=torch.long, device=device)
         self.pools = {p.name: _ContiguousPool(owner, p, B, device, dtype) for p in spec.pools}
@@ -155,8 +212,9 @@ class _ContiguousPool:
 
 
 class ContiguousCache:
-    """Contiguous cache for `B` sequences of up to `max_len` tokens: one (B, max_len, width) buffer per layer,
-    one length per row. `specs`: one `LayerCacheSpec` per layer (`Transformer.cache_specs()`).
+    """Contiguous cache for `B` sequences of up to `max_len` tokens: one (B, max_len, width) buffer per layer
+    (`sparse_latent`: two, the latents and the indexer keys), one length per row. `specs`: one `LayerCacheSpec`
+    per layer (`Transformer.cache_specs()`).
 
     Decoding steps (T == 1) attend over the whole buffer with a length mask, so every step has the same shapes:
     that is what lets `torch.compile` turn a decoding step into one fused kernel program (2.2x faster than eager
@@ -170,15 +228,11 @@ class ContiguousCache:
         self.length = 0  # the same, as a Python int: rows always advance together here
         self.current = self.lengths[:, None]  # (B, T) positions of the tokens being written
         # one tensor per layer (not views of one): compiled steps then update them in place (see infer/paged.py)
-        self.buffers, self._layers = [], []
-        for s in specs:
-            if s.kind == "latent":
-                self.buffers.append(torch.zeros(batch_size, max_len, s.width, device=device, dtype=dtype))
-                self._layers.append(_ContiguousLatent(self, self.buffers[-1]))
-            elif s.kind == "window":
-                self._layers.append(_ContiguousWindow(self, s, batch_size, device, dtype))
-            else:
-                raise ValueError(f"ContiguousCache has no layer cache of kind {s.kind!r}")
+        missing = sorted({s.kind for s in specs} - set(LAYER_KINDS))
+        if missing:
+            raise ValueError(f"ContiguousCache has no layer cache of kind {missing}")
+        self._layers = [LAYER_KINDS[s.kind](self, s, batch_size, device, dtype) for s in specs]
+        self.buffers = [b for layer in self._layers for b in layer.buffers]  # per-token buffers (not V4's)
 
     def positions(self, T: int) -> torch.Tensor:
         self.current = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)  # (B, T)
@@ -195,3 +249,7 @@ class ContiguousCache:
     def num_bytes_per_token(self) -> int:
         """Bytes per token of the latent layers' buffers (what `count.cache_bytes_per_token` predicts)."""
         return sum(b.shape[-1] * b.element_size() for b in self.buffers)
+
+
+# layer-cache kind (LayerCacheSpec.kind) -> its contiguous implementation: cls(owner, spec, B, device, dtype)
+LAYER_KINDS = {"latent": _ContiguousLatent, "sparse_latent": _ContiguousSparseLatent, "window": _ContiguousWindow}

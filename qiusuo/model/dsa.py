@@ -14,21 +14,25 @@ that mask; a decoding step (one query per row) gathers the k chosen latents and 
 reads k latents instead of the whole context (plus the S indexer keys it scores). With `index_topk` >= the
 context the selection is every visible token: dense MLA exactly.
 
-The cache is MLA's `latent` kind with the indexer key appended (C + Dk values per token), so the contiguous cache,
-the paged engine and its prefix sharing serve V3.2 unchanged. Training, as the V3.2 report does: the indexer reads
-detached inputs and learns from its own loss (`indexer_loss`, KL to the main attention's distribution); first a
-dense warm-up (`dense_warmup`: attention over every visible token, the KL over all of them; `qiusuo train
---train.indexer_warmup_steps=N`), then the sparse stage (attention over the top-k, the KL over the chosen ones).
+The cache is the `sparse_latent` kind (`qiusuo.model.cache`): per token the latent (C) and the indexer key (Dk) in
+two tensors, and the layer cache hands back a `SparseContext` whose latents are read on demand. A decoding step
+reads the S keys (Dk values each), picks k, and only then reads k latents: in the paged engine the first version
+(one C + Dk tensor) gathered all S latents before selecting, 32% of a V3.2 step at 32k context. Prefill and
+verification (T > 1) still read every latent: each query keeps its own k and they differ.
+
+Training, as the V3.2 report does: the indexer reads detached inputs and learns from its own loss (`indexer_loss`,
+KL to the main attention's distribution); first a dense warm-up (`dense_warmup`: attention over every visible
+token, the KL over all of them; `qiusuo train --train.indexer_warmup_steps=N`), then the sparse stage (attention
+over the top-k, the KL over the chosen ones).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qiusuo.config import ModelConfig
-from qiusuo.model.cache import LayerCacheSpec
+from qiusuo.model.cache import LayerCacheSpec, SparseContext
 from qiusuo.model.compressor import indexer_loss, topk_lowest_index
 from qiusuo.model.mla import MLA
 from qiusuo.model.rope import apply_rotary
@@ -54,20 +58,37 @@ class DSAIndexer(nn.Module):
         return self.rotate(self.k_norm(self.wk(x))[:, :, None], *rope["main"])[:, :, 0]
 
     def scores(self, x: torch.Tensor, q_lat: torch.Tensor, keys: torch.Tensor, rope) -> torch.Tensor:
-        """(B, T, S) fp32 index scores of the T queries against S keys."""
+        """(B, T, S) fp32 index scores of the T queries against S keys.
+
+        Queries in pieces of at most 2^24 / (Hi S) (decoding: one piece): every head of a piece in one matmul, ReLU
+        in place, then the heads' weighted sum as a second (batched 1 x Hi by Hi x S) matmul, so each score is
+        written and read once. The whole (B, T, Hi, S) at once would be 2 GB for a 2,048-token chunk over 32k
+        tokens with 8 heads; head by head into one sum (`addcmul_`) passed over (T, S) five times per head and
+        was 1.7x slower at T = 2,048, S = 8,192 here."""
         B, T, _ = x.shape
-        q = self.rotate(self.wq_b(q_lat).view(B, T, self.heads, self.dim), *rope["main"]).float()
-        w = self.weights_proj(x).float() * (self.heads**-0.5 * self.dim**-0.5)  # (B, T, Hi)
+        H, Dk = self.heads, self.dim
+        q = self.rotate(self.wq_b(q_lat).view(B, T, H, Dk), *rope["main"]).float()
+        w = self.weights_proj(x).float() * (H**-0.5 * Dk**-0.5)  # (B, T, Hi)
         k = keys.float().transpose(1, 2)  # (B, Dk, S)
-        if B * T * self.heads * k.shape[-1] <= 1 << 24:  # small (decoding): every head in one matmul
-            s = F.relu(torch.bmm(q.reshape(B, T * self.heads, self.dim), k)).view(B, T, self.heads, -1)
-            return (s * w[..., None]).sum(2)
-        # head by head into one (B, T, S) sum: the (B, T, Hi, S) tensor of all heads' scores would be Hi times the
-        # memory (2 GB for a 2,048-token prefill chunk over 32k cached tokens with 8 heads)
-        out = torch.zeros(B, T, k.shape[-1], device=x.device)
-        for h in range(self.heads):
-            out.addcmul_(F.relu(torch.bmm(q[:, :, h], k)), w[:, :, h, None])
-        return out
+        S = k.shape[-1]
+        step = max(1, (1 << 24) // (H * S))
+        pieces = []
+        for t0 in range(0, T, step):
+            t = min(step, T - t0)
+            s = torch.bmm(q[:, t0: t0 + t].reshape(B, t * H, Dk), k).relu_().view(B * t, H, S)
+            pieces.append(torch.bmm(w[:, t0: t0 + t].reshape(B * t, 1, H), s).view(B, t, S))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+
+
+def topk_mask_lowest_index(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., S) bool: True at the k entries `topk_lowest_index` picks (ties at the k-th score to the lower
+    index), without its int64 keys: the k-th largest score, everything above it, then the first ties at it
+    (a running count). What prefill needs (a mask, not indices): 2x faster at (2,048, 8,192), k = 256 here."""
+    kth = scores.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # (..., 1)
+    above = scores > kth
+    tie = scores == kth
+    need = k - above.sum(-1, keepdim=True, dtype=torch.int32)
+    return above | (tie & (tie.cumsum(-1, dtype=torch.int32) <= need))
 
 
 class SparseMLA(MLA):
@@ -75,8 +96,8 @@ class SparseMLA(MLA):
 
     @staticmethod
     def cache_spec(cfg: ModelConfig) -> LayerCacheSpec:
-        """The `latent` kind, widened by the indexer key: C + index_head_dim values per token."""
-        return LayerCacheSpec("latent", cfg.latent_dim + cfg.index_head_dim)
+        """The `sparse_latent` kind: C latent values and an index_head_dim indexer key per token, kept apart."""
+        return LayerCacheSpec("sparse_latent", cfg.latent_dim + cfg.index_head_dim, key_width=cfg.index_head_dim)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
@@ -85,15 +106,14 @@ class SparseMLA(MLA):
         self.indexer = DSAIndexer(cfg)
         self.dense_warmup = False  # the trainer turns it on for `train.indexer_warmup_steps` (dense stage)
 
-    def stored(self, latent: torch.Tensor, x: torch.Tensor, rope) -> torch.Tensor:
-        return torch.cat([latent, self.indexer.key(x, rope).to(latent.dtype)], dim=-1)  # (B, T, C + Dk)
+    def stored(self, latent: torch.Tensor, x: torch.Tensor, rope) -> SparseContext:
+        return SparseContext(latent, self.indexer.key(x, rope).to(latent.dtype))  # (B, T, C), (B, T, Dk)
 
-    def select(self, stored, mask, causal, x, q_lat, rope):
-        """Each query's top-k visible tokens as the attention mask (B, 1, T, S)."""
+    def select(self, stored: SparseContext, mask, causal, x, q_lat, rope):
+        """Each query's top-k visible tokens as the attention mask (B, 1, T, S); decoding: the k latents alone."""
         B, T, _ = x.shape
-        C = self.R + self.P
-        latent, keys = stored[..., :C], stored[..., C:]
-        S = latent.shape[1]
+        keys = stored.keys  # (B, S, Dk)
+        S = keys.shape[1]
         if mask is not None:
             visible = mask[:, 0].expand(B, T, S)
         elif causal:
@@ -102,13 +122,14 @@ class SparseMLA(MLA):
             visible = torch.ones(B, T, S, dtype=torch.bool, device=x.device)
         score = self.indexer.scores(x.detach(), q_lat.detach(), keys, rope).masked_fill(~visible, float("-inf"))
         if self.dense_warmup:  # the report's warm-up: dense attention, the indexer learns to mimic all of it
-            return latent, visible[:, None], False, (score, visible)
-        idx = topk_lowest_index(score, min(self.indexer.topk, S))  # (B, T, k)
+            return stored.latents(), visible[:, None], False, (score, visible)
+        k = min(self.indexer.topk, S)
         if T == 1 and not torch.is_grad_enabled():  # decoding: read only the k chosen latents, not all under a mask
-            rows = torch.arange(B, device=x.device)[:, None]
-            return latent[rows, idx[:, 0]], visible[rows, 0, idx[:, 0]][:, None, None], False, None  # (B, k, C)
-        keep = torch.zeros_like(visible).scatter_(-1, idx, True) & visible
-        return latent, keep[:, None], False, (score, keep)
+            idx = topk_lowest_index(score, k)  # (B, 1, k)
+            # k > visible tokens (short or padded contexts) picks -inf scores too: masked out again here
+            return stored.latents(idx[:, 0]), visible.gather(-1, idx)[:, None], False, None  # (B, k, C), (B,1,1,k)
+        keep = topk_mask_lowest_index(score, k) & visible  # (B, T, S)
+        return stored.latents(), keep[:, None], False, (score, keep)
 
     def aux_loss(self, q_nope, q_pe, latent, chosen) -> torch.Tensor | None:
         """With gradients on, `indexer_loss` against the main attention's probabilities of the chosen tokens

@@ -7,7 +7,7 @@ are the main model's (shared). Two kinds, by the model's residual kind:
   checkpoints were trained (vLLM, SGLang); the head reads `norm(h)` (`shared_head.norm` in checkpoints).
 - mHC (V4, DeepSeek's `MTPBlock`): the state is the N streams (B, T, N, D); `e_proj(enorm(emb))` is added to
   every stream's `h_proj(hnorm(stream))`, and the head reads `norm(hc_head(h))` with the module's own collapse.
-`forward(h, emb, rope, ids) -> (h', Routing | None, aux loss | None)` (the block's); `head_input(h') -> (B, T', D)` for the output head.
+`forward(h, emb, rope, ids, cache, absorb) -> (h', Routing | None, aux loss | None)` (the block's); `head_input(h') -> (B, T', D)` for the output head.
 """
 
 from __future__ import annotations
@@ -31,11 +31,12 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_idx)
         self.norm = RMSNorm(D, cfg.rms_norm_eps)  # `shared_head.norm` in checkpoints
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope, ids=None) -> tuple:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope, ids=None, cache=None, absorb: bool = False) -> tuple:
         """h (B, T', D) previous depth's states, emb (B, T', D) embeddings of the tokens k ahead -> (B, T', D)
-        and the block's routing (None for a dense block)."""
+        and the block's routing (None for a dense block). `cache`: speculative decoding's draft cache (its block
+        is that cache's layer `num_hidden_layers`); None in training."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return self.block(x, rope, ids=ids)
+        return self.block(x, rope, cache, absorb, None, ids)
 
     def head_input(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(h)
@@ -53,10 +54,10 @@ class HCMTPModule(nn.Module):
         self.norm = RMSNorm(D, cfg.rms_norm_eps)
         self.hc_head = HyperHead(cfg)
 
-    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope, ids=None) -> tuple:
+    def forward(self, h: torch.Tensor, emb: torch.Tensor, rope, ids=None, cache=None, absorb: bool = False) -> tuple:
         """h (B, T', N, D) previous depth's streams, emb (B, T', D) -> (B, T', N, D) and the block's routing."""
         x = self.e_proj(self.enorm(emb))[:, :, None, :] + self.h_proj(self.hnorm(h))
-        return self.block(x, rope, ids=ids)
+        return self.block(x, rope, cache, absorb, None, ids)
 
     def head_input(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(self.hc_head(h))

@@ -133,9 +133,10 @@ class Transformer(nn.Module):
             elif isinstance(m, Compressor):
                 m.position_bias.zero_()
 
-    def cache_specs(self) -> list[LayerCacheSpec]:
-        """What each layer caches per token (its attention kind's cache kind): what every cache is built from."""
-        return layer_cache_specs(self.cfg)
+    def cache_specs(self, draft: bool = False) -> list[LayerCacheSpec]:
+        """What each layer caches per token (its attention kind's cache kind): what every cache is built from.
+        `draft`: one more layer for the first MTP module, the drafter of speculative decoding."""
+        return layer_cache_specs(self.cfg, draft)
 
     def _check_inputs(self, input_ids: torch.Tensor, start: int) -> None:
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
@@ -180,6 +181,10 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.advance(T)
         return x, routings, aux
+
+    def states(self, input_ids: torch.Tensor, cache=None, absorb: bool | None = None) -> torch.Tensor:
+        """The last residual state (B, T, D) or V4's streams (B, T, N, D): what the MTP modules read."""
+        return self._run(input_ids, cache, absorb)[0]
 
     def hidden(self, input_ids: torch.Tensor, cache=None, absorb: bool | None = None,
                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -236,15 +241,39 @@ class Transformer(nn.Module):
         logits = self.lm_head(h).float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
+    def _absorbed(self, tokens: torch.Tensor, cache) -> torch.Tensor:
+        """tokens (B, T) through every layer over `cache`, absorbed attention -> the last residual state."""
+        rope = RopeAt(self.rotaries, cache.positions(tokens.shape[1]))
+        x = expand_streams(self.cfg, self.embed_tokens(tokens))
+        for layer in self.layers:
+            x = layer(x, rope, cache, True, None, tokens)[0]
+        return x
+
     def decode_logits(self, tokens: torch.Tensor, cache) -> torch.Tensor:
         """One decoding step without advancing the cache: tokens (B, 1) -> next-token logits (B, V), absorbed
         attention, no input checks and no host syncs: the unit `torch.compile` captures whole (advancing mutates
         Python-side state, which a compiled graph must not guard on). Callers validate ids and lengths up front."""
-        rope = RopeAt(self.rotaries, cache.positions(1))
-        x = expand_streams(self.cfg, self.embed_tokens(tokens))
-        for layer in self.layers:
-            x = layer(x, rope, cache, True, None, tokens)[0]
-        return self.logits(self.collapse(x)[:, -1])
+        return self.logits(self.collapse(self._absorbed(tokens, cache))[:, -1])
+
+    def verify_logits(self, tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speculative decoding's verification: tokens (B, T) (each row's pending token, then its drafts) ->
+        (the last residual state (B, T, ...), logits (B, T, V)) at every position, without advancing the cache;
+        like `decode_logits`, free of host syncs so `torch.compile` captures it whole."""
+        x = self._absorbed(tokens, cache)
+        return x, self.logits(self.collapse(x))
+
+    def draft_states(self, state: torch.Tensor, tokens: torch.Tensor, cache, absorb: bool = True) -> torch.Tensor:
+        """The first MTP module as a drafter over `cache`'s extra layer (`cache_specs(draft=True)`): at each
+        position t, the residual state at t (B, T, ...) and the token at t + 1 (B, T) -> the module's state
+        (B, T, ...), whose `draft_logits` predict the token at t + 2; at the positions `cache.positions(T)`, no
+        advance. Logits are left to the caller: a drafter needs them at one position per row, and the output
+        head is most of a small model's cost."""
+        rope = RopeAt(self.rotaries, cache.positions(tokens.shape[1]))
+        return self.mtp[0](state, self.embed_tokens(tokens), rope, tokens, cache, absorb)[0]
+
+    def draft_logits(self, state: torch.Tensor) -> torch.Tensor:
+        """The first MTP module's state (B, T, D) or streams (B, T, N, D) -> its logits (B, T, V)."""
+        return self.lm_head(self.mtp[0].head_input(state))
 
     def decode_step(self, tokens: torch.Tensor, cache, compiled=None) -> torch.Tensor:
         """`decode_logits` (or its compiled form `compiled`), then advance the cache by the one new token."""

@@ -144,7 +144,8 @@ class GRPO:
         problems = self.problems[self.step_no * P:(self.step_no + 1) * P]
         t0 = time.perf_counter()
         groups, stats = sample_groups(model, self.tok, self.prompt_ids(problems), G, g.temperature, g.max_tokens,
-                                      seed=cfg.run.seed * 1_000_003 + self.step_no * P * G, block_size=g.block_size)
+                                      seed=cfg.run.seed * 1_000_003 + self.step_no * P * G, block_size=g.block_size,
+                                      draft_tokens=g.draft_tokens)
         t_roll = time.perf_counter() - t0
         rollouts = [r for grp in groups for r in grp]
         probs = [p for p in problems for _ in range(G)]

@@ -38,17 +38,18 @@ def stop_token(tokenizer) -> int:
 
 
 def sample_groups(model, tokenizer, prompts: list[list[int]], group_size: int, temperature: float, max_tokens: int,
-                  seed: int, block_size: int = 4) -> tuple[list[list[Rollout]], dict]:
+                  seed: int, block_size: int = 4, draft_tokens: int = 0) -> tuple[list[list[Rollout]], dict]:
     """G completions per prompt (a list of G `Rollout`s per prompt) and engine stats (prompt tokens served from
     the prefix cache, generated tokens). Sample g of prompt p draws from seed `seed + p * G + g`, so a rollout
-    is reproducible whatever else shares the batch."""
+    is reproducible whatever else shares the batch. `draft_tokens` > 0: MTP speculative decoding."""
     from qiusuo.infer.engine import Engine
     from qiusuo.infer.sampling import SamplingParams
 
     end = stop_token(tokenizer)
     longest = max(len(p) for p in prompts)
     engine = Engine(model, tokenizer, max_batch=len(prompts) * group_size, block_size=block_size,
-                    max_model_len=longest + max_tokens)
+                    max_model_len=longest + max_tokens, speculative="mtp" if draft_tokens else None,
+                    draft_tokens=draft_tokens or 1)
     params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed + p * group_size, n=group_size,
                              logprobs=0, ignore_eos=True, stop_token_ids=[end]) for p in range(len(prompts))]
     results = engine.generate(prompts, params)

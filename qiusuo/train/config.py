@@ -152,6 +152,9 @@ class GRPOSection:
     rewards: list = field(default_factory=lambda: ["accuracy", "format=0.1"])  # NAME[=WEIGHT]: accuracy, format, module:function, file.py:function
     micro_batch: int = 64  # completions per forward/backward
     block_size: int = 4  # engine cache block (small: short prompts still share their prefix across the group)
+    # rollouts with MTP speculative decoding, K drafts per step (0: off, the default: GRPO does not train the MTP
+    # module, so its drafts drift from the changing policy; the samples' distribution is exact either way)
+    draft_tokens: int = 0
     eval_every: int = 10  # steps between test-accuracy checks (0: start and end only)
     eval_n: int = 100  # test problems per check
 
@@ -216,7 +219,7 @@ class RunConfig:
         for key, ok in (("grpo.prompts_per_step", g.prompts_per_step >= 1), ("grpo.mu", g.mu >= 1),
                         ("grpo.max_tokens", g.max_tokens >= 1), ("grpo.micro_batch", g.micro_batch >= 1),
                         ("grpo.epsilon", 0 < g.epsilon < 1), ("grpo.beta", g.beta >= 0),
-                        ("grpo.temperature", g.temperature > 0),
+                        ("grpo.temperature", g.temperature > 0), ("grpo.draft_tokens", 0 <= g.draft_tokens <= 16),
                         ("grpo.loss_norm", g.loss_norm in ("token", "sequence"))):
             if not ok:
                 raise bad(key, "is out of range")

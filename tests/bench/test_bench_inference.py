@@ -59,3 +59,16 @@ def test_model_decode_bench_against_transformers(capsys):
     text = capsys.readouterr().out
     assert "cache 192 bytes/token" in text and "same weights" in text
     assert "batch   2  qiusuo / transformers:" in text
+
+
+def test_speculative_bench_compares_with_plain_decoding(capsys):
+    """Plain and speculative engines decode the same prompts (their greedy outputs asserted equal inside), and
+    the acceptance figures are reported per draft position."""
+    from qiusuo.bench import speculative
+
+    out = speculative.run(_args(speculative.add_args, ["--preset", "tiny", "--batch", "1", "3", "--prompt-len", "8",
+                                                       "--new-tokens", "6", "--draft-tokens", "2", "--repeats", "1",
+                                                       "--no-compile", "--threads", "1"]))
+    assert {"eager/plain/1", "eager/K=2/1", "eager/plain/3", "eager/K=2/3"} <= set(out)
+    assert 1 <= out["eager/K=2/3/tokens_per_step"] <= 3
+    assert "accepted" in capsys.readouterr().out

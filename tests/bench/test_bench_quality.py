@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from qiusuo.bench.quality import add_args, dense_twin, run
+from qiusuo.bench.quality import add_args, dense_twin, parse_arm, run
 from qiusuo.cli import main as cli
 from qiusuo.config import get_config
 from qiusuo.data.prepare import prepare
@@ -117,3 +117,12 @@ def test_any_set_of_arms_with_a_twin(data_dir, tmp_path, restore_threads):
     assert result["mhc"]["params_total"] > result["plain"]["params_total"] > result["dense"]["params_total"]
     for bad in ("nameonly", "x=twin:nobody", f"a={TINY},model.hidden_size"):
         assert run(parse(common + ["--arm", bad])) == 2
+
+
+def test_arm_values_may_be_toml_lists_and_quoted_strings():
+    """An arm's settings split at the commas outside brackets and quotes: hash layers are a list value."""
+    name, config, settings = parse_arm('hash=pretrain-demo,model.mlp_layer_types=["dense","hash_moe","moe","moe"],'
+                                       'optim.name=muon,optim.lr=6e-3,run.out_dir="a,b"')
+    assert (name, config) == ("hash", "pretrain-demo")
+    assert settings == {"model.mlp_layer_types": ["dense", "hash_moe", "moe", "moe"], "optim.name": "muon",
+                        "optim.lr": 6e-3, "run.out_dir": "a,b"}

@@ -11,6 +11,7 @@ from qiusuo.infer.paged import BlockPool, PagedBatch
 from qiusuo.infer.sampling import SamplingParams
 from qiusuo.infer.server import create_app, serve_in_thread
 from qiusuo.model.transformer import Transformer
+from engine_models import abort_midway, perturbed, prompts  # tests/infer/engine_models.py
 
 TOL = 1e-4
 
@@ -19,19 +20,7 @@ TOL = 1e-4
 def v4(tok):
     """v4-tiny (window 16, CSA m = 4 with top-4, HCA m' = 16) with every tensor random, so sinks, position biases
     and mHC bases matter; 16 indexer heads so the indexer's selections do not tie."""
-    torch.manual_seed(0)
-    model = Transformer(get_config("v4-tiny", vocab_size=tok.vocab_size, num_nextn_predict_layers=0,
-                                   index_n_heads=16)).eval()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point() and not name.endswith("norm.weight"):
-                t.add_(0.05 * torch.randn_like(t))
-    return model
-
-
-def prompts(tok, lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, tok.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    return perturbed(get_config("v4-tiny", vocab_size=tok.vocab_size, num_nextn_predict_layers=0, index_n_heads=16))
 
 
 def test_engine_greedy_equals_the_reference_at_any_batch(v4, tok):
@@ -124,13 +113,7 @@ def test_long_prompts_prefill_in_pieces_exactly(v4, model, tok):
 
 def test_aborted_and_finished_requests_leave_nothing_behind(v4, tok):
     engine = Engine(v4, tok, max_batch=4, max_model_len=96)
-    got = []
-    rid = engine.submit(prompts(tok, (40,), seed=8)[0], SamplingParams(max_tokens=40, ignore_eos=True), got.append)
-    engine.step()
-    engine.step()
-    engine.abort(rid)
-    while engine.has_work():
-        engine.step()
+    got = abort_midway(engine, prompts(tok, (40,), seed=8)[0])
     assert got and engine.pool.used_blocks == 0 and len(engine.pool.free_states) == 4
 
 

@@ -171,3 +171,18 @@ def test_indexer_objective_dense_warmup_then_sparse():
     ours.zero_grad()
     torch.nn.functional.cross_entropy(ours(ids).flatten(0, 1), ids.roll(-1, 1).flatten()).backward()
     assert all(p.grad is None or p.grad.abs().sum() == 0 for n, p in ours.named_parameters() if ".indexer." in n)
+
+
+def test_prefill_mask_picks_what_the_decoding_indices_pick():
+    """`topk_mask_lowest_index` (prefill's mask) and `topk_lowest_index` (decoding's indices) choose the same
+    entries on scores full of ties: exact zeros (-0.0 too), repeated values, -inf past the visible tokens."""
+    from qiusuo.model.compressor import topk_lowest_index
+    from qiusuo.model.dsa import topk_mask_lowest_index
+
+    g = torch.Generator().manual_seed(7)
+    scores = torch.randint(-3, 4, (3, 50, 64), generator=g).float()
+    scores[scores == -3] = -0.0
+    scores = scores.masked_fill(torch.ones(50, 64, dtype=torch.bool).tril(14).logical_not(), float("-inf"))
+    for k in (1, 8, 40, 64):
+        want = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, topk_lowest_index(scores, k), True)
+        assert torch.equal(topk_mask_lowest_index(scores, k), want)

@@ -125,13 +125,17 @@ def sft_model(tmp_path_factory):
     return s["model"]
 
 
-def test_sampled_logprobs_equal_training_forward(sft_model):
+@pytest.mark.parametrize("draft_tokens", [0, 2])
+def test_sampled_logprobs_equal_training_forward(sft_model, draft_tokens):
+    """The rollouts' logprobs (plain, and with MTP speculative decoding: accepted drafts and bonus tokens) are the
+    training forward's."""
     model = qiusuo.load_model(sft_model, progress=False)
+    assert model.cfg.num_nextn_predict_layers == 1
     tok = qiusuo.load_tokenizer(sft_model)
     g = GRPO(grpo_config(model=sft_model, task="arithmetic", prompts_per_step=4, group_size=6, max_tokens=20, beta=0.0,
                         threads=1), model, tok)
     prompts = g.prompt_ids(g.problems[:4])
-    groups, stats = sample_groups(model, tok, prompts, 6, 1.0, 20, seed=3)
+    groups, stats = sample_groups(model, tok, prompts, 6, 1.0, 20, seed=3, draft_tokens=draft_tokens)
     assert stats["cached_prompt_tokens"] > 0  # the G copies share the prompt's blocks
     rollouts = [r for grp in groups for r in grp]
     assert len(rollouts) == 24 and len({tuple(r.completion_ids) for r in rollouts}) > 1
