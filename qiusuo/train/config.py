@@ -88,6 +88,7 @@ class OptimSection:
     momentum: float = 0.95  # Muon's momentum
     nesterov: bool = True  # Muon: Nesterov momentum
     ns_steps: int = 5  # Muon: Newton-Schulz iterations
+    ns_dtype: str = "auto"  # Muon: Newton-Schulz in "bf16" | "fp32" | "auto" (bf16 on CUDA, fp32 on a CPU)
 
 
 @dataclass
@@ -203,6 +204,8 @@ class RunConfig:
             raise bad("schedule.decay_fraction", "must be in (0, 1]")
         if self.run.precision not in ("auto", "fp32", "bf16"):
             raise bad("run.precision", "use 'auto', 'fp32' or 'bf16'")
+        if self.optim.ns_dtype not in ("auto", "bf16", "fp32"):
+            raise bad("optim.ns_dtype", "use 'auto', 'bf16' or 'fp32'")
         if self.parallel.dp not in ("none", "ddp", "fsdp"):
             raise bad("parallel.dp", "use 'none', 'ddp' or 'fsdp'")
         if self.parallel.ep < 1:

@@ -1,7 +1,8 @@
 """Muon for the hidden matrices, AdamW for the rest, as one optimizer object (DeepSeek-V4's and Moonlight's recipe).
 
 Which parameter gets what (`split_params`):
-- Muon (`torch.optim.Muon`): the weights of every `nn.Linear` except the output head: attention, dense MLP,
+- Muon (`torch.optim.Muon` when Newton-Schulz runs in bf16, as torch's does; `ExpertMuon`'s same update in fp32
+  otherwise, `optim.ns_dtype`, "auto": bf16 on CUDA, fp32 on a CPU): the weights of every `nn.Linear` except the output head: attention, dense MLP,
   shared-expert and MTP projections, and V4's compressor and indexer projections. Those are hidden matrices like
   any other (DeepSeek-V4 keeps AdamW only for the embedding, the head, mHC's static biases and gating factors and
   the norms), so they get Muon too; their `position_bias` tensors are biases and stay on AdamW.
@@ -34,11 +35,12 @@ NS_COEFFICIENTS = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
 
 
 def zeropower_batched(g: torch.Tensor, ns_coefficients=NS_COEFFICIENTS, ns_steps: int = 5,
-                      eps: float = EPS) -> torch.Tensor:
-    """Newton-Schulz orthogonalisation of each matrix of g (E, A, B), in one batched call: the same bf16 iteration,
-    coefficients and Frobenius normalisation as torch's `_zeropower_via_newtonschulz` applied to g[e] one by one."""
+                      eps: float = EPS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Newton-Schulz orthogonalisation of each matrix of g (E, A, B), in one batched call: in bf16, the same
+    iteration, coefficients and Frobenius normalisation as torch's `_zeropower_via_newtonschulz` applied to g[e]
+    one by one; `dtype` fp32 runs the same iteration in fp32 (`ns_dtype`)."""
     a, b, c = ns_coefficients
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT
@@ -56,19 +58,32 @@ def match_rms_adamw(lr: float, shape: torch.Size) -> float:
     return lr * 0.2 * math.sqrt(max(A, B))
 
 
+def ns_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """`optim.ns_dtype`: "auto" is bf16 on CUDA (where bf16 matmuls are fast) and fp32 elsewhere: a CPU's bf16
+    matmuls ran at half the fp32 rate here, and bf16's rounding turned DDP's ~1e-7 gradient differences into
+    2.6e-4 weight differences from one process after 3 steps (fp32: 6e-8)."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[setting]
+
+
 class ExpertMuon(torch.optim.Optimizer):
-    """Muon for stacked expert weights (E, A, B): torch's Muon update (momentum with Nesterov, decoupled weight
-    decay, Moonlight lr matching per expert matrix) with the orthogonalisation batched over experts."""
+    """Muon for stacked expert weights (E, A, B), and for 2D matrices when Newton-Schulz runs in fp32: torch's
+    Muon update (momentum with Nesterov, decoupled weight decay, Moonlight lr matching per matrix) with the
+    orthogonalisation batched over experts, in `dtype` (torch's Muon hard-codes bf16)."""
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS, eps: float = EPS, ns_steps: int = 5):
+                 nesterov: bool = True, ns_coefficients=NS_COEFFICIENTS, eps: float = EPS, ns_steps: int = 5,
+                 dtype: torch.dtype = torch.bfloat16):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps)
         super().__init__(params, defaults)
+        self.dtype = dtype
         for group in self.param_groups:
             for p in group["params"]:
-                if p.ndim != 3:
-                    raise ValueError(f"ExpertMuon takes stacked (experts, rows, cols) weights, got {tuple(p.shape)}")
+                if p.ndim not in (2, 3):
+                    raise ValueError(f"ExpertMuon takes matrices or stacked (experts, rows, cols) weights, got "
+                                     f"{tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -87,7 +102,9 @@ class ExpertMuon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mom)
                 update = p.grad.lerp(buf, mom) if group["nesterov"] else buf
-                update = zeropower_batched(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                mats = update if update.ndim == 3 else update[None]  # (E, A, B)
+                update = zeropower_batched(mats, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                           self.dtype).view_as(p)
                 p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-match_rms_adamw(lr, p.shape))
         return loss
@@ -178,11 +195,14 @@ def build_muon(model: nn.Module, cfg) -> MuonAdamW:
     muon, expert, rest = split_params(model)
     common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
                   ns_steps=cfg.ns_steps)
+    dtype = ns_dtype(cfg.ns_dtype, next(model.parameters()).device)
     parts = []
-    if muon:
+    if muon and dtype == torch.bfloat16:
         parts.append(torch.optim.Muon([{"params": muon, "name": "muon"}], adjust_lr_fn="match_rms_adamw", **common))
+    elif muon:  # the same update with fp32 Newton-Schulz (torch's Muon has no dtype to set)
+        parts.append(ExpertMuon([{"params": muon, "name": "muon"}], dtype=dtype, **common))
     if expert:
-        parts.append(ExpertMuon([{"params": expert, "name": "muon_experts"}], **common))
+        parts.append(ExpertMuon([{"params": expert, "name": "muon_experts"}], dtype=dtype, **common))
     fused = all(p.is_cuda for p in model.parameters())
     parts.append(torch.optim.AdamW(adamw_groups(model, rest, cfg.weight_decay), lr=cfg.lr,
                                    betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None))

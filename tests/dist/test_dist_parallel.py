@@ -21,8 +21,9 @@ from qiusuo.train.trainer import Trainer
 
 WORLD, B, STEPS = 2, 2, 3
 NO_MTP = {"train.mtp_weight": 0.0}  # the MTP modules get no gradient: DDP must not wait for them, EP must not invent one
+MUON = {"optim.name": "muon"}  # Newton-Schulz in fp32 on a CPU (`optim.ns_dtype` auto): DDP's rounding stays small
 MODES = {"ddp": ("ddp", 1, {}), "fsdp": ("fsdp", 1, {}), "ep_ddp": ("ddp", 2, {}), "ep_fsdp": ("fsdp", 2, {}),
-         "ep_ddp_no_mtp": ("ddp", 2, NO_MTP)}
+         "ep_ddp_no_mtp": ("ddp", 2, NO_MTP), "ddp_muon": ("ddp", 1, MUON), "ep_ddp_muon": ("ddp", 2, MUON)}
 
 
 def make_cfg(data_dir, out_dir, batch_size, dp="none", ep=1, **kw):
@@ -57,7 +58,7 @@ def worker(data_dir: Path, out: Path, ref_ckpt: Path) -> None:
                 expected[layer] = expected.get(layer, 0) + torch.bincount(owner, minlength=ep)
             r.register_forward_hook(hook)
         steps = [t.train_step() for _ in range(STEPS)]
-        if experts and not kw:
+        if experts and not kw:  # (Muon and no-MTP runs route the same way: counted once)
             volume += [{"rank": dist.rank, "layer": i, "sent": e.sent_rows.tolist(), "expected": expected[i].tolist(),
                         "K": t.model_cfg.num_experts_per_tok}
                        for i, e in enumerate(experts)]
@@ -107,10 +108,12 @@ def runs(tmp_path_factory):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[proc.stderr.find("Traceback"):][:6000]
     vol = [v for r in range(WORLD) for v in json.loads((root / f"volume_{r}.json").read_text())]
-    no_mtp = Trainer(make_cfg(data, root / "ref_no_mtp", WORLD * B, **NO_MTP))
-    no_mtp_loss = [no_mtp.train_step()["loss"] for _ in range(STEPS)]
+    others = {}
+    for name, kw in (("no_mtp", NO_MTP), ("muon", MUON)):  # the one-process references of the other modes
+        t = Trainer(make_cfg(data, root / f"ref_{name}", WORLD * B, **kw))
+        others[name] = ([t.train_step()["loss"] for _ in range(STEPS)], t.model.state_dict())
     return {"root": root, "data": data, "ref_loss": losses, "ref_sd": final_sd, "ref_ckpt_sd": ref_sd,
-            "ref_no_mtp": (no_mtp_loss, no_mtp.model.state_dict()),
+            "ref_no_mtp": others["no_mtp"], "ref_muon": others["muon"],
             "out": torch.load(root / "results.pt", weights_only=True), "volume": vol}
 
 
@@ -119,6 +122,8 @@ def test_two_processes_match_one(runs, mode):
     got, ref_loss, ref_sd = runs["out"][mode], runs["ref_loss"][:STEPS], runs["ref_sd"]
     if MODES[mode][2] == NO_MTP:
         ref_loss, ref_sd = runs["ref_no_mtp"]
+    elif MODES[mode][2] == MUON:
+        ref_loss, ref_sd = runs["ref_muon"]
     torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor(ref_loss), rtol=0, atol=1e-5)
     assert set(got["sd"]) == set(ref_sd)
     moved = 0
@@ -130,6 +135,9 @@ def test_two_processes_match_one(runs, mode):
             assert torch.equal(got["sd"][k], v), k
             moved += int(v.abs().sum() > 0)
     assert moved >= (1 if MODES[mode][2] == NO_MTP else 2)  # the MoE layer and the MTP block's MoE
+    if MODES[mode][2] == MUON:  # Muon did move the matrices, and not as AdamW's reference did
+        key = "layers.0.self_attn.o_proj.weight"
+        assert (got["sd"][key] - runs["ref_sd"][key]).abs().max() > 1e-4
 
 
 def test_expert_parallel_sends_tokens_only_to_their_experts_ranks(runs):

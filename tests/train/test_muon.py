@@ -48,11 +48,12 @@ class Tiny(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, 16, bias=False)
 
 
-def reference_ns(m: torch.Tensor) -> torch.Tensor:
-    """Keller Jordan's quintic Newton-Schulz, written out for one matrix: bf16, Frobenius-normalised, the wide
-    orientation, x <- a x + (b A + c A^2) x with A = x x^T (fused multiply-adds, as torch associates them)."""
+def reference_ns(m: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Keller Jordan's quintic Newton-Schulz, written out for one matrix: in `dtype` (torch's: bf16),
+    Frobenius-normalised, the wide orientation, x <- a x + (b A + c A^2) x with A = x x^T (fused multiply-adds, as
+    torch associates them)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = m.bfloat16()
+    x = m.to(dtype)
     tall = x.shape[0] > x.shape[1]
     x = x.T if tall else x
     x = x / x.norm().clamp(min=1e-7)
@@ -63,7 +64,10 @@ def reference_ns(m: torch.Tensor) -> torch.Tensor:
     return (x.T if tall else x).float()
 
 
-def test_one_muon_step_equals_the_hand_computation():
+@pytest.mark.parametrize("ns", ["bf16", "fp32"])
+def test_one_muon_step_equals_the_hand_computation(ns):
+    """bf16: torch's Muon for the matrices (and our batched experts, the same rounding); fp32 (`optim.ns_dtype`,
+    the CPU default): the same update with the iteration in fp32, to fp32 accuracy."""
     torch.manual_seed(0)
     model = Tiny()
     for p in model.parameters():
@@ -72,20 +76,22 @@ def test_one_muon_step_equals_the_hand_computation():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     lr, wd, mu, eps = 0.01, 0.1, 0.95, 1e-8
-    opt = build_optimizer(model, OptimSection(name="muon", lr=lr, weight_decay=wd, momentum=mu, eps=eps))
+    opt = build_optimizer(model, OptimSection(name="muon", lr=lr, weight_decay=wd, momentum=mu, eps=eps, ns_dtype=ns))
     assert isinstance(opt, MuonAdamW)
+    assert isinstance(opt.parts[0], torch.optim.Muon if ns == "bf16" else ExpertMuon)
+    dtype = torch.bfloat16 if ns == "bf16" else torch.float32
     opt.step()
     for n, p in model.named_parameters():
         w, g = before[n], grads[n]
         if n in ("proj.weight", "experts.gate_up_proj", "experts.down_proj"):  # Muon
             nesterov = g + mu * ((1 - mu) * g - g)  # buffer (1 - mu) g after one step; g.lerp(buffer, mu)
             mats = nesterov if nesterov.dim() == 3 else nesterov[None]
-            ortho = torch.stack([reference_ns(m) for m in mats]).view_as(w)
+            ortho = torch.stack([reference_ns(m, dtype) for m in mats]).view_as(w)
             adjusted = lr * 0.2 * math.sqrt(max(w.shape[-2:]))  # Moonlight's RMS match
             want = w * (1 - lr * wd) - adjusted * ortho
             # the momentum here rounds differently from torch's lerp in the last fp32 bit, which can flip a bf16
             # rounding inside Newton-Schulz: agreement to a few bf16 ulps of the update
-            torch.testing.assert_close(p.detach(), want, rtol=0, atol=2e-2 * adjusted)
+            torch.testing.assert_close(p.detach(), want, rtol=0, atol=(2e-2 if ns == "bf16" else 1e-5) * adjusted)
             continue
         # AdamW after one step: m_hat = g, v_hat = g^2
         decay = wd if n == "lm_head.weight" else 0.0  # embeddings, norms and biases do not decay
