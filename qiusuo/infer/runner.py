@@ -92,7 +92,8 @@ class ModelRunner:
             if self.K:  # the drafter reads each position's next token: the prompt's, then the sampled one
                 self._draft(c, state, batch, [n[1:] + [t] for n, t in zip(news, toks)], last, False, [0] * len(c))
             for s, t in zip(c, toks):
-                self.pool.register(s.table, s.req.prompt + [t][: bool(self.K)])
+                # with a drafter, a block is named with the token after it (the sampled one at the prompt's end)
+                self.pool.register(s.table, s.req.prompt + ([t] if self.K else []))
         return sampled
 
     def _prefill_piece(self, s: Sequence, limit: int) -> None:
@@ -177,10 +178,11 @@ class ModelRunner:
             last = torch.tensor([len(t) - 1 for t in toks], device=self.device)
             self._draft([seqs[i] for i in live], dstate, dbatch, nxt, last, True,
                         [len(seqs[i].out) + len(t) for i, t in zip(live, toks)], compiled)
+        keep = set(live)
         for i, (s, toks) in enumerate(zip(seqs, emitted.tokens)):
             s.out.append(s.pending)
             s.pending = None
-            if i in live:  # a row that stopped drafting left holes in its drafter's cache: its blocks stay private
+            if i in keep:  # a row that stopped drafting left holes in its drafter's cache: its blocks stay private
                 self.pool.register(s.table, s.tokens + toks)
         return emitted
 
@@ -216,6 +218,8 @@ class ModelRunner:
             s.drafts, s.draft_q = [], []
         want = [max(0, min(self.K, s.req.params.max_tokens - n - 2)) for s, n in zip(seqs, out_lens)]
         live = [r for r in range(len(seqs)) if want[r]]
+        if not live:  # every row is at its last tokens: nothing to draft
+            return
         sel = torch.tensor(live, dtype=torch.long, device=self.device)
         g = g[sel, last[sel]][:, None]  # (live, 1, ...) each row's state at its last real position
         logits = self.model.draft_logits(g)[:, 0]  # (live, V)

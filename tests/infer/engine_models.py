@@ -35,3 +35,44 @@ def abort_midway(engine, prompt: list[int], steps: int = 2) -> list:
     while engine.has_work():
         engine.step()
     return got
+
+
+def in_threads(fn, args: list, timeout: float = 120) -> list:
+    """fn(a) for every a of `args`, each in its own thread, all at once (concurrent clients) -> results in order."""
+    import threading
+
+    out: list = [None] * len(args)
+
+    def run(i: int) -> None:
+        out[i] = fn(args[i])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return out
+
+
+def wait_until_idle(engine) -> None:
+    """Blocks are freed by the engine's thread; wait (bounded) until it has no work and holds no block."""
+    import time
+
+    for _ in range(500):
+        if not engine.has_work() and engine.pool.used_blocks == 0:
+            return
+        time.sleep(0.01)
+
+
+class HookedTokenizer:
+    """`inner` with `hook(text)` run before each `encode` (a tokenizer that is slow, or broken, on some texts)."""
+
+    def __init__(self, inner, hook):
+        self.inner, self.hook = inner, hook
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, text, *a, **kw):
+        self.hook(text)
+        return self.inner.encode(text, *a, **kw)

@@ -23,6 +23,7 @@ from qiusuo.infer.scheduler import Scheduler
 from qiusuo.infer.sequence import Request
 from qiusuo.infer.server import create_app, free_port, serve_in_thread
 from qiusuo.model.transformer import Transformer
+from engine_models import HookedTokenizer, in_threads  # tests/infer/engine_models.py
 
 MODEL = "qiusuo-tiny"
 
@@ -210,20 +211,12 @@ def test_body_size_limit_is_413_and_parsing_never_blocks_the_loop(model, tok):
     while a prompt is being encoded."""
     gate, entered = threading.Event(), threading.Event()
 
-    class SlowTokenizer:
-        def __init__(self, inner):
-            self.inner = inner
+    def slow(text):
+        if "SLOW" in text:
+            entered.set()
+            gate.wait(20)
 
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def encode(self, text, *a, **kw):
-            if "SLOW" in text:
-                entered.set()
-                gate.wait(20)
-            return self.inner.encode(text, *a, **kw)
-
-    engine = Engine(model, SlowTokenizer(tok), max_batch=4, block_size=4)
+    engine = Engine(model, HookedTokenizer(tok, slow), max_batch=4, block_size=4)
     with serving(engine, max_body_bytes=4096) as url:
         is_openai_error(post(url, "completions", greedy_body("x" * 5000, 2)), 413, code="request_too_large")
 
@@ -273,19 +266,11 @@ def test_chat_content_parts_and_developer_role(server):
 
 
 def test_500_is_openai_shaped_and_counted(model, tok):
-    class Broken:
-        def __init__(self, inner):
-            self.inner = inner
+    def broken(text):
+        if "boom" in text:
+            raise RuntimeError("tokenizer bug")
 
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
-
-        def encode(self, text, *a, **kw):
-            if "boom" in text:
-                raise RuntimeError("tokenizer bug")
-            return self.inner.encode(text, *a, **kw)
-
-    engine = Engine(model, Broken(tok), max_batch=2, block_size=4)
+    engine = Engine(model, HookedTokenizer(tok, broken), max_batch=2, block_size=4)
     with serving(engine) as url:
         err = is_openai_error(post(url, "completions", greedy_body("boom", 2)), 500)
         assert err["type"] == "server_error"
@@ -498,17 +483,7 @@ def test_32_concurrent_streams_equal_alone(model, tok):
             return texts
 
         alone = [run(kw) for kw in reqs]
-        results = [None] * 32
-
-        def go(i):
-            results[i] = run(reqs[i])
-
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(32)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert results == alone
+        assert in_threads(run, reqs) == alone
         until(lambda: not engine.has_work() and engine.pool.used_blocks == 0, what="blocks freed")
 
 

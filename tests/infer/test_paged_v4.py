@@ -11,7 +11,7 @@ from qiusuo.infer.paged import BlockPool, PagedBatch
 from qiusuo.infer.sampling import SamplingParams
 from qiusuo.infer.server import create_app, serve_in_thread
 from qiusuo.model.transformer import Transformer
-from engine_models import abort_midway, perturbed, prompts  # tests/infer/engine_models.py
+from engine_models import abort_midway, in_threads, perturbed, prompts, wait_until_idle  # tests/infer/engine_models.py
 
 TOL = 1e-4
 
@@ -141,9 +141,6 @@ def test_what_v4_cannot_do_says_so(v4, tok):
 
 def test_openai_client_against_a_v4_server(v4, tok):
     """Greedy, streaming equal to plain, n=2 with seeds, 8 concurrent equal to alone, no leaked blocks or states."""
-    import threading
-    import time
-
     engine = Engine(v4, tok, max_batch=8, block_size=16, max_model_len=128)
     srv, url = serve_in_thread(create_app(engine, "qiusuo-v4", api_key=None, max_concurrency=16, max_queue=16))
     try:
@@ -163,21 +160,8 @@ def test_openai_client_against_a_v4_server(v4, tok):
         assert [c.text for c in two.choices] == [c.text for c in again.choices] and len(two.choices) == 2
         texts = [f"def add(a, b): {i}" + " return" * (i % 3) for i in range(8)]
         alone = [greedy(t, 10 + i).choices[0].text for i, t in enumerate(texts)]
-        together = [None] * 8
-
-        def go(i):
-            together[i] = greedy(texts[i], 10 + i).choices[0].text
-
-        threads = [threading.Thread(target=go, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert together == alone
-        for _ in range(500):
-            if not engine.has_work() and engine.pool.used_blocks == 0:
-                break
-            time.sleep(0.01)
+        assert in_threads(lambda i: greedy(texts[i], 10 + i).choices[0].text, list(range(8))) == alone
+        wait_until_idle(engine)
         assert engine.pool.used_blocks == 0 and len(engine.pool.free_states) == 8
     finally:
         srv.should_exit = True

@@ -1,8 +1,6 @@
 """The OpenAI-compatible server, driven by the official `openai` client against a live uvicorn on 127.0.0.1."""
 
 import json
-import threading
-import time
 
 import httpx
 import openai
@@ -10,6 +8,7 @@ import pytest
 
 from qiusuo.infer import Engine
 from qiusuo.infer.server import create_app, serve_in_thread
+from engine_models import in_threads, wait_until_idle  # tests/infer/engine_models.py
 
 MODEL = "qiusuo-tiny"
 KEY = "sk-test"
@@ -27,14 +26,6 @@ def server(model, tok):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0, timeout=60)
-
-
-def wait_until_idle(engine):
-    """Blocks are freed by the engine's thread; wait (bounded) until it has no work."""
-    for _ in range(500):
-        if not engine.has_work() and engine.pool.used_blocks == 0:
-            return
-        time.sleep(0.01)
 
 
 def greedy(client, prompt, **kw):
@@ -109,17 +100,8 @@ def test_stop_strings(client):
 def test_16_concurrent_equal_alone(server, client):
     prompts = [f"The quick brown fox {i} jumps" + " over" * (i % 5) for i in range(16)]
     alone = [greedy(client, p, max_tokens=8 + i % 4).choices[0].text for i, p in enumerate(prompts)]
-    results = [None] * 16
-
-    def go(i):
-        results[i] = greedy(client, prompts[i], max_tokens=8 + i % 4).choices[0].text
-
-    threads = [threading.Thread(target=go, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == alone
+    assert in_threads(lambda i: greedy(client, prompts[i], max_tokens=8 + i % 4).choices[0].text,
+                      list(range(16))) == alone
     wait_until_idle(server[0])
     assert server[0].pool.used_blocks == 0  # no leaks
 

@@ -10,9 +10,9 @@ from qiusuo.data.tokenizer import Tokenizer
 from qiusuo.hf import load_model, save_hf
 from qiusuo.infer.engine import Engine
 from qiusuo.infer.sampling import SamplingParams
-from qiusuo.model.cache import ContiguousCache
 from qiusuo.model.moe import HashRouter
 from qiusuo.model.transformer import Transformer
+import twins  # noqa: E402 (tests/model/twins.py)
 
 RECIPE = dict(use_mhc=True, hc_mult=2, hc_sinkhorn_iters=5, mlp_layer_types=["dense", "hash_moe"], swiglu_limit=5.0)
 
@@ -41,9 +41,7 @@ def test_trains_and_decodes_like_its_full_forward():
     model.eval()
     with torch.no_grad():
         full = model(ids)
-        cache = ContiguousCache(model.cache_specs(), 2, 32)
-        steps = [model(ids[:, :7], cache=cache)] + [model(ids[:, t: t + 1], cache=cache) for t in range(7, 24)]
-        assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+    assert (twins.stepwise(model, ids, 7, 32) - full).abs().max() < 1e-4
 
 
 def test_served_by_the_engine_and_round_trips(tmp_path):

@@ -29,3 +29,15 @@ def twin_pair(hf_config, hf_class, scale: float) -> tuple[Transformer, torch.nn.
     missing, unexpected = theirs.load_state_dict(sd, strict=False)
     assert not unexpected and all("inv_freq" in k for k in missing), (missing, unexpected)
     return ours, theirs
+
+
+@torch.no_grad()
+def stepwise(model: Transformer, ids: torch.Tensor, prefill: int, max_len: int) -> torch.Tensor:
+    """Logits of ids (B, T) through a contiguous cache: the first `prefill` tokens in one forward, then one token
+    at a time (the cached paths a full forward is held against)."""
+    from qiusuo.model.cache import ContiguousCache
+
+    cache = ContiguousCache(model.cache_specs(), ids.shape[0], max_len)
+    parts = [model(ids[:, :prefill], cache=cache)]
+    parts += [model(ids[:, t: t + 1], cache=cache) for t in range(prefill, ids.shape[1])]
+    return torch.cat(parts, 1)
