@@ -179,8 +179,9 @@ def dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_expe
     flat = idx.flatten()  # (N*K,) slot n*K+k is token n's k-th expert
     order = flat.argsort(stable=True)  # slots sorted by expert
     counts = torch.bincount(flat, minlength=num_experts)  # (E,)
-    ys = run(x[order // K], counts)  # (N*K, D)
-    ys = ys * weights.flatten()[order, None].to(ys.dtype)
+    # index_select, not x[...]: its backward is an index_add, 10x faster on a CPU than indexing's index_put
+    ys = run(x.index_select(0, order // K), counts)  # (N*K, D)
+    ys = ys * weights.flatten().index_select(0, order)[:, None].to(ys.dtype)
     out = torch.empty_like(ys).index_copy_(0, order, ys)  # back to slot order: deterministic, no atomics
     return out.view(N, K, -1).sum(1)
 

@@ -25,12 +25,12 @@ from qiusuo.model.block import Block, layer_cache_specs
 from qiusuo.model.cache import ContiguousCache, LayerCacheSpec, compilable
 from qiusuo.model.compressed_attention import CompressedAttention
 from qiusuo.model.compressor import Compressor
+from qiusuo.model.head_loss import IGNORE_INDEX, linear_cross_entropy
 from qiusuo.model.mhc import HyperConnection, HyperHead, expand_streams, residual_kind
 from qiusuo.model.moe import Experts, HashRouter, Router, Routing, moe_routers, routing_load, sequence_balance_loss
 from qiusuo.model.mtp import make_mtp
 from qiusuo.model.rope import RMSNorm, RopeAt, Rotary, rotaries
 
-IGNORE_INDEX = -100
 # parameters DeepSeek-V4 keeps in fp32 whatever the model's dtype (transformers' `_keep_in_fp32_modules_strict`):
 # the mHC maps, the attention sinks and the compressors' position biases, small and read in fp32 anyway
 FP32_PARAMETERS = ("attn_hc.", "ffn_hc.", "hc_head.", ".sinks", ".position_bias")
@@ -238,6 +238,10 @@ class Transformer(nn.Module):
                           indexer.detach())
 
     def _ce(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token CE of the head on normed states h (B, T, D): chunked and fused with the head
+        (`qiusuo.model.head_loss`) when the head is a plain bias-free Linear, else through full logits."""
+        if type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(h, self.lm_head.weight, labels)
         logits = self.lm_head(h).float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
