@@ -102,7 +102,7 @@ class ScheduleSection:
 @dataclass
 class EvalSection:
     every: int = 100  # steps between validation evaluations (0: only at the end)
-    batches: int = 8  # validation batches per periodic evaluation; the final one reads the whole split
+    batches: int = 8  # validation batches per periodic evaluation, spread over the split; the final one reads it all
     sample_every: int = 0  # steps between sample generations (0: only at the end)
     sample_tokens: int = 64  # new tokens per sample
     prompts: list = field(default_factory=lambda: ["def ", "import os\n", "class Parser:\n    def __init__(self"])

@@ -229,3 +229,25 @@ def test_missing_data_and_empty_corpus_give_the_data_stage_errors(tmp_path, caps
 def test_summary_is_json(data_dir, tmp_path):
     summary = Trainer(tiny_cfg(data_dir, tmp_path / "run", **{"train.steps": 2})).train()
     json.dumps(summary)
+
+
+def test_periodic_evaluation_reads_batches_spread_over_the_split(data_dir, tmp_path):
+    """evaluate(k) is the token-weighted mean CE of k batches spread evenly over the split (batch i * steps // k),
+    not of its first k; k >= the split's batches is the whole split."""
+    from qiusuo.data.shards import BatchLoader
+
+    trainer = Trainer(tiny_cfg(data_dir, tmp_path / "run"))
+    val, T, B = trainer.source.val_shards, trainer.cfg.data.seq_len, trainer.cfg.data.batch_size
+    loader = BatchLoader(val, B, T, shuffle=False)
+    steps = loader.steps_per_epoch
+    assert steps >= 6
+    batches = [next(loader) for _ in range(steps)]
+    trainer.model.eval()
+    with torch.no_grad():
+        ce = [trainer.model(x, labels=y, mtp_weight=0.0).ce.item() for x, y in batches]
+    k = 3
+    expected = sum(ce[i * steps // k] for i in range(k)) / k  # equal-sized batches: the plain mean
+    first = sum(ce[:k]) / k
+    got = trainer.evaluate(k).loss
+    assert got == pytest.approx(expected, rel=1e-6) and abs(expected - first) > 1e-4
+    assert trainer.evaluate(steps + 5).loss == pytest.approx(trainer.evaluate(None).loss, rel=1e-12)
