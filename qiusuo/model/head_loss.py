@@ -34,28 +34,35 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, rows: int) -> torch.Tensor:
         n_valid = (labels != IGNORE_INDEX).sum()
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # one compute dtype, cast once: autocast's weight cache is off inside a Function (no grad mode), so it
+        # would recast the whole (V, D) weight for every tile's two matmuls
+        dev = h.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        hc, wc = h.to(dt), weight.to(dt)
         grad_h = torch.empty_like(h) if want_h else None  # (N, D): every tile writes its rows
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None  # (V, D)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for s in range(0, h.shape[0], rows):
-            hs, ys = h[s:s + rows], labels[s:s + rows]  # (r, D), (r,)
-            logits = F.linear(hs, weight).float()  # (r, V)
-            keep = ys != IGNORE_INDEX
-            safe = ys.clamp_min(0)
-            top = logits.amax(dim=-1, keepdim=True)  # (r, 1)
-            target = logits.gather(1, safe[:, None]) - top  # (r, 1)
-            p = logits.sub_(top).exp_()  # in place of the logits: one exp pass serves the loss and the gradient
-            norm = p.sum(dim=-1, keepdim=True)  # (r, 1); logsumexp = top + log(norm)
-            total += ((norm.log() - target)[:, 0] * keep).sum()
-            if want_h or want_w:
+        with torch.autocast(dev, enabled=False):
+            for s in range(0, h.shape[0], rows):
+                hs, ys = hc[s:s + rows], labels[s:s + rows]  # (r, D), (r,)
+                logits = F.linear(hs, wc).float()  # (r, V)
+                keep = ys != IGNORE_INDEX
+                safe = ys.clamp_min(0)
+                top = logits.amax(dim=-1, keepdim=True)  # (r, 1)
+                target = logits.gather(1, safe[:, None]) - top  # (r, 1)
+                p = logits.sub_(top).exp_()  # in place of the logits: one exp pass serves the loss and the gradient
+                norm = p.sum(dim=-1, keepdim=True)  # (r, 1); logsumexp = top + log(norm)
+                total += ((norm.log() - target)[:, 0] * keep).sum()
+                if not (want_h or want_w):
+                    continue
                 p.mul_(keep[:, None] / norm)  # softmax; an ignored row becomes 0 (no gradient)
                 p.scatter_add_(1, safe[:, None], -keep[:, None].to(p.dtype))  # - onehot(label)
-                p = p.to(hs.dtype)
+                p = p.to(dt)
                 if want_h:
-                    grad_h[s:s + rows] = p @ weight.to(p.dtype)
-                if want_w and p.dtype == torch.float32:
-                    grad_w.addmm_(p.t(), hs.float())
-                elif want_w:  # bf16 weights (FSDP's mixed precision): a bf16 matmul, accumulated in fp32
+                    grad_h[s:s + rows] = p @ wc
+                if want_w and dt == torch.float32:
+                    grad_w.addmm_(p.t(), hs)
+                elif want_w:  # bf16 compute (autocast, FSDP's mixed precision): accumulated in fp32
                     grad_w += (p.t() @ hs).float()
         scale = 1.0 / n_valid.float()  # inf when nothing is labelled: a NaN loss, as F.cross_entropy's mean gives
         ctx.save_for_backward(grad_h, grad_w, scale)

@@ -59,11 +59,24 @@ def test_all_ignored_is_nan_like_cross_entropy():
 
 
 def test_bf16_autocast_matches_full_logits_under_autocast():
+    """Under autocast the head's matmuls run in bf16, as autocast's full-logits path does: loss and gradients
+    agree to bf16 precision, and gradients come back in the parameters' dtype (fp32)."""
     h, w, y = _inputs(n=64, d=32, v=257)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = F.cross_entropy((h @ w.T).float(), y, ignore_index=IGNORE_INDEX)
-        mine = linear_cross_entropy(h, w, y, rows=16)
+    grads = []
+    for fused in (False, True):
+        h1, w1 = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (linear_cross_entropy(h1, w1, y, rows=16) if fused
+                    else F.cross_entropy((h1 @ w1.T).float(), y, ignore_index=IGNORE_INDEX))
+        loss.backward()
+        grads.append((loss.detach(), h1.grad, w1.grad))
+    (ref, ref_gh, ref_gw), (mine, gh, gw) = grads
+    assert gh.dtype == gw.dtype == torch.float32
     assert abs(mine.item() - ref.item()) < 1e-2 * ref.item()
+    torch.testing.assert_close(gh, ref_gh, rtol=0.05, atol=2e-3)
+    torch.testing.assert_close(gw, ref_gw, rtol=0.05, atol=2e-3)
+    h32 = _reference(h, w, y)[1]
+    assert (gh - h32).abs().max() > 0  # bf16 was in fact used
 
 
 def test_shape_mismatch_is_refused():
