@@ -20,6 +20,7 @@ freely between 1 and N processes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -138,6 +139,7 @@ class Distributed:
             if rank in ranks:
                 self.replica_group = pg
         self.model: nn.Module | None = None
+        self.wrapped: nn.Module | None = None  # what `wrap` returned (the DDP module, or the model itself)
         self.expert_params: set[int] = set()
 
     @classmethod
@@ -190,8 +192,9 @@ class Distributed:
             ignore = [n for n, p in model.named_parameters() if id(p) in self.expert_params or n in set(unused)]
             DDP._set_params_and_buffers_to_ignore_for_model(model, ignore)
             # buffers: the routing bias is updated identically on every rank (from loads summed over ranks)
-            return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                       broadcast_buffers=False)
+            self.wrapped = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                               broadcast_buffers=False)
+            return self.wrapped
         if self.cfg.dp == "fsdp":
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -201,8 +204,18 @@ class Distributed:
             for b in blocks:
                 fully_shard(b, mp_policy=mp, ignored_params=ignored & set(b.parameters()) or None)
             fully_shard(model, mp_policy=mp, ignored_params=ignored or None)
-            return model
+        self.wrapped = model
         return model
+
+    def sync_gradients(self, last: bool):
+        """The context of one micro-batch's backward. DDP all-reduces only with the step's last micro-batch
+        (`no_sync` before it): one all-reduce per step instead of one per micro-batch, and every rank's gradient is
+        its own micro-batches' sum before ranks are combined, the order a one-process reference can repeat
+        exactly. FSDP2 reduce-scatters after every micro-batch (holding unsharded gradients across micro-batches
+        would give up the memory it shards for)."""
+        if self.cfg.dp == "ddp" and not last:
+            return self.wrapped.no_sync()
+        return contextlib.nullcontext()
 
     def finish_grads(self, model: nn.Module) -> None:
         """Expert gradients after backward: divide by W (DDP/FSDP average the rest over W) and sum over replicas."""
@@ -224,14 +237,13 @@ class Distributed:
         params = [p for p in params if p.grad is not None]
         dense = [p.grad for p in params if id(p) not in self.expert_params]
         expert = [p.grad for p in params if id(p) in self.expert_params]
-        sq = torch.nn.utils.get_total_norm(dense, 2.0) ** 2 if dense else torch.zeros((), device=self.device)
-        if isinstance(sq, DTensor):
-            sq = sq.full_tensor()
-        if self.ep > 1:
+        total = torch.nn.utils.get_total_norm(dense, 2.0) if dense else torch.zeros((), device=self.device)
+        if isinstance(total, DTensor):
+            total = total.full_tensor()
+        if self.ep > 1:  # (without experts the total is exactly the one-process norm: no square and root)
             e = torch.nn.utils.get_total_norm(expert, 2.0) ** 2 if expert else torch.zeros((), device=self.device)
             tdist.all_reduce(e, group=self.ep_group)
-            sq = sq + e
-        total = sq.sqrt()
+            total = (total**2 + e).sqrt()
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)  # as clip_grad_norm_ does
         for p in params:  # on the local pieces: the total is already global
             (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).mul_(coef)
@@ -246,7 +258,7 @@ class Distributed:
             parts = [torch.empty_like(t) for _ in range(self.ep)]
             tdist.all_gather(parts, t.contiguous(), group=self.ep_group)
             return torch.cat(parts).cpu()
-        return t.detach().cpu()
+        return t.detach().to("cpu", copy=True)  # a copy on a CPU too: the caller keeps it while training goes on
 
     def _local(self, full: torch.Tensor, like: torch.Tensor, expert: bool) -> torch.Tensor:
         """This rank's piece of a full tensor, shaped and placed like `like`."""

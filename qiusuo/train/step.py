@@ -56,26 +56,43 @@ class TrainStep:
         (or anything with `loss`, optional `ce`, `mtp`, `load`). Returns {loss, ce, mtp, lr, grad_norm,
         max_vio, load} with the loss terms averaged over micro-batches and ranks."""
         batches = list(batches)
+        sums, load = self.backward(batches, loss_fn, len(batches) if average else 1)
+        world = self.dist.world_size if self.dist is not None else 1
+        if self.dist is not None:
+            self.dist.all_reduce_sum(sums)
+        return self.update(sums / (len(batches) * world), load, lr)
+
+    def backward(self, batches: list, loss_fn: Callable[[Any], Any], divisor: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward and backward of `loss / divisor` over this rank's micro-batches, gradients accumulating in
+        `.grad` (a one-process reference of several ranks calls this per rank: tests/distributed). Returns the
+        (3,) sums of (loss, ce, mtp) over them and their summed loads (None when nothing routed). Under `dist`
+        the data-parallel gradients are combined with the last micro-batch's backward only
+        (`Distributed.sync_gradients`)."""
         n = len(batches)
         if n == 0:
             raise ValueError("a training step needs at least one micro-batch")
         sums = torch.zeros(3, device=self.device)  # loss, ce, mtp summed over micro-batches
         load = None
-        for batch in batches:
-            with self.autocast_context():
-                out = loss_fn(batch)
-            (out.loss / n if average else out.loss).backward()
+        for i, batch in enumerate(batches):
+            sync = self.dist.sync_gradients(i == n - 1) if self.dist is not None else contextlib.nullcontext()
+            with sync:
+                with self.autocast_context():
+                    out = loss_fn(batch)
+                (out.loss / divisor if divisor != 1 else out.loss).backward()
             loss = out.loss.detach().float()
             sums += torch.stack([loss, getattr(out, "ce", loss).float(), getattr(out, "mtp", loss * 0).float()])
             part = getattr(out, "load", None)
             if part is not None and part.numel():
                 load = part if load is None else load + part
-        world = self.dist.world_size if self.dist is not None else 1
-        if self.dist is not None:
-            self.dist.all_reduce_sum(sums)
-        sums /= n * world
+        return sums, load
+
+    def update(self, terms: torch.Tensor, load: torch.Tensor | None, lr: float) -> dict:
+        """Given the gradients in `.grad` and the (3,) mean loss terms over micro-batches and ranks: clip, refuse
+        a non-finite step, set `lr`, step the optimizer, move the balancing bias from `load` (summed over ranks
+        here under `dist`)."""
         grad_norm = self._clip()
-        loss, ce, mtp = sums.tolist()
+        loss, ce, mtp = terms.tolist()
         gn = float(grad_norm) if grad_norm is not None else 0.0
         if not (math.isfinite(loss) and math.isfinite(gn)):
             self.optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,8 @@ from qiusuo.infer.paged import BlockPool, PagedBatch
 from qiusuo.infer.sampling import SamplingParams
 from qiusuo.model.cache import ContiguousCache
 from qiusuo.model.count import cache_bytes_per_token
-from qiusuo.model.transformer import Transformer
+from engine_models import perturbed, prompts  # tests/infer/engine_models.py
+from greedy import unambiguous  # tests/greedy.py
 
 TOL = 1e-4
 TOPK = 8
@@ -21,20 +22,8 @@ TOPK = 8
 @pytest.fixture(scope="module")
 def v32(tok):
     """`tiny` with the indexer (top-8) and every weight perturbed; 16 indexer heads so selections do not tie."""
-    torch.manual_seed(0)
-    model = Transformer(get_config("tiny", model_type="deepseek_v32", vocab_size=tok.vocab_size,
-                                   num_nextn_predict_layers=0, index_n_heads=16, index_head_dim=16,
-                                   index_topk=TOPK)).eval()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point() and not name.endswith("norm.weight"):
-                t.add_(0.05 * torch.randn_like(t))
-    return model
-
-
-def prompts(tok, lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, tok.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    return perturbed(get_config("tiny", model_type="deepseek_v32", vocab_size=tok.vocab_size,
+                                num_nextn_predict_layers=0, index_n_heads=16, index_head_dim=16, index_topk=TOPK))
 
 
 class LatentReads(TorchFunctionMode):
@@ -60,11 +49,10 @@ def test_engine_greedy_equals_generate_with_prefix_sharing(v32, tok):
     engine = Engine(v32, tok, max_batch=6, block_size=4, max_model_len=96)
     assert engine.pool.bytes_per_token == cache_bytes_per_token(v32.cfg, 4)  # latent + key, fp32
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
-    ps = prompts(tok, (5, 30, 17, 1, 44, 9))
-    more = [ps[4][:24] + q for q in prompts(tok, (7, 13), seed=1)]
-    for batch in (ps, more):
-        for p, o in zip(batch, engine.generate(batch, params)):
-            assert o.outputs[0].token_ids == v32.generate(torch.tensor([p]), 20)[0, len(p):].tolist()
+    ps, refs = unambiguous(v32, tok, (5, 30, 17, 1, 44, 9), 20)
+    more, more_refs = unambiguous(v32, tok, (7, 13), 20, seed=1, prefix=ps[4][:24])
+    for batch, want in ((ps, refs), (more, more_refs)):
+        assert [o.outputs[0].token_ids for o in engine.generate(batch, params)] == want
     assert engine.pool.hit_tokens >= 2 * 24
     assert engine.pool.used_blocks == 0
 

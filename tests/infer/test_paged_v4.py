@@ -12,6 +12,7 @@ from qiusuo.infer.sampling import SamplingParams
 from qiusuo.infer.server import create_app, serve_in_thread
 from qiusuo.model.transformer import Transformer
 from engine_models import abort_midway, in_threads, perturbed, prompts, wait_until_idle  # tests/infer/engine_models.py
+from greedy import unambiguous  # tests/greedy.py
 
 TOL = 1e-4
 
@@ -28,10 +29,9 @@ def test_engine_greedy_equals_the_reference_at_any_batch(v4, tok):
     the contiguous reference's greedy tokens; nothing leaks afterwards."""
     engine = Engine(v4, tok, max_batch=8, block_size=4, max_model_len=128)
     assert engine.pool.block_size == 16  # a multiple of every compression rate
-    ps = prompts(tok, (5, 17, 33, 60, 1, 40, 23, 9))
+    ps, refs = unambiguous(v4, tok, (5, 17, 33, 60, 1, 40, 23, 9), 30)
     outs = engine.generate(ps, SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
-    for p, o in zip(ps, outs):
-        assert o.outputs[0].token_ids == v4.generate(torch.tensor([p]), 30)[0, len(p):].tolist()
+    assert [o.outputs[0].token_ids for o in outs] == refs
     assert engine.pool.used_blocks == 0 and len(engine.pool.free_states) == 8
 
 

@@ -17,6 +17,7 @@ from qiusuo.infer.sampling import SamplingParams
 from qiusuo.model.cache import ContiguousCache
 from qiusuo.model.transformer import Transformer
 from engine_models import abort_midway, perturbed, prompts  # tests/infer/engine_models.py
+from greedy import unambiguous  # tests/greedy.py
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -30,10 +31,6 @@ def mla(tok):
 def v4(tok):
     """v4-tiny (window 16, CSA m = 4 top-4, HCA m' = 16) with its MTP block; 16 indexer heads: no ties."""
     return perturbed(get_config("v4-tiny", vocab_size=tok.vocab_size, num_nextn_predict_layers=1, index_n_heads=16))
-
-
-def reference(model, ps, n):
-    return [model.generate(torch.tensor([p]), n)[0, len(p):].tolist() for p in ps]
 
 
 @pytest.fixture
@@ -61,9 +58,8 @@ def oracle(monkeypatch):
 def test_greedy_equals_plain_alone_and_batched(mla, tok, K):
     """The model's own drafts (a random MTP module: mostly rejected), at batch 1 and 8 requests of different
     lengths together: the tokens of plain greedy decoding; nothing leaks."""
-    ps = prompts(tok, (5, 17, 33, 2, 9, 24, 13, 40))
     n = 14
-    refs = reference(mla, ps, n)
+    ps, refs = unambiguous(mla, tok, (5, 17, 33, 2, 9, 24, 13, 40), n)
     alone = Engine(mla, tok, max_batch=1, block_size=4, speculative="mtp", draft_tokens=K)
     assert [alone.generate([p], SamplingParams(max_tokens=n, **GREEDY))[0].outputs[0].token_ids
             for p in ps[:3]] == refs[:3]
@@ -81,9 +77,8 @@ def test_hopeless_drafts_are_given_up_and_the_output_stays_exact(mla, tok):
     drafter's cache has holes there), so a repeat of the request is exact too and nothing leaks."""
     from qiusuo.infer.runner import PROBE
 
-    ps = prompts(tok, (5, 21, 12), seed=2)
     n = 3 * PROBE
-    refs = reference(mla, ps, n)
+    ps, refs = unambiguous(mla, tok, (5, 21, 12), n, seed=2)
     eng = Engine(mla, tok, max_batch=4, block_size=4, speculative="mtp", draft_tokens=2)
     for _ in range(2):
         outs = eng.generate(ps, SamplingParams(max_tokens=n, **GREEDY))
@@ -99,9 +94,8 @@ def test_every_acceptance_length_keeps_greedy_exact(name, tok, oracle, request):
     step, every rejection position rolls back (V4: window rings, compressor tails and entries past the window
     and many compression windows), and the output is still plain greedy's."""
     model = request.getfixturevalue(name)
-    ps = prompts(tok, (5, 17, 33, 60, 1, 40, 23, 9))
     n = 30
-    refs = reference(model, ps, n)
+    ps, refs = unambiguous(model, tok, (5, 17, 33, 60, 1, 40, 23, 9), n)
     oracle({tuple(p): r for p, r in zip(ps, refs)})
     eng = Engine(model, tok, max_batch=8, block_size=4, max_model_len=128, speculative="mtp", draft_tokens=3)
     outs = eng.generate(ps, SamplingParams(max_tokens=n, **GREEDY))
@@ -139,8 +133,7 @@ def test_rollback_leaves_the_cache_of_a_run_that_never_drafted(name, tok, oracle
     """After steps with rejections, the main layers' cache equals a plain engine's at the same length, and the
     drafter's layer equals the MTP module run once over the whole sequence (contiguous reference)."""
     model = request.getfixturevalue(name)
-    p = prompts(tok, (37,), seed=3)[0]
-    ref = reference(model, [p], 40)[0]
+    (p,), (ref,) = unambiguous(model, tok, (37,), 40, seed=3)
     oracle({tuple(p): ref}, seed=1)
     spec = Engine(model, tok, max_batch=1, block_size=4, speculative="mtp", draft_tokens=3)
     plain = Engine(model, tok, max_batch=1, block_size=4)

@@ -13,6 +13,7 @@ from qiusuo.infer.sampling import SamplingParams
 from qiusuo.model.moe import HashRouter
 from qiusuo.model.transformer import Transformer
 import twins  # noqa: E402 (tests/model/twins.py)
+from greedy import unambiguous  # noqa: E402 (tests/greedy.py)
 
 RECIPE = dict(use_mhc=True, hc_mult=2, hc_sinkhorn_iters=5, mlp_layer_types=["dense", "hash_moe"], swiglu_limit=5.0)
 
@@ -47,10 +48,9 @@ def test_trains_and_decodes_like_its_full_forward():
 def test_served_by_the_engine_and_round_trips(tmp_path):
     tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 4] * 8, vocab_size=300)
     model = recipe_model(vocab_size=tok.vocab_size)
-    ps = [torch.randint(0, tok.vocab_size, (n,)).tolist() for n in (5, 19)]
+    ps, refs = unambiguous(model, tok, (5, 19), 10)
     outs = Engine(model, tok, max_batch=2).generate(ps, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
-    for p, o in zip(ps, outs):
-        assert o.outputs[0].token_ids == model.generate(torch.tensor([p]), 10)[0, len(p):].tolist()
+    assert [o.outputs[0].token_ids for o in outs] == refs
     save_hf(model, tmp_path / "m", progress=False)
     back = load_model(tmp_path / "m", progress=False)
     assert back.cfg == model.cfg.replace(num_key_value_heads=model.cfg.num_attention_heads)  # to_hf fills it in

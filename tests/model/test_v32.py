@@ -79,14 +79,14 @@ def test_served_exported_and_loaded(tmp_path):
     from qiusuo.hf import load_model, save_hf
     from qiusuo.infer.engine import Engine
     from qiusuo.infer.sampling import SamplingParams
+    from greedy import unambiguous  # tests/greedy.py
     from safetensors import safe_open
 
     tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 4] * 8, vocab_size=300)
     ours, _ = pair(vocab_size=300)
-    ps = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 30, 17)]
+    ps, refs = unambiguous(ours, tok, (5, 30, 17), 12)
     outs = Engine(ours, tok, max_batch=3).generate(ps, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-    for p, o in zip(ps, outs):
-        assert o.outputs[0].token_ids == ours.generate(torch.tensor([p]), 12)[0, len(p):].tolist()
+    assert [o.outputs[0].token_ids for o in outs] == refs
     ids = torch.randint(0, 256, (1, 30), generator=torch.Generator().manual_seed(4))
     save_hf(ours, tmp_path / "bf16", progress=False)
     with torch.no_grad():

@@ -243,7 +243,7 @@ def test_periodic_evaluation_reads_batches_spread_over_the_split(data_dir, tmp_p
     assert steps >= 6
     batches = [next(loader) for _ in range(steps)]
     trainer.model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), trainer.step_fn.autocast_context():  # the precision evaluate runs in ("auto" may be bf16)
         ce = [trainer.model(x, labels=y, mtp_weight=0.0).ce.item() for x, y in batches]
     k = 3
     expected = sum(ce[i * steps // k] for i in range(k)) / k  # equal-sized batches: the plain mean
