@@ -1,11 +1,36 @@
 """qiusuo: DeepSeek-V2/V3-architecture models (MLA + DeepSeekMoE + MTP), defined, trained, interoperated, served.
 
 This is the package face for users; qiusuo's own modules never import it (they import where things are defined).
+Its names are imported on first use (PEP 562): every `qiusuo.*` import runs this file first, and importing torch
+here made `qiusuo --help` take seconds.
 """
 
-from qiusuo.config import PRESETS, ModelConfig, get_config
-from qiusuo.hf import load_model, load_tokenizer, save_hf
-from qiusuo.model.count import count_params
-from qiusuo.model.transformer import LossOutput, Transformer
+from __future__ import annotations
 
+import importlib
+
+# public name -> the module that defines it
+_WHERE = {
+    "PRESETS": "qiusuo.config", "ModelConfig": "qiusuo.config", "get_config": "qiusuo.config",
+    "load_model": "qiusuo.hf", "load_tokenizer": "qiusuo.hf", "save_hf": "qiusuo.hf",
+    "count_params": "qiusuo.model.count",
+    "LossOutput": "qiusuo.model.transformer", "Transformer": "qiusuo.model.transformer",
+}
 __all__ = ["PRESETS", "ModelConfig", "count_params", "get_config", "LossOutput", "Transformer", "load_model", "load_tokenizer", "save_hf"]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    try:  # `import qiusuo; qiusuo.hf.to_hf_state_dict(...)`, as when this file imported qiusuo.hf itself
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module 'qiusuo' has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from qiusuo.data.sources import DataError
+from qiusuo.train import rundir
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +26,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run folder: checkpoints, metrics, plots, samples, exported model")
     p.add_argument("--data", default="runs/data", help="token shards folder; prepared here when missing")
     p.add_argument("--config", default="pretrain-demo", help="run preset or TOML file")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores other work leaves idle, by load average)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: the cores other processes leave free)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (without it, a second "
+                   "demo writes to --out-2, -3, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -44,15 +47,20 @@ def run(args: argparse.Namespace) -> dict:
               f"{prep['train']['tokens']:,} train tokens, {prep['bytes_per_token']:.2f} bytes per token", file=sys.stderr)
     else:
         print(f"[1/3] using the prepared data in {data}", file=sys.stderr)
-    cfg = load_run_config(args.config, {"data.dir": str(data), "run.out_dir": args.out, "train.minutes": args.minutes,
+    out = Path(args.out) if args.overwrite else rundir.fresh(args.out)
+    if out != Path(args.out):
+        print(f"      {args.out} holds an earlier run: this one writes to {out} (--overwrite replaces it)", file=sys.stderr)
+    cfg = load_run_config(args.config, {"data.dir": str(data), "run.out_dir": str(out), "train.minutes": args.minutes,
                                          "run.progress": not args.no_progress, "run.threads": args.threads})
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=args.overwrite)
     n_params = sum(p.numel() for p in trainer.model.parameters())
+    on = f"{trainer.device}, {trainer.threads} threads" if trainer.threads else str(trainer.device)
     print(f"[2/3] training the {cfg.model.preset} MoE ({n_params / 1e6:.1f}M parameters, "
           f"{trainer.model_cfg.n_routed_experts} experts, top-{trainer.model_cfg.num_experts_per_tok}) for "
-          f"{args.minutes:g} minutes on {trainer.device}", file=sys.stderr)
+          f"{args.minutes:g} minutes on {on}", file=sys.stderr)
     summary = trainer.train()
     summary["wall_seconds"] = time.perf_counter() - start
+    summary["threads"] = trainer.threads
     return summary
 
 
@@ -60,7 +68,7 @@ def report(s: dict) -> str:
     lines = [
         "[3/3] results",
         f"  trained {s['steps']} steps, {s['tokens']:,} tokens in {s['train_seconds']:.0f} s "
-        f"(whole demo {s['wall_seconds']:.0f} s)",
+        f"(whole demo {s['wall_seconds']:.0f} s)" + (f" on {s['threads']} CPU threads" if s.get("threads") else ""),
         f"  validation bits per byte: {s['val_bpb']:.3f}   unigram baseline on the same data: {s['unigram_bpb']:.3f}"
         + (f"   ({100 * (1 - s['val_bpb'] / s['unigram_bpb']):.0f}% below it)" if s["val_bpb"] < s["unigram_bpb"]
            else "   (not below it yet: train longer)"),
@@ -74,16 +82,19 @@ def report(s: dict) -> str:
         f"  model (Hugging Face layout): {m}",
         f"  chat with it:   qiusuo chat --model {m}",
         f"  serve it:       qiusuo serve --model {m}   (OpenAI-compatible, 127.0.0.1)",
-        f"  train longer:   qiusuo train --resume {Path(s['checkpoint']).parent.parent} --train.minutes=30",
+        f"  train longer:   qiusuo train --resume {Path(s['checkpoint']).parent.parent} --train.extra_minutes=10",
     ]
     return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
-    from qiusuo.train.trainer import TrainingDiverged
+    from qiusuo.train.trainer import Interrupted, TrainingDiverged
 
     try:
         summary = run(args)
+    except Interrupted as e:
+        print(f"qiusuo demo: {e}", file=sys.stderr)
+        return 130
     except (DataError, FileNotFoundError, ValueError, TrainingDiverged) as e:
         print(f"qiusuo demo: {e}", file=sys.stderr)
         return 2

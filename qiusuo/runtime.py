@@ -6,10 +6,14 @@ them from here) and nothing hides them in globals: each caller passes the result
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
+import signal
 import statistics
+import sys
+import threading
 import time
 
 import torch
@@ -67,23 +71,98 @@ def auto_cpu_precision() -> torch.dtype | None:
     return pick_precision(native, lambda dt: matmul_peak(torch.device("cpu"), dt, n=1024, repeats=3))
 
 
-def cpu_threads(requested: int) -> int:
-    """`requested`, or for 0 the cores left idle by other work (1-minute load average), at least 1.
+def proc_stat() -> dict[int, list[int]]:
+    """Per-CPU time counters from /proc/stat: {cpu: [user, nice, system, idle, iowait, ...]}."""
+    with open("/proc/stat") as f:
+        return {int(line[3:].split()[0]): [int(x) for x in line.split()[1:]]
+                for line in f if line[:3] == "cpu" and line[3] != " "}
 
-    Why: torch's OpenMP threads wait for each other after every op; when other processes hold the cores, each
-    wait costs a scheduler slice. Measured on 2 shared cores at load ~7: a `tiny` training step took 10 s with 2
-    threads and 1.75 s with 1."""
+
+def free_cores(interval: float = 0.2, sample=None) -> tuple[int, int, float]:
+    """(cores this process may use, of them free now, cores other processes kept busy) from two `sample`s of the
+    CPU time counters `interval` seconds apart: time spent outside idle, less this process's own. Not the load
+    average: it trails by a minute, so right after a busy stage (the demo's own corpus preparation, or a neighbour
+    that has just exited) it still counted cores that were idle again. Not Linux: every core, none busy."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cores = len(allowed) if allowed is not None else (os.cpu_count() or 1)
+    sample = sample or proc_stat
+    try:
+        t0, a = os.times(), sample()
+        time.sleep(interval)
+        t1, b = os.times(), sample()
+    except (OSError, ValueError, IndexError):
+        return cores, cores, 0.0
+    busy = 0.0
+    for cpu in allowed if allowed is not None else a:
+        x, y = a.get(cpu), b.get(cpu)
+        if x and y:  # busy share of the interval = 1 - (idle + iowait) / all
+            busy += 1 - (y[3] + y[4] - x[3] - x[4]) / max(sum(y) - sum(x), 1)
+    own = (t1.user + t1.system - t0.user - t0.system) / max(t1.elapsed - t0.elapsed, 1e-9)
+    others = max(0.0, busy - own)
+    return cores, max(1, min(cores, int(cores - others + 0.5))), others
+
+
+def cpu_threads(requested: int) -> tuple[int, str]:
+    """(threads, why): `requested`, or for 0 the cores other processes leave free now (`free_cores`), at least 1.
+
+    Why not always every core: torch's OpenMP threads wait for each other after every op; when other processes
+    hold the cores, each wait costs a scheduler slice. Measured on 2 shared cores at load ~7: a `tiny` training
+    step took 10 s with 2 threads and 1.75 s with 1."""
     if requested > 0:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, round(cores - busy + 1)))
+        return requested, f"{requested} threads (--threads {requested})"
+    cores, free, others = free_cores()
+    why = f"{free} threads: {cores} cores, {others:.1f} busy with other work (choose with --threads N)"
+    return free, why
 
 
-def set_threads(device: torch.device, requested: int) -> None:
-    """On a CPU, use `cpu_threads(requested)` intra-op threads; on a GPU leave torch's default."""
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(requested))
+def set_threads(device: torch.device, requested: int, announce: bool = True) -> int:
+    """On a CPU, use `cpu_threads(requested)` intra-op threads and say so on stderr (once per command that
+    computes; `announce`); on a GPU leave torch's default. Returns the CPU thread count (0 on a GPU)."""
+    if device.type != "cpu":
+        return 0
+    n, why = cpu_threads(requested)
+    torch.set_num_threads(n)
+    if announce:
+        print(f"cpu: {why}", file=sys.stderr)
+    return n
+
+
+class Interrupted(Exception):
+    """Ctrl-C stopped a run at a clean point (between optimizer steps); the message says what was kept and how to
+    go on. Commands print it as their one line and exit with 130, the shell's code for Ctrl-C."""
+
+
+class StopRequest:
+    """Set by the first Ctrl-C inside `stop_on_interrupt`; a loop reads `requested` at its clean points."""
+
+    def __init__(self):
+        self.requested = False
+
+
+@contextlib.contextmanager
+def stop_on_interrupt(what: str = "step"):
+    """Within: the first Ctrl-C (SIGINT) only sets `StopRequest.requested` and says so, so the loop finishes its
+    current `what` and stops where its state is whole (a checkpoint taken there resumes exactly); a second Ctrl-C
+    raises KeyboardInterrupt at once. Outside the main thread signals cannot be caught: nothing changes there.
+
+    Why not catch KeyboardInterrupt: it lands anywhere, e.g. after the batches of a step were drawn and before the
+    optimizer stepped, and a checkpoint taken then skipped a batch on resume."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = True
+        print(f"\nCtrl-C: stopping after this {what} (press it again to stop at once, keeping nothing)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def seed_everything(seed: int) -> None:

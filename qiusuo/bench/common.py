@@ -13,6 +13,7 @@ import tempfile
 import torch
 
 from qiusuo.config import get_config
+from qiusuo.hf.load import dtype_arg
 from qiusuo.model.transformer import Transformer
 from qiusuo.runtime import resolve_device, set_threads
 
@@ -25,7 +26,8 @@ def add_device_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default). On a busy "
                    "machine 1 can be ~10x faster: spinning OpenMP workers fight other processes for cores")
     if dtype:
-        p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and cache dtype")
+        p.add_argument("--dtype", default="float32", type=dtype_arg, choices=list(DTYPES),
+                       help="weights and cache dtype (fp32, bf16 too)")
 
 
 def add_model_args(p: argparse.ArgumentParser, folder: bool = True) -> None:

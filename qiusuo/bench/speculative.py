@@ -38,7 +38,7 @@ def _model(args: argparse.Namespace, device: torch.device) -> Transformer:
     if args.model:
         from qiusuo.hf.load import load_model
 
-        model = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+        model = load_model(args.model, dtype=args.dtype, device=device)
         if not model.cfg.num_nextn_predict_layers:
             raise ValueError(f"{args.model} has no MTP module to draft with (num_nextn_predict_layers = 0)")
         return model.eval()

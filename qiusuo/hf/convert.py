@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from qiusuo.hf.fp8 import SCALE_FORMATS
+from qiusuo.hf.load import dtype_arg
 from qiusuo.hf.save import DEFAULT_SHARD_BYTES
 from qiusuo.io import CheckpointError
 
@@ -30,8 +31,8 @@ def resolve_source(src: str | Path) -> Path:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="Hugging Face folder, training checkpoint (RUN/checkpoints/step_N) or run folder")
     p.add_argument("dst", help="output folder (Hugging Face layout; replaced atomically if it exists)")
-    p.add_argument("--dtype", default=None, help="dtype of the written weights: float32, bfloat16, float16 "
-                                                 "(default: config.json's torch_dtype)")
+    p.add_argument("--dtype", default=None, type=dtype_arg, help="dtype of the written weights: float32 (fp32), "
+                   "bfloat16 (bf16), float16 (fp16) (default: config.json's torch_dtype)")
     p.add_argument("--fp8", action="store_true", help="store projection matrices as float8_e4m3fn with a scale "
                                                       "per 128x128 block (DeepSeek-V3's and V4's format)")
     p.add_argument("--fp4-experts", action="store_true", help="with --fp8, a DeepSeek-V4 model's routed experts as "
@@ -46,12 +47,23 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
 
+def check_flags(cfg, args: argparse.Namespace) -> None:
+    """The quantisation flags against the source's config, in the command line's terms, before anything loads
+    (`save_hf` checks the same in its own arguments' terms)."""
+    if args.fp4_experts and not cfg.is_v4:
+        raise ValueError(f"--fp4-experts is for DeepSeek-V4 checkpoints (this one is {cfg.model_type}); drop it")
+    if args.fp4_experts and not args.fp8:
+        raise ValueError("--fp4-experts needs --fp8 (DeepSeek-V4 keeps its FP4 experts inside the FP8 checkpoint)")
+
+
 def main(args: argparse.Namespace) -> int:
     from qiusuo.hf.load import load_model, load_tokenizer, read_config, scale_format
     from qiusuo.hf.save import save_hf
 
     src = resolve_source(args.src)
-    scale_fmt = args.scale_fmt or scale_format(read_config(src)[1])  # the source's own (V3.1: ue8m0) unless told
+    cfg, raw = read_config(src)
+    check_flags(cfg, args)
+    scale_fmt = args.scale_fmt or scale_format(raw)  # the source's own (V3.1: ue8m0) unless told
     model = load_model(src, dtype=args.dtype, load_mtp=not args.no_mtp, progress=not args.no_progress)
     has_tokenizer = any((src / f).is_file() for f in ("tokenizer.json", "tiktoken.model"))
     tokenizer = load_tokenizer(src) if has_tokenizer else None

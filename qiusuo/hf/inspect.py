@@ -44,12 +44,10 @@ def parse_bytes(text: str) -> int:
 
 def read_any_config(path: Path):
     """(ModelConfig, raw dict, folder or None) of a model folder or of a config file, in either format."""
-    from qiusuo.hf.load import check_quantization
+    from qiusuo.hf.load import check_model_folder, check_quantization
 
     if path.is_dir():
-        file = path / "config.json"
-        if not file.is_file():
-            raise CheckpointError(f"{file}: not found; inspect a Hugging Face model folder, or a config.json file")
+        file = check_model_folder(path) / "config.json"  # a run folder is named as such, with its model
     elif path.is_file():
         file = path
     else:
@@ -115,6 +113,7 @@ def describe(path: str | Path, context: int | None = None, batch: int = 1, memor
     qc = raw.get("quantization_config") or {}
     UE8M0 = (torch.float8_e8m0fnu, torch.uint8)  # scales stored as exponent bytes
     counts = count_params(cfg)
+    asked = context
     context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
     per_token = cache_bytes_per_token(cfg, 2, context)
     cache = int(per_token * context * batch)
@@ -152,6 +151,8 @@ def describe(path: str | Path, context: int | None = None, batch: int = 1, memor
         "weight_bytes": weights,
         "cache_bytes_per_token": per_token,
         "context": context,
+        "context_asked": asked,  # --context as given (None: the model's); above max_position_embeddings, capped
+        "max_position_embeddings": cfg.max_position_embeddings,
         "batch": batch,
         "cache_bytes": cache,
     }
@@ -228,6 +229,9 @@ def main(args: argparse.Namespace) -> int:
           + (" (MTP included)" if d["params_mtp"] else ""))
     print(f"  cache         {d['cache_bytes_per_token']:,.0f} bytes per token (bf16); {_gb(d['cache_bytes'])} for "
           f"{d['batch']} x {d['context']:,} tokens")
+    if d["context_asked"] is not None and d["context_asked"] > d["context"]:
+        print(f"  context       {d['context_asked']:,} asked, capped at {d['context']:,}: the model's "
+              "max_position_embeddings, the longest sequence it can take")
     if "fits" in d:
         rows = [f"{name} {'fits' if ok else 'does not fit'} ({_gb(w[name] + d['cache_bytes'])})"
                 for name, ok in d["fits"].items()]

@@ -20,6 +20,7 @@ rebuilt from config.json) are skipped with a logged line. `read_generation_confi
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -49,23 +50,51 @@ NO_WEIGHTS = (".rotary_emb.inv_freq",)  # buffers some checkpoints save that the
 QUANT_METHODS = ("fp8",)
 
 
+# the short names people type (the README's `--dtype bf16`) -> torch's
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    """A floating dtype from its torch name (`bfloat16`, `torch.float16`) or a short one (`DTYPE_ALIASES`): the one
+    parser of every `--dtype` and of config.json's `torch_dtype`."""
     if name is None or isinstance(name, torch.dtype):
         return name
-    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    key = str(name).strip().lower().removeprefix("torch.")
+    dt = getattr(torch, DTYPE_ALIASES.get(key, key), None)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise ValueError(f"unknown dtype {name!r}; use float32, bfloat16 or float16")
+        raise ValueError(f"unknown dtype {name!r}; use float32 (fp32), bfloat16 (bf16) or float16 (fp16)")
     return dt
+
+
+def dtype_arg(name: str) -> str:
+    """`type=` of a `--dtype` option: torch's name for `name` (bf16 -> bfloat16), so `choices` and the code after
+    see one spelling; argparse reports a bad one with `parse_dtype`'s message."""
+    try:
+        return str(parse_dtype(name)).removeprefix("torch.")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def check_model_folder(path: str | Path, flag: str = "") -> Path:
+    """`path` if it is a folder with config.json, else a CheckpointError saying what it is instead. A run folder
+    (`qiusuo train`/`sft`/`grpo` write RUN/model) is refused with its model named, not silently swapped for it:
+    the command then names the folder it runs, at the cost of one retype. `flag`: the option the user passes the
+    folder with (`--model`), for the message."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory; pass a Hugging Face model folder (config.json + *.safetensors)")
+    if (path / "model" / "config.json").is_file():
+        raise CheckpointError(f"{path} is a run folder; its model is {path / 'model'} "
+                              f"(pass {flag + ' ' if flag else ''}{path / 'model'})")
+    raise CheckpointError(f"{path / 'config.json'}: not found; a Hugging Face model folder needs config.json next to "
+                          "its weights")
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, dict]:
     """(ModelConfig, raw config.json dict) of a model folder."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory; pass a Hugging Face model folder (config.json + *.safetensors)")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file}: not found; a Hugging Face model folder needs config.json next to its weights")
+    cfg_file = check_model_folder(path) / "config.json"
     try:
         raw = json.loads(cfg_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

@@ -57,9 +57,11 @@ def _scale_fmt(model: nn.Module, fp8: bool, fp4_experts: bool, scale_fmt: str | 
     scale_fmt = scale_fmt or ("ue8m0" if model.cfg.is_v4 else "float")
     if scale_fmt not in SCALE_FORMATS:
         raise ValueError(f"scale_fmt {scale_fmt!r} is not one of {SCALE_FORMATS}")
-    if fp4_experts and not (fp8 and model.cfg.is_v4):
-        raise ValueError("fp4_experts is DeepSeek-V4's format and lives inside its FP8 checkpoint: pass fp8=True "
-                         f"as well, for a deepseek_v4 model (this one is {model.cfg.model_type})")
+    if fp4_experts and not model.cfg.is_v4:
+        raise ValueError(f"fp4_experts is for deepseek_v4 models (DeepSeek-V4-Flash's format), and this one is "
+                         f"{model.cfg.model_type}; leave it False")
+    if fp4_experts and not fp8:
+        raise ValueError("fp4_experts lives inside DeepSeek-V4's FP8 checkpoint: pass fp8=True as well")
     return scale_fmt
 
 

@@ -14,11 +14,13 @@ thread-safe queues and streams results with `stream()` (an async iterator).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import queue
+import signal
 import threading
 import traceback
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Iterator
 
 import torch
 
@@ -50,6 +52,33 @@ def check_speculative(cfg, speculative: str | None, draft_tokens: int) -> int:
     if not 1 <= draft_tokens <= 16:
         raise ValueError(f"draft_tokens must be between 1 and 16, got {draft_tokens}")
     return draft_tokens
+
+
+@contextlib.contextmanager
+def interrupt_between_steps() -> Iterator[Callable[[], bool]]:
+    """Hold a Ctrl-C that comes during a step until the step ends: yields `interrupted()`, which the caller checks
+    between steps; on leaving, KeyboardInterrupt if there was one. A second Ctrl-C interrupts at once (a step that
+    takes too long). Why: a KeyboardInterrupt inside a step can land between taking blocks from the pool and
+    recording them on the sequence, and leak them. Only in the main thread with Python's own SIGINT handler
+    (elsewhere signals cannot be caught, or someone else handles them): there it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+    got: list[int] = []
+
+    def held(signum, frame) -> None:
+        if got:
+            raise KeyboardInterrupt
+        got.append(signum)
+
+    signal.signal(signal.SIGINT, held)
+    try:
+        yield lambda: bool(got)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if got:
+        raise KeyboardInterrupt
 
 
 class Engine:
@@ -149,6 +178,17 @@ class Engine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def _abort_now(self, request_ids: list[str]) -> None:
+        """Abort `request_ids` for a caller that stops waiting (`generate` interrupted). Without the background
+        thread nobody else would drain the inbox, so it is drained here. Interrupts are held to step boundaries
+        (`interrupt_between_steps`); after a second Ctrl-C cut a step short, aborting still frees what the
+        sequences hold (prefill registers a block's prefix hash only after writing it)."""
+        for rid in request_ids:
+            self.abort(rid)
+        if self._thread is None:
+            self._drain_inbox()
+            self.scheduler.collect()
+
     # ---- the loop ----
 
     def has_work(self) -> bool:
@@ -226,7 +266,8 @@ class Engine:
 
     def generate(self, prompts: list[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None,
                  progress: Callable[[Delta], None] | None = None) -> list[RequestOutput]:
-        """Run prompts to completion together (continuous batching); blocking."""
+        """Run prompts to completion together (continuous batching); blocking. Ctrl-C (KeyboardInterrupt) aborts
+        these requests, their blocks freed, and is raised on to the caller (`qiusuo chat` goes back to its prompt)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -250,11 +291,16 @@ class Engine:
 
         ids = [self.encode_prompt(p) for p in prompts]
         rids = [self.submit(x, p, make_sink(r)) for r, (x, p) in enumerate(zip(ids, plist))]
-        if self._thread is None:
-            while not done.is_set():
-                self.step()
-        else:
-            done.wait()
+        try:
+            if self._thread is None:
+                with interrupt_between_steps() as interrupted:
+                    while not done.is_set() and not interrupted():
+                        self.step()
+            else:
+                done.wait()
+        except BaseException:  # Ctrl-C (KeyboardInterrupt) in the caller: these requests end here, blocks freed
+            self._abort_now(rids)
+            raise
         return [RequestOutput(rid, x, completions(store), u) for rid, x, store, u in zip(rids, ids, stores, usages)]
 
     async def stream(self, prompt: str | list[int], params: SamplingParams,

@@ -10,17 +10,19 @@ import time
 
 import torch
 
-from qiusuo.hf.load import load_model, load_tokenizer, read_generation_config
+from qiusuo.hf.load import (check_model_folder, dtype_arg, load_model, load_tokenizer, parse_dtype,
+                            read_generation_config)
 from qiusuo.infer.engine import Engine
 from qiusuo.runtime import resolve_device
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Options every engine-backed command shares (generate, chat, serve)."""
-    p.add_argument("--model", required=True, help="model folder (Hugging Face layout: config.json, safetensors, tokenizer)")
+    p.add_argument("--model", required=True, help="model folder (Hugging Face layout: config.json, safetensors, "
+                   "tokenizer); a run's is RUN/model")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; unset: cuda when available")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights and cache dtype; unset: bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default=None, type=dtype_arg, choices=["float32", "bfloat16", "float16"],
+                   help="weights and cache dtype (bf16, fp16, fp32 too); unset: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
     p.add_argument("--cache-memory-mb", type=int, default=None,
                    help="cache budget in MiB; unset: every batch row at full context, at most 1024")
@@ -71,7 +73,7 @@ def load_engine(path: str, *, device: str | None = None, dtype: str | None = Non
     dev = resolve_device(device)
     if dev.type == "cpu":
         torch.set_num_threads(threads or free_cores())
-    dt = getattr(torch, dtype) if dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     model = load_model(path, dtype=dt, device=dev)
     return Engine(model, load_tokenizer(path), max_batch=max_batch, block_size=block_size, cache_memory=cache_memory,
                   max_model_len=max_model_len, compile=compile, generation=read_generation_config(path),
@@ -80,6 +82,7 @@ def load_engine(path: str, *, device: str | None = None, dtype: str | None = Non
 
 def engine_from_args(args: argparse.Namespace, max_batch: int) -> Engine:
     """`load_engine` with the options of `add_engine_args`."""
+    check_model_folder(args.model, "--model")
     mem = args.cache_memory_mb * 2**20 if args.cache_memory_mb else None
     return load_engine(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch,
                        block_size=args.block_size, cache_memory=mem, max_model_len=args.max_model_len,

@@ -51,6 +51,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from qiusuo.hf.load import check_model_folder
 from qiusuo.infer import tools
 from qiusuo.infer.engine import Delta, Engine, Usage
 from qiusuo.infer.load import add_engine_args, engine_from_args
@@ -833,6 +834,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_model_folder(args.model, "--model")  # before the server starts: a run folder named as such, at once
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     body = int(args.max_body_mb * 2**20) if args.max_body_mb else None
     app = create_app(None, name, args.api_key, args.max_concurrency, args.max_queue, max_body_bytes=body,

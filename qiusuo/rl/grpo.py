@@ -51,7 +51,8 @@ from tqdm import tqdm
 from qiusuo.rl.rewards import RewardSpec, accuracy_reward, load_reward, score
 from qiusuo.rl.rollout import pack_rollouts, sample_groups, token_logprobs
 from qiusuo.rl.tasks import chat_messages, get_task
-from qiusuo.runtime import resolve_device, resolve_precision, set_threads
+from qiusuo.runtime import Interrupted, resolve_device, resolve_precision, set_threads, stop_on_interrupt
+from qiusuo.train import rundir
 from qiusuo.train.config import RunConfig
 from qiusuo.train.optim import build_optimizer, lr_factor
 from qiusuo.train.step import TrainingDiverged, TrainStep
@@ -102,11 +103,11 @@ class GRPO:
     """The run: `GRPO(run_cfg).train()`; `step()` does one rollout + update and returns its metrics.
     `model`/`tokenizer`: an already loaded policy (default: loaded from `grpo.model`)."""
 
-    def __init__(self, cfg: RunConfig, model=None, tokenizer=None):
+    def __init__(self, cfg: RunConfig, model=None, tokenizer=None, overwrite: bool = False):
         cfg.validate()
-        self.cfg, g = cfg, cfg.grpo
+        self.cfg, g, self.overwrite = cfg, cfg.grpo, overwrite
         self.device = resolve_device(cfg.run.device)
-        set_threads(self.device, cfg.run.threads)
+        set_threads(self.device, cfg.run.threads, announce=cfg.run.progress)
         if model is None:
             from qiusuo.hf.load import load_model, load_tokenizer
 
@@ -210,9 +211,11 @@ class GRPO:
     def train(self) -> dict:
         from qiusuo.train.metrics import MetricsLog
 
+        from qiusuo.hf.save import save_hf
+
         cfg, g = self.cfg, self.cfg.grpo
-        out = Path(cfg.run.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        cfg.absolute_paths()
+        out = rundir.claim(cfg.run.out_dir, self.overwrite)
         (out / "run.toml").write_text(cfg.to_toml())
         log = MetricsLog(out, tensorboard=False)
         t0 = time.perf_counter()
@@ -220,21 +223,26 @@ class GRPO:
         log.log("eval", 0, **before)
         recs = []
         bar = tqdm(total=cfg.train.steps, desc="grpo", disable=not cfg.run.progress, file=sys.stderr)
-        while self.step_no < cfg.train.steps:
-            rec = self.step()
-            recs.append(rec)
-            log.log("grpo", self.step_no, **rec)
-            bar.update(1)
-            bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}")
-            if g.eval_every and self.step_no % g.eval_every == 0 and self.step_no < cfg.train.steps:
-                log.log("eval", self.step_no, **self.evaluate())
+        with stop_on_interrupt("step") as stop:
+            while self.step_no < cfg.train.steps and not stop.requested:
+                rec = self.step()
+                recs.append(rec)
+                log.log("grpo", self.step_no, **rec)
+                bar.update(1)
+                bar.set_postfix(reward=f"{rec['reward']:.3f}", acc=f"{rec['accuracy']:.2f}")
+                if g.eval_every and self.step_no % g.eval_every == 0 and self.step_no < cfg.train.steps:
+                    log.log("eval", self.step_no, **self.evaluate())
         bar.close()
+        if stop.requested and self.step_no < cfg.train.steps:  # GRPO keeps no optimizer checkpoints: the policy
+            log.close()
+            plot_grpo(out)
+            final = save_hf(self.model, out / "model", tokenizer=self.tok, progress=False)
+            raise Interrupted(f"interrupted at step {self.step_no}; the policy so far is saved in {final} (GRPO runs "
+                              f"have no --resume: start another from it with --model {final})")
         after = self.evaluate()
         log.log("eval", self.step_no, **after)
         log.close()
         plots = plot_grpo(out)
-        from qiusuo.hf.save import save_hf
-
         final = save_hf(self.model, out / "model", tokenizer=self.tok, progress=False)
         roll = sum(x["rollout_s"] for x in recs)
         ref = sum(x["ref_s"] for x in recs)
@@ -328,8 +336,11 @@ ALIASES = {
 def add_args(p: argparse.ArgumentParser) -> None:
     from qiusuo.train.config import add_config_args
 
-    p.usage = "qiusuo grpo --model DIR [--config PRESET_OR_TOML] [--section.key VALUE ...]"
-    add_config_args(p, "grpo", ALIASES)
+    from qiusuo.train.run import add_overwrite_arg
+
+    p.usage = "qiusuo grpo --model DIR [--config PRESET_OR_TOML] [--section.key VALUE ...] [--overwrite]"
+    add_overwrite_arg(p)
+    add_config_args(p, "grpo", ALIASES, resumable=False)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -337,7 +348,10 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         cfg = load_run_config(args.config or args.default_config, overrides(args))
-        summary = GRPO(cfg).train()
+        summary = GRPO(cfg, overwrite=args.overwrite).train()
+    except Interrupted as e:
+        print(f"qiusuo grpo: {e}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, TrainingDiverged) as e:
         print(f"qiusuo grpo: {e}", file=sys.stderr)
         return 2

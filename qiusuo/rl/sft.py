@@ -227,14 +227,14 @@ class ChatSource:
         self.drawn = int(state["drawn"])
 
 
-def run_sft(cfg: RunConfig, resume: str | None = None) -> dict:
+def run_sft(cfg: RunConfig, resume: str | None = None, overwrite: bool = False) -> dict:
     """The whole job on the trainer; returns its summary plus the data's shape (rows, chats)."""
     from qiusuo.train.trainer import Trainer
 
     source = ChatSource(cfg)
     with warnings.catch_warnings():  # plot_run's validation panel is empty here (SFT has no val split)
         warnings.simplefilter("ignore", UserWarning)
-        summary = Trainer(cfg, resume=resume, source=source).train()
+        summary = Trainer(cfg, resume=resume, source=source, overwrite=overwrite).train()
     return {**summary, "rows": source.rows, "chats": len(source.examples)}
 
 
@@ -256,10 +256,12 @@ ALIASES = {
 
 def add_args(p: argparse.ArgumentParser) -> None:
     from qiusuo.train.config import add_config_args
-    from qiusuo.train.run import add_resume_arg
+    from qiusuo.train.run import add_overwrite_arg, add_resume_arg
 
-    p.usage = "qiusuo sft --data CHATS.jsonl|task:SPEC [--config PRESET_OR_TOML] [--section.key VALUE ...] [--resume RUN]"
+    p.usage = ("qiusuo sft --data CHATS.jsonl|task:SPEC [--config PRESET_OR_TOML] [--section.key VALUE ...] "
+               "[--resume RUN] [--overwrite]")
     add_resume_arg(p)
+    add_overwrite_arg(p)
     add_config_args(p, "sft", ALIASES)
 
 
@@ -268,9 +270,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     with a model size instead of a folder sets `model.preset` (a fresh model of that size)."""
     from qiusuo.config import PRESETS
     from qiusuo.train.config import load_run_config, overrides
-    from qiusuo.train.run import config_source
+    from qiusuo.train.run import config_source, resume_overrides
 
-    over = overrides(args)
+    over = resume_overrides(args, overrides(args))
     init = over.get("sft.init")
     if init in PRESETS and not Path(init).is_dir():
         over["model.preset"] = over.pop("sft.init")
@@ -279,10 +281,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def main(args: argparse.Namespace) -> int:
     from qiusuo.io import CheckpointError
+    from qiusuo.runtime import Interrupted
     from qiusuo.train.step import TrainingDiverged
 
     try:
-        summary = run_sft(config_from_args(args), resume=args.resume)
+        summary = run_sft(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+    except Interrupted as e:
+        print(f"qiusuo sft: {e}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, CheckpointError, TrainingDiverged) as e:
         print(f"qiusuo sft: {e}", file=sys.stderr)
         return 2

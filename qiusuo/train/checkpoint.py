@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 def save(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | dict,
          trainer_state: dict, run_toml: str, keep: int) -> Path:
-    """Write checkpoint `step` atomically under RUN/checkpoints and keep only the last `keep`. Returns its path.
+    """Write checkpoint `step` atomically under RUN/checkpoints and keep only the last `keep` written (so never
+    this one). Returns its path.
     `optimizer`: the optimizer or its state dict (the distributed trainer passes the gathered full state).
     A write that fails leaves its `.tmp-step_N-PID` folder, as a crash would, for `resolve` to report."""
     root = Path(run_dir) / "checkpoints"
@@ -109,19 +111,30 @@ def save(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: tor
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "run.toml").write_text(run_toml)
         files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
-        meta = {"step": step, "code": code_version(), "files": files}
+        meta = {"step": step, "written": time.time(), "code": code_version(), "files": files}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
 
 
+def _written(path: Path) -> tuple[float, int]:
+    """When a checkpoint was written (meta.json's own record, kept by copies; else the file's time), then its step."""
+    try:
+        meta = json.loads((path / META).read_text())
+        return float(meta.get("written", (path / META).stat().st_mtime)), int(meta.get("step", 0))
+    except (OSError, ValueError):
+        return (path / META).stat().st_mtime, 0
+
+
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint folders with a meta.json, oldest first (no hashing: `verify` does that)."""
+    """Checkpoint folders with a meta.json, in the order they were written, oldest first (no hashing: `verify`
+    does that). Written order, not step order: a run resumed from an earlier checkpoint writes lower step numbers
+    after higher ones, and its new checkpoints are the ones to keep and to resume from."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / META).is_file())
+    return sorted((p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / META).is_file()), key=_written)
 
 
 def verify(path: Path) -> dict:
@@ -145,7 +158,7 @@ def verify(path: Path) -> dict:
 
 
 def resolve(path: str | os.PathLike) -> Path:
-    """`--resume` accepts a run folder (-> its latest complete checkpoint) or one checkpoint folder. Interrupted
+    """`--resume` accepts a run folder (-> its latest written complete checkpoint) or one checkpoint folder. Interrupted
     writes (`.tmp-*` folders) are reported and skipped."""
     path = Path(path)
     if not path.exists():

@@ -75,6 +75,8 @@ class TrainSection:
     fp4_qat: bool = False  # fake-quantise routed experts to FP4 (e2m1, per-32 ue8m0 scales) in the forward, as exported
     fp4_qat_from: float = 0.0  # with fp4_qat: the share of the run after which it is on (DeepSeek-V4: the last part)
     indexer_warmup_steps: int = 0  # DeepSeek-V3.2: first steps with dense attention, the indexer learning to mimic it
+    extra_minutes: float = 0.0  # with --resume: train this much longer than the run's budget, the lr decaying from where it stopped
+    extra_steps: int = 0  # with --resume: the same for a run budgeted in steps
 
 
 @dataclass
@@ -97,6 +99,8 @@ class ScheduleSection:
     warmup_steps: int = 50  # linear warmup from 0 over these optimizer steps
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     decay_fraction: float = 0.2  # wsd: the last share of training that decays
+    tail_from: float = -1.0  # set by train.extra_*: where a "train longer" tail starts (seconds or steps); -1: none
+    tail_lr: float = 0.0  # the tail's starting lr factor (it decays linearly to min_lr_ratio of it)
 
 
 @dataclass
@@ -214,6 +218,8 @@ class RunConfig:
             raise bad("parallel.timeout_s", "must be > 0 seconds")
         if self.checkpoint.keep < 1:
             raise bad("checkpoint.keep", "must be >= 1")
+        if self.train.extra_minutes < 0 or self.train.extra_steps < 0:
+            raise bad("train.extra_minutes" if self.train.extra_minutes < 0 else "train.extra_steps", "must be >= 0")
         g = self.grpo
         if g.group_size < 2:
             raise ValueError(f"run config grpo.group_size={g.group_size} (--group-size {g.group_size}): GRPO needs at "
@@ -227,6 +233,16 @@ class RunConfig:
             if not ok:
                 raise bad(key, "is out of range")
         self.model.build()  # raises ValueError naming a bad model field or preset
+
+    def absolute_paths(self) -> None:
+        """Folder and file settings made absolute (those that exist, and the output folder), so the run.toml a run
+        records works from any working directory. Task specs and model size names stay as they are."""
+        self.run.out_dir = str(Path(self.run.out_dir).absolute())
+        for section, key in (("data", "dir"), ("sft", "data"), ("sft", "init"), ("sft", "tokenizer"), ("grpo", "model")):
+            obj = getattr(self, section)
+            value = getattr(obj, key)
+            if value and Path(value).exists():
+                setattr(obj, key, str(Path(value).absolute()))
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -428,15 +444,16 @@ def add_override_args(p: argparse.ArgumentParser) -> None:
         g.add_argument(f"--{key}", dest=key, metavar="V", default=argparse.SUPPRESS, help=f"{why}{shown}")
 
 
-def add_config_args(p: argparse.ArgumentParser, default_config: str | None, aliases: dict | None = None) -> None:
-    """`--config PRESET_OR_TOML` (unset: `default_config`, or with --resume the run's own run.toml), every
-    `--section.key`, and short aliases:
+def add_config_args(p: argparse.ArgumentParser, default_config: str | None, aliases: dict | None = None,
+                    resumable: bool = True) -> None:
+    """`--config PRESET_OR_TOML` (unset: `default_config`, or with --resume the run's own run.toml: `resumable`
+    commands), every `--section.key`, and short aliases:
     `aliases` maps a flag to (dotted key, argparse keywords), e.g. {"--lr": ("optim.lr", {})} or
     {"--no-pack": ("sft.pack", {"action": "store_const", "const": False})}. An alias sets its key as if typed
     `--key=value`; the help says which key it stands for."""
     shown = f"; default: {default_config}" if default_config else ""
-    p.add_argument("--config", default=None, help=f"run preset ({', '.join(preset_names())}) or a TOML file{shown}; "
-                                                  "with --resume and no --config, the run's own run.toml")
+    resume = "; with --resume and no --config, the run's own run.toml" if resumable else ""
+    p.add_argument("--config", default=None, help=f"run preset ({', '.join(preset_names())}) or a TOML file{shown}{resume}")
     p.set_defaults(default_config=default_config)
     if aliases:
         g = p.add_argument_group("short forms (each sets one run config key)")

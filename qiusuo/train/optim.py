@@ -53,7 +53,7 @@ def build_optimizer(model: nn.Module, cfg: OptimSection):
                              eps=cfg.eps, fused=fused or None)
 
 
-def lr_factor(cfg: ScheduleSection, step: int, progress: float) -> float:
+def lr_factor(cfg: ScheduleSection, step: int, progress: float, position: float = 0.0, end: float = 1.0) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based) at `progress` in [0, 1] of the run.
 
     warmup: linear from 1/warmup to 1 over `warmup_steps` steps (by step, so a short time-budgeted run warms up
@@ -61,11 +61,17 @@ def lr_factor(cfg: ScheduleSection, step: int, progress: float) -> float:
     cosine:   min + (1 - min) * (1 + cos(pi * p)) / 2 with p the progress after warmup, reaching min at the end;
     wsd:      1 until the last `decay_fraction` of progress, then linear to min (warmup-stable-decay);
     constant: 1.
+    A run extended past its budget ("train longer": `cfg.tail_from` >= 0) has, from `position` = `tail_from` on
+    (in the budget's unit: seconds or steps, up to `end`), a tail instead: linear from `tail_lr` to
+    `tail_lr * min_lr_ratio`.
     """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    p = min(max(progress, 0.0), 1.0)
     lo = cfg.min_lr_ratio
+    if cfg.tail_from >= 0 and position >= cfg.tail_from:
+        frac = min(1.0, (position - cfg.tail_from) / max(end - cfg.tail_from, 1e-9))
+        return cfg.tail_lr * (1 - (1 - lo) * frac)
+    p = min(max(progress, 0.0), 1.0)
     if cfg.kind == "cosine":
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
     if cfg.kind == "wsd":

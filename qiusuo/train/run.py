@@ -7,20 +7,38 @@ import json
 import sys
 
 from qiusuo.data.sources import DataError
+from qiusuo.runtime import Interrupted
+from qiusuo.train import rundir
 from qiusuo.train.checkpoint import CheckpointError, resolve
 from qiusuo.train.config import add_config_args, load_run_config, overrides
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.usage = "qiusuo train --config PRESET_OR_TOML [--section.key VALUE ...] [--resume DIR]"
+    p.usage = "qiusuo train --config PRESET_OR_TOML [--section.key VALUE ...] [--resume DIR] [--overwrite]"
     add_resume_arg(p)
+    add_overwrite_arg(p)
     add_config_args(p, None, {"--steps": ("train.steps", {}), "--minutes": ("train.minutes", {}),
                               "--lr": ("optim.lr", {}), "--data": ("data.dir", {}), "--out": ("run.out_dir", {})})
 
 
 def add_resume_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", default=None, help="continue from a run folder (its latest complete checkpoint) or one "
-                   "checkpoint folder; without --config, with the checkpoint's own run.toml")
+                   "checkpoint folder, writing into that run folder (unless --run.out_dir says otherwise); without "
+                   "--config, with the checkpoint's own run.toml; --train.extra_minutes=N (or extra_steps) trains "
+                   "longer than the run's budget")
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true", help="a new run may replace the run already in its "
+                   "run.out_dir (without it, starting there is refused)")
+
+
+def resume_overrides(args: argparse.Namespace, over: dict) -> dict:
+    """The command line's run config overrides; with --resume, `run.out_dir` is the resumed run's own folder unless
+    given: the run continues where it lives, whatever the working directory and its recorded config say."""
+    if args.resume is not None and "run.out_dir" not in over:
+        return {**over, "run.out_dir": str(rundir.of_resume(resolve(args.resume)))}
+    return over
 
 
 def config_source(args: argparse.Namespace, default: str | None = None) -> str:
@@ -41,14 +59,17 @@ def main(args: argparse.Namespace) -> int:
 
     dist = None
     try:
-        cfg = load_run_config(config_source(args), overrides(args))
+        cfg = load_run_config(config_source(args), resume_overrides(args, overrides(args)))
         if launched_by_torchrun() or cfg.parallel.dp != "none" or cfg.parallel.ep > 1:
             dist = Distributed.from_env(cfg.parallel, cfg.run.device)
         try:
-            summary = Trainer(cfg, dist=dist, resume=args.resume).train()
+            summary = Trainer(cfg, dist=dist, resume=args.resume, overwrite=args.overwrite).train()
         finally:
             if dist is not None:
                 dist.close()
+    except Interrupted as e:
+        print(f"qiusuo train: {e}", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, DataError, CheckpointError, TrainingDiverged, DistributedError) as e:
         print(f"qiusuo train: {e}", file=sys.stderr)
         return 2

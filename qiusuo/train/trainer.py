@@ -40,15 +40,16 @@ from qiusuo.data.shards import BatchLoader, TokenShards, unigram_bits_per_byte
 from qiusuo.data.tokenizer import Tokenizer
 from qiusuo.model.count import count_params, train_flops_per_token
 from qiusuo.model.transformer import Transformer
-from qiusuo.runtime import matmul_peak, resolve_device, resolve_precision, set_threads
+from qiusuo.runtime import Interrupted, matmul_peak, resolve_device, resolve_precision, set_threads, stop_on_interrupt
 from qiusuo.train import checkpoint as ckpt
+from qiusuo.train import rundir
 from qiusuo.train.config import DataSection, ModelSection, RunConfig
 from qiusuo.train.metrics import MetricsLog, plot_run
 from qiusuo.train.optim import build_optimizer, lr_factor
 from qiusuo.train.qat import set_fp4_qat
 from qiusuo.train.step import TrainingDiverged, TrainStep
 
-__all__ = ["EvalResult", "TokenSource", "Trainer", "TrainingDiverged"]
+__all__ = ["EvalResult", "Interrupted", "TokenSource", "Trainer", "TrainingDiverged"]
 
 
 @dataclass
@@ -72,6 +73,10 @@ class TokenSource:
 
     def __init__(self, data: DataSection, seed: int, rank: int = 0, world_size: int = 1):
         data_dir = Path(data.dir)
+        if not (data_dir / "train").is_dir():
+            raise FileNotFoundError(f"data.dir = {data_dir} holds no prepared data (no train/ folder); make it with "
+                                    f"`qiusuo prepare --out {data_dir}`, or point --data.dir at the folder where "
+                                    f"it was prepared")
         self.train_shards = TokenShards(data_dir / "train")
         self.val_shards = TokenShards(data_dir / "val")
         self.tokenizer = Tokenizer.from_dir(data_dir) if (data_dir / "tokenizer.json").is_file() else None
@@ -106,14 +111,20 @@ class TokenSource:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, dist=None, resume: str | Path | None = None, source=None):
+    """`Trainer(cfg).train()`. `resume`: a run folder or checkpoint to continue (with `train.extra_minutes` /
+    `extra_steps` set, past its budget: `_extend`); `overwrite`: a new run may replace the run already in
+    `run.out_dir` (otherwise `train` refuses to start there: `qiusuo.train.rundir`)."""
+
+    def __init__(self, cfg: RunConfig, dist=None, resume: str | Path | None = None, source=None,
+                 overwrite: bool = False):
         cfg.validate()
-        self.cfg, self.dist = cfg, dist
+        cfg.absolute_paths()  # the recorded run.toml then works from any working directory
+        self.cfg, self.dist, self.overwrite = cfg, dist, overwrite
         self.rank, self.world_size = (dist.rank, dist.world_size) if dist else (0, 1)
         self.is_main = self.rank == 0
         self.device = dist.device if dist else resolve_device(cfg.run.device)
         self.out_dir = Path(cfg.run.out_dir)
-        set_threads(self.device, cfg.run.threads)
+        self.threads = set_threads(self.device, cfg.run.threads, announce=self.is_main and cfg.run.progress)
         self.autocast_dtype = resolve_precision(cfg.run.precision, self.device)  # "auto" measures at these threads
 
         self.source = source or TokenSource(cfg.data, cfg.run.seed, self.rank, self.world_size)
@@ -154,6 +165,31 @@ class Trainer:
         if self.device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.resumed_from = state["path"]
+        self._extend()
+
+    def _extend(self) -> None:
+        """"Train longer": `train.extra_minutes` (a run budgeted in minutes) or `extra_steps` (in steps) adds to the
+        budget, and the learning rate from here on is a tail that decays linearly from the rate the run stopped at
+        to `min_lr_ratio` of it (`lr_factor`'s tail), rather than the run's cosine re-stretched over the longer
+        budget, which sent a finished demo's rate from 0.0012 back up to 0.0113 and its loss up with it. The tail
+        is recorded in the config (`schedule.tail_from`, `tail_lr`) and the extra budget folded into the totals,
+        so a later plain `--resume` continues the same schedule."""
+        t, s = self.cfg.train, self.cfg.schedule
+        if not (t.extra_minutes or t.extra_steps):
+            return
+        timed = t.minutes > 0
+        if timed and t.extra_steps or not timed and t.extra_minutes:
+            have, other = ("minutes", "extra_minutes") if timed else ("steps", "extra_steps")
+            raise ValueError(f"this run is budgeted in {have} (train.{have}="
+                             f"{t.minutes if timed else t.steps:g}); add to it with --train.{other}")
+        start_lr = self.lr() / self.cfg.optim.lr  # where it stopped, under the old budget
+        if timed:
+            t.minutes += t.extra_minutes
+        else:
+            t.steps += t.extra_steps
+        s.tail_from = max(self.position(), 0.0 if timed else float(s.warmup_steps))
+        s.tail_lr = start_lr if self.step >= s.warmup_steps else 1.0
+        t.extra_minutes, t.extra_steps = 0.0, 0
 
     @property
     def step(self) -> int:
@@ -177,8 +213,20 @@ class Trainer:
             return self.elapsed / (60 * t.minutes)
         return max(0, self.step - s.warmup_steps) / max(1, t.steps - s.warmup_steps)
 
+    def position(self) -> float:
+        """Where the run is in its budget's unit: elapsed seconds under a time budget, else optimizer steps."""
+        return self.elapsed if self.cfg.train.minutes > 0 else float(self.step)
+
+    def budget_end(self) -> float:
+        t = self.cfg.train
+        return 60 * t.minutes if t.minutes > 0 else float(t.steps)
+
+    def finished(self) -> bool:
+        return self.step >= self.cfg.train.steps or (self.cfg.train.minutes > 0 and self.elapsed >= self.budget_end())
+
     def lr(self) -> float:
-        return self.cfg.optim.lr * lr_factor(self.cfg.schedule, self.step, self.progress())
+        return self.cfg.optim.lr * lr_factor(self.cfg.schedule, self.step, self.progress(), self.position(),
+                                             self.budget_end())
 
     def train_step(self) -> dict:
         """One optimizer step on `grad_accum` micro-batches from the source. Raises `TrainingDiverged` before
@@ -307,36 +355,51 @@ class Trainer:
         checkpoint and exported model)."""
         cfg, t = self.cfg, self.cfg.train
         budget = 60 * t.minutes if t.minutes > 0 else None
-        log = MetricsLog(self.out_dir, resume_step=self.step if self.resumed_from else None) if self.is_main else None
+        if self.resumed_from and self.finished():
+            done = f"{t.minutes:g} of {t.minutes:g} minutes" if budget else f"{self.step} of {t.steps} steps"
+            if self.is_main:
+                print(f"{self.out_dir} is already finished ({done}); to train longer, add "
+                      f"--train.{'extra_minutes' if budget else 'extra_steps'}=N", file=sys.stderr)
+            return {"steps": self.step, "stopped_by": "already finished", "checkpoint": str(self.resumed_from)}
         if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+            if self.resumed_from:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+            else:
+                rundir.claim(self.out_dir, self.overwrite)
             (self.out_dir / "run.toml").write_text(cfg.to_toml())
+        log = MetricsLog(self.out_dir, resume_step=self.step if self.resumed_from else None) if self.is_main else None
         unigram = self.unigram_bpb()
         self.mfu(1.0)  # measure the peak before the clock starts
         bar = tqdm(total=round(budget) if budget else t.steps, initial=round(self.elapsed) if budget else self.step,
                    unit="s" if budget else "step", desc="train", file=sys.stderr, dynamic_ncols=True,
                    disable=not (cfg.run.progress and self.is_main))
         try:
-            stopped = self._loop(budget, log, bar, unigram)
-        except TrainingDiverged:
+            with stop_on_interrupt("step") as stop:
+                stopped = self._loop(budget, log, bar, unigram, stop)
+        except (TrainingDiverged, KeyboardInterrupt):
             bar.close()
-            if log:
-                log.close()
-            raise
-        except KeyboardInterrupt:
-            bar.close()
-            path = self.save_checkpoint()
-            if self.is_main:
-                print(f"\ninterrupted at step {self.step}; saved {path} (continue with --resume {self.out_dir})", file=sys.stderr)
             if log:
                 log.close()
             raise
         bar.close()
+        if stopped == "interrupted":  # at a step boundary: the checkpoint resumes exactly
+            path = self.save_checkpoint()
+            if log:
+                log.close()
+            raise Interrupted(f"interrupted at step {self.step}; saved {path} (continue with --resume {self.out_dir})")
         return self._finish(stopped, log, unigram)
 
-    def _loop(self, budget: float | None, log: MetricsLog | None, bar, unigram: float | None) -> str:
-        """Steps until the step or time budget is spent, with periodic logs, evaluations, samples and
-        checkpoints. Returns what stopped it ("steps" or "time")."""
+    def _stop_requested(self, stop) -> bool:
+        """Ctrl-C seen by this process, or under `dist` by any rank (all stop after the same step)."""
+        if self.dist is None:
+            return stop.requested
+        flag = torch.tensor([float(stop.requested)], device=self.device)
+        self.dist.all_reduce_sum(flag)
+        return bool(flag.item() > 0)
+
+    def _loop(self, budget: float | None, log: MetricsLog | None, bar, unigram: float | None, stop) -> str:
+        """Steps until the step or time budget is spent or Ctrl-C (`stop`), with periodic logs, evaluations,
+        samples and checkpoints. Returns what stopped it ("steps", "time" or "interrupted")."""
         cfg, t = self.cfg, self.cfg.train
         window = _Window()
         while self.step < t.steps:
@@ -372,6 +435,8 @@ class Trainer:
                 bar.refresh()
             else:
                 bar.update(1)
+            if self._stop_requested(stop) and self.step < t.steps:
+                return "interrupted"
         return "steps"
 
     def _finish(self, stopped: str, log: MetricsLog | None, unigram: float | None) -> dict:

@@ -349,9 +349,24 @@ def test_deepseek_config_spelling(exports, tmp_path):
 def test_fp4_experts_are_a_v4_format(tmp_path):
     with pytest.raises(ValueError, match="fp8=True"):
         save_hf(ours_model(), tmp_path / "m", fp4_experts=True, progress=False)
-    with pytest.raises(ValueError, match="deepseek_v4"):
+    with pytest.raises(ValueError, match="deepseek_v4") as e:
         save_hf(Transformer(qiusuo.get_config("tiny")), tmp_path / "m", fp8=True, fp4_experts=True, progress=False)
+    assert "fp8=True" not in str(e.value)  # it was passed: the V3 model is what is wrong
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_convert_fp4_experts_speaks_in_flags(tmp_path, capsys):
+    """`qiusuo convert` names its own flags, not save_hf's arguments: --fp4-experts on a V3 model says to drop it
+    (--fp8 was given), on a V4 model without --fp8 that it needs --fp8; both before anything is written."""
+    save_hf(Transformer(qiusuo.get_config("tiny")), tmp_path / "v3", progress=False)
+    save_hf(ours_model(), tmp_path / "v4", progress=False)
+    assert cli(["convert", str(tmp_path / "v3"), str(tmp_path / "out"), "--fp8", "--fp4-experts", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--fp4-experts is for DeepSeek-V4 checkpoints (this one is deepseek_v3); drop it" in err
+    assert "fp8=True" not in err
+    assert cli(["convert", str(tmp_path / "v4"), str(tmp_path / "out"), "--fp4-experts", "--no-progress"]) == 2
+    assert "--fp4-experts needs --fp8" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 # ---------------------------------------------------------------- (e): bad input, refused before allocating

@@ -542,3 +542,52 @@ def test_sigterm_drains_short_streams_stops_long_ones_and_exits(long_model, tok,
             proc.kill()
         proc.wait()
         log.close()
+
+
+def test_sigint_ends_serve_with_one_line_and_no_traceback(long_model, tok, tmp_path):
+    """Ctrl-C on a real `qiusuo serve` with a stream in flight: uvicorn drains as on SIGTERM, then the command
+    ends with exit code 0 or 130 and no Python traceback (uvicorn re-raises the signal after its shutdown)."""
+    from qiusuo.hf import save_hf
+
+    save_hf(long_model, tmp_path / "model", tokenizer=tok)
+    port = free_port()
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "qiusuo", "serve", "--model", str(tmp_path / "model"),
+                             "--port", str(port), "--served-model-name", MODEL, "--shutdown-timeout", "1",
+                             "--threads", "1", "--block-size", "4"],
+                            stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+                return False
+
+        until(up, 120, "the server to load")
+        started, events = threading.Event(), []
+
+        def go():
+            with contextlib.suppress(httpx.HTTPError):
+                with httpx.stream("POST", url + "/v1/completions", json={**greedy_body("The lazy dog", 3500),
+                                                                         "stream": True}, timeout=60) as r:
+                    for line in r.iter_lines():
+                        started.set()
+                        events.append(line)
+
+        client = threading.Thread(target=go)
+        client.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(30)
+        client.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        log.close()
+    text = (tmp_path / "server.log").read_text()
+    assert rc in (0, 130), text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert "data: [DONE]" in events  # the stream in flight was ended, not cut

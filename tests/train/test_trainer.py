@@ -3,6 +3,8 @@ survives a crash mid checkpoint, balances experts, and stops cleanly on a NaN.""
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from qiusuo.model.transformer import Transformer
 from qiusuo.train import checkpoint as ckpt
 from qiusuo.train.config import load_run_config
 from qiusuo.train.metrics import read
-from qiusuo.train.trainer import Trainer, TrainingDiverged
+from qiusuo.train.trainer import Interrupted, Trainer, TrainingDiverged
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +72,19 @@ def test_resume_equals_uninterrupted_run_bitwise(data_dir, tmp_path, monkeypatch
     first = Trainer(cfg)
     real_step = Trainer.train_step
 
-    def interrupt_at_7(self):
-        if self.step == 7:
-            raise KeyboardInterrupt
+    def ctrl_c_in_step_8(self):
+        if self.step == 7:  # Ctrl-C while step 8 runs: it finishes, then the run stops
+            os.kill(os.getpid(), signal.SIGINT)
         return real_step(self)
 
-    monkeypatch.setattr(Trainer, "train_step", interrupt_at_7)
-    with pytest.raises(KeyboardInterrupt):
-        first.train()  # Ctrl-C saves a checkpoint at step 7
+    monkeypatch.setattr(Trainer, "train_step", ctrl_c_in_step_8)
+    with pytest.raises(Interrupted, match="interrupted at step 8"):
+        first.train()  # Ctrl-C saves a checkpoint after the step it came in
     monkeypatch.setattr(Trainer, "train_step", real_step)
-    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "cut")] == ["step_000007"]
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "cut")] == ["step_000008"]
 
     second = Trainer(cfg, resume=tmp_path / "cut")
-    assert second.step == 7
+    assert second.step == 8
     second.train()
     assert train_losses(tmp_path / "cut") == train_losses(tmp_path / "full")  # exact float equality
     a, b = full.model.state_dict(), second.model.state_dict()
