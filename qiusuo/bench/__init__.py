@@ -7,6 +7,7 @@
     quality   MoE vs dense, same active parameters, same wall clock  qiusuo/bench/quality.py
     context   long context: V3 vs V4 decode speed and cache size     qiusuo/bench/context.py
     speculative  MTP speculative decoding vs plain decoding          qiusuo/bench/speculative.py
+    quant     packed-weight decoding vs the roofline and llama.cpp   qiusuo/bench/quant.py
 
 Shared flags live in `common.py`. This module only dispatches; a benchmark's exit code is the command's.
 """
@@ -30,6 +31,8 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
     "context": ("qiusuo.bench.context", "add_args", "run", "long context: V3 vs V4 decode speed and cache size"),
     "speculative": ("qiusuo.bench.speculative", "add_args", "run",
                     "MTP speculative decoding vs plain: tokens/s and acceptance"),
+    "quant": ("qiusuo.bench.quant", "add_args", "run",
+              "packed weights (int4, int8, fp8, mxfp4, bf16) decoding vs the bandwidth roofline and llama.cpp"),
 }
 
 

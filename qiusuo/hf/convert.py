@@ -43,6 +43,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
                         "quantization_config.scale_fmt, else V2/V3 float, V4 ue8m0)")
     p.add_argument("--max-shard-gb", type=float, default=DEFAULT_SHARD_BYTES / 2**30,
                    help="start a new safetensors shard above this size (GiB)")
+    p.add_argument("--quantize", default=None, metavar="SPEC",
+                   help="re-quantise: int4 (groups of 32), int4:64, int8 (per channel), or per tensor family, e.g. "
+                   "experts=int4,attention=int8 (families: experts, shared, dense, attention, head); written as "
+                   "compressed-tensors pack-quantized, which vLLM and transformers read")
+    p.add_argument("--group", type=int, default=None, help="with --quantize int4: inputs per scale (32, 64, 128)")
     p.add_argument("--no-mtp", action="store_true", help="drop the multi-token-prediction layers")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -54,6 +59,25 @@ def check_flags(cfg, args: argparse.Namespace) -> None:
         raise ValueError(f"--fp4-experts is for DeepSeek-V4 checkpoints (this one is {cfg.model_type}); drop it")
     if args.fp4_experts and not args.fp8:
         raise ValueError("--fp4-experts needs --fp8 (DeepSeek-V4 keeps its FP4 experts inside the FP8 checkpoint)")
+    if args.quantize and (args.fp8 or args.fp4_experts):
+        raise ValueError("--quantize writes compressed-tensors integers; --fp8/--fp4-experts write DeepSeek's FP8 "
+                         "checkpoint: pick one")
+    if args.group is not None and not (args.quantize and "int4" in args.quantize):
+        raise ValueError("--group is the int4 group size: use it with --quantize int4")
+
+
+def quantize_spec(args: argparse.Namespace):
+    """--quantize with --group folded into its int4 formats, parsed (ValueError naming a bad part)."""
+    from qiusuo.quant.apply import parse_spec
+    from qiusuo.quant.formats import Format
+
+    spec = parse_spec(args.quantize)
+    if spec is None or spec == "native":
+        raise ValueError(f"--quantize {args.quantize!r}: name a format (int4, int8, ...) to convert to")
+    if args.group is not None:
+        spec = {fam: Format("int4", group=args.group) if f.name == "int4" else f for fam, f in spec.items()}
+        parse_spec({fam: str(f) for fam, f in spec.items()})  # checks the group
+    return spec
 
 
 def main(args: argparse.Namespace) -> int:
@@ -64,11 +88,16 @@ def main(args: argparse.Namespace) -> int:
     cfg, raw = read_config(src)
     check_flags(cfg, args)
     scale_fmt = args.scale_fmt or scale_format(raw)  # the source's own (V3.1: ue8m0) unless told
-    model = load_model(src, dtype=args.dtype, load_mtp=not args.no_mtp, progress=not args.no_progress)
+    spec = quantize_spec(args) if args.quantize else None
+    model = load_model(src, dtype=args.dtype, load_mtp=not args.no_mtp, progress=not args.no_progress, quantize=spec)
     has_tokenizer = any((src / f).is_file() for f in ("tokenizer.json", "tiktoken.model"))
     tokenizer = load_tokenizer(src) if has_tokenizer else None
     out = save_hf(model, args.dst, tokenizer=tokenizer, fp8=args.fp8, max_shard_bytes=int(args.max_shard_gb * 2**30),
                   progress=not args.no_progress, fp4_experts=args.fp4_experts, scale_fmt=scale_fmt)
     quant = " (FP8 blocks" + (", FP4 experts" if args.fp4_experts else "") + ")" if args.fp8 else ""
+    if spec:
+        from qiusuo.quant.apply import formats_of
+
+        quant = " (" + ", ".join(f"{fam} {fmt}" for fam, fmt in formats_of(model).items()) + ")"
     print(f"wrote {out} from {src}{quant}")
     return 0

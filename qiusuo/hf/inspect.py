@@ -29,7 +29,6 @@ from qiusuo.io import CheckpointError
 
 _MTP = {False: re.compile(r"model\.layers\.(\d+)\."), True: re.compile(r"(?:model\.)?mtp\.(\d+)\.")}
 KIND_LETTER = {SLIDING: "S", CSA: "C", HCA: "H"}  # one letter per layer in the human-readable form
-FORMATS = ("bf16", "fp8", "fp8+fp4-experts")
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -74,22 +73,35 @@ def _from_file(file: Path):
         raise CheckpointError(f"{file}: {e}") from None
 
 
-def weight_bytes(cfg, include_mtp: bool = True) -> dict[str, int]:
-    """Bytes of the weights in each of `FORMATS`, as `save_hf` would write them for this config."""
+# what each reported format keeps packed when served (`--quantize`); DeepSeek's FP8 keeps the head in bf16
+RUN_SPECS = {"bf16": None, "fp8": "experts=fp8,shared=fp8,dense=fp8,attention=fp8",
+             "fp8+fp4-experts": "experts=mxfp4,shared=fp8,dense=fp8,attention=fp8", "int8": "int8", "int4": "int4"}
+
+
+def weight_bytes(cfg, include_mtp: bool = True, dtype=None) -> dict[str, int]:
+    """Bytes the weights take in memory when served in each of `RUN_SPECS` (packed families as `qiusuo.quant`
+    holds them, everything else in `dtype`, bf16 by default): the same meta-device allocation `load_model` makes,
+    so what fits here is what runs. A family a format cannot hold (e.g. int4 groups on an odd width) stays in
+    `dtype`, as the loader leaves it."""
     import torch
 
-    from qiusuo.hf.save import _plan
     from qiusuo.model.transformer import Transformer
+    from qiusuo.quant.apply import parse_spec, quantize_model
 
-    with torch.device("meta"):
-        model = Transformer(cfg if include_mtp else cfg.replace(num_nextn_predict_layers=0))
-    fmt = "ue8m0" if cfg.is_v4 else "float"
-    plans = {"bf16": (False, False), "fp8": (True, False), "fp8+fp4-experts": (True, True)}
-    return {name: sum(it[4] for shard in _plan(model, torch.bfloat16, fp8, fp4, fmt, 2**62) for it in shard)
-            for name, (fp8, fp4) in plans.items()}
+    out = {}
+    for name, spec in RUN_SPECS.items():
+        with torch.device("meta"):
+            model = Transformer(cfg if include_mtp else cfg.replace(num_nextn_predict_layers=0))
+        model.cast(dtype or torch.bfloat16)
+        if spec:
+            quantize_model(model, parse_spec(spec))
+        seen = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        out[name] = sum(t.numel() * t.element_size() for t in seen.values())
+    return out
 
 
-def describe(path: str | Path, context: int | None = None, batch: int = 1, memory: int | None = None) -> dict:
+def describe(path: str | Path, context: int | None = None, batch: int = 1, memory: int | None = None,
+             dtype=None) -> dict:
     import torch
 
     from qiusuo.hf.load import INDEX, SINGLE, read_entries, scaled_weight
@@ -117,7 +129,10 @@ def describe(path: str | Path, context: int | None = None, batch: int = 1, memor
     context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
     per_token = cache_bytes_per_token(cfg, 2, context)
     cache = int(per_token * context * batch)
-    weights = weight_bytes(cfg, include_mtp=bool(mtp_layers))
+    from qiusuo.hf.load import parse_dtype
+
+    run_dtype = parse_dtype(dtype) or torch.bfloat16
+    weights = weight_bytes(cfg, include_mtp=bool(mtp_layers), dtype=run_dtype)
     d = {
         "path": str(path),
         "config_format": "huggingface" if "model_type" in raw else "deepseek-inference",
@@ -149,6 +164,7 @@ def describe(path: str | Path, context: int | None = None, batch: int = 1, memor
         "tokenizer_kind": next((k for k, f in (("tokenizer.json", "tokenizer.json"), ("tiktoken", "tiktoken.model"))
                                 if folder is not None and (folder / f).is_file()), None),
         "weight_bytes": weights,
+        "run_dtype": str(run_dtype).removeprefix("torch."),
         "cache_bytes_per_token": per_token,
         "context": context,
         "context_asked": asked,  # --context as given (None: the model's); above max_position_embeddings, capped
@@ -160,6 +176,51 @@ def describe(path: str | Path, context: int | None = None, batch: int = 1, memor
         d["memory"] = memory
         d["fits"] = {name: w + cache <= memory for name, w in weights.items()}
     return d
+
+
+def predicted_bytes(path: Path, quantize, dtype) -> int:
+    """Bytes `load_model(path, dtype, quantize=quantize)` allocates: its own plan and packing on the meta device."""
+    from qiusuo.hf.load import module_formats, plan
+    from qiusuo.quant.apply import quantize_modules
+
+    p = plan(path, dtype)
+    quantize_modules(p.model, module_formats(p, quantize))
+    seen = {id(t): t for t in [*p.model.parameters(), *p.model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def measure_load(path: Path, quantize: str, dtype, batch: int, context: int | None) -> dict:
+    """Load the folder as `qiusuo serve` does (`load_engine`, CPU) and measure: seconds, the peak resident memory
+    of the load over what the process held before, the resident memory after it, and their prediction
+    (`predicted_bytes` + the engine's cache pool). Linux (/proc/self)."""
+    import os
+    import time
+
+    import torch
+
+    from qiusuo.hf.load import parse_dtype
+    from qiusuo.infer.load import load_engine
+
+    dtype = parse_dtype(dtype) or torch.float32
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page  # noqa: E731
+    predicted = predicted_bytes(path, quantize, dtype)
+    with open("/proc/self/clear_refs", "w") as f:  # peak from here on, not the imports'
+        f.write("5")
+    before, t = rss(), time.perf_counter()
+    engine = load_engine(str(path), device="cpu", dtype=str(dtype).removeprefix("torch."), quantize=quantize,
+                         max_batch=batch, max_model_len=context)
+    seconds = time.perf_counter() - t
+    after = rss()
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    pool = engine.pool
+    cache = int(pool.bytes_per_token * pool.num_blocks * pool.block_size)
+    held = {id(t): t for t in [*engine.model.parameters(), *engine.model.buffers()]}
+    largest = max((t.numel() * t.element_size() for t in held.values()), default=0)
+    return {"quantize": quantize, "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
+            "predicted_weights": predicted, "predicted_cache": cache, "resident": after - before,
+            "peak": peak - before, "largest_tensor": largest,
+            "resident_over_predicted": (after - before) / (predicted + cache)}
 
 
 def _human(n: float) -> str:
@@ -181,13 +242,22 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=None, help="tokens per sequence for the cache (default: the model's "
                                                               "max_position_embeddings)")
     p.add_argument("--batch", type=int, default=1, help="sequences cached at once")
+    p.add_argument("--dtype", default=None, help="dtype of the parts not kept packed (default: bf16 for the table; "
+                   "float32 for --load, the CPU serving default)")
+    p.add_argument("--load", action="store_true", help="also load it as `qiusuo serve` would (CPU) and report the "
+                   "load time, peak and resident memory against the prediction")
+    p.add_argument("--quantize", default="native", metavar="SPEC", help="with --load: what stays packed (as serve)")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.batch < 1 or (args.context is not None and args.context < 1):
         raise ValueError("--context and --batch must be positive")
     memory = parse_bytes(args.memory) if args.memory is not None else None
-    d = describe(args.path, context=args.context, batch=args.batch, memory=memory)
+    d = describe(args.path, context=args.context, batch=args.batch, memory=memory, dtype=args.dtype)
+    if args.load:
+        if not d["weights_present"]:
+            raise ValueError(f"{args.path}: --load needs the weights; this is a config only")
+        d["load"] = measure_load(Path(args.path), args.quantize, args.dtype, args.batch, args.context)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -225,13 +295,19 @@ def main(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} ({v})" for k, v in d["shards"].items()))
     print(f"  tokenizer     {d['tokenizer_kind'] or 'no'}")
     w = d["weight_bytes"]
-    print(f"  weights       bf16 {_gb(w['bf16'])}, FP8 {_gb(w['fp8'])}, FP8 + FP4 experts {_gb(w['fp8+fp4-experts'])}"
-          + (" (MTP included)" if d["params_mtp"] else ""))
+    print(f"  weights       in memory when served (--quantize; float parts {d['run_dtype']}): "
+          + ", ".join(f"{k} {_gb(v)}" for k, v in w.items()) + (" (MTP included)" if d["params_mtp"] else ""))
     print(f"  cache         {d['cache_bytes_per_token']:,.0f} bytes per token (bf16); {_gb(d['cache_bytes'])} for "
           f"{d['batch']} x {d['context']:,} tokens")
     if d["context_asked"] is not None and d["context_asked"] > d["context"]:
         print(f"  context       {d['context_asked']:,} asked, capped at {d['context']:,}: the model's "
               "max_position_embeddings, the longest sequence it can take")
+    if "load" in d:
+        m = d["load"]
+        print(f"  loaded        --quantize {m['quantize']}, float parts {m['dtype']}: {m['seconds']:.1f} s; resident "
+              f"{_gb(m['resident'])} vs predicted {_gb(m['predicted_weights'] + m['predicted_cache'])} (weights "
+              f"{_gb(m['predicted_weights'])} + cache {_gb(m['predicted_cache'])}): "
+              f"{100 * (m['resident_over_predicted'] - 1):+.1f}%; peak while loading {_gb(m['peak'])}")
     if "fits" in d:
         rows = [f"{name} {'fits' if ok else 'does not fit'} ({_gb(w[name] + d['cache_bytes'])})"
                 for name, ok in d["fits"].items()]

@@ -34,11 +34,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qiusuo.config import ModelConfig
-from qiusuo.hf.fp4 import GROUP, dequantize_fp4_
-from qiusuo.hf.fp8 import BLOCK, dequantize_blocks_, scale_shape
+from qiusuo.hf.fp4 import GROUP
+from qiusuo.hf.fp8 import BLOCK, scale_shape
 from qiusuo.hf.names import Slot, checkpoint_layouts
+from qiusuo.hf.packed import BAND, Stored, dequantize_stored, int_layout, load_into, native_format
 from qiusuo.hf.st import Entry, read_header, read_into, read_tensor
 from qiusuo.io import CheckpointError
+from qiusuo.model.moe import Experts, MoE
+from qiusuo.quant.apply import NATIVE, families, packed_targets, parse_spec, quantize_modules
+from qiusuo.quant.formats import Format
+from qiusuo.quant.placement import place_experts
 from qiusuo.model.rope import rotaries
 from qiusuo.model.transformer import Transformer
 
@@ -47,7 +52,7 @@ log = logging.getLogger("qiusuo.hf")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 NO_WEIGHTS = (".rotary_emb.inv_freq",)  # buffers some checkpoints save that the config determines: skipped
-QUANT_METHODS = ("fp8",)
+QUANT_METHODS = ("fp8", "compressed-tensors")
 
 
 # the short names people type (the README's `--dtype bf16`) -> torch's
@@ -118,12 +123,40 @@ def check_quantization(raw: dict, where: Path) -> None:
     method = qc.get("quant_method")
     if method not in QUANT_METHODS:
         raise CheckpointError(f"{where}: quantization_config.quant_method={method!r} is not supported; qiusuo reads "
-                              f"DeepSeek's FP8 checkpoints (quant_method 'fp8', 128x128 block scales) and unquantised "
-                              f"ones (no quantization_config)")
+                              f"DeepSeek's FP8 checkpoints (quant_method 'fp8', 128x128 block scales), "
+                              f"compressed-tensors pack-quantized int4/int8 weights and unquantised ones (no "
+                              f"quantization_config)")
+    if method == "compressed-tensors":
+        check_compressed_tensors(qc, where)
+        return
     fmt = qc.get("scale_fmt")
     if fmt not in (None, "ue8m0", "float"):
         raise CheckpointError(f"{where}: quantization_config.scale_fmt={fmt!r}; DeepSeek's are 'ue8m0' (V3.1 and "
                               f"later) or absent (float32 scales)")
+
+
+def check_compressed_tensors(qc: dict, where: Path) -> None:
+    """compressed-tensors configs qiusuo runs: `pack-quantized`, weight-only symmetric integers of 4 bits in groups
+    or 8 bits per channel (Kimi-K2.5's INT4 experts; `qiusuo convert --quantize int4|int8`). Anything else
+    (activation quantisation, asymmetric zero points, other formats) stores tensors this loader would misread."""
+    fmt = qc.get("format")
+    if fmt != "pack-quantized":
+        raise CheckpointError(f"{where}: compressed-tensors format {fmt!r} is not supported; qiusuo reads "
+                              f"'pack-quantized' (4- and 8-bit integer weights)")
+    groups = qc.get("config_groups") or {}
+    if not isinstance(groups, dict) or not groups:
+        raise CheckpointError(f"{where}: compressed-tensors quantization_config has no config_groups")
+    for name, g in groups.items():
+        w = (g or {}).get("weights") or {}
+        bad = [k for k, ok in (("type", w.get("type") == "int"), ("symmetric", w.get("symmetric") is True),
+                               ("num_bits", w.get("num_bits") in (4, 8)),
+                               ("strategy", w.get("strategy") in ("group", "channel")),
+                               ("input_activations", not g.get("input_activations")),
+                               ("output_activations", not g.get("output_activations"))) if not ok]
+        if bad:
+            raise CheckpointError(f"{where}: compressed-tensors config_groups.{name}: {', '.join(bad)} not supported "
+                                  f"(qiusuo runs symmetric int weights, 4-bit groups or 8-bit channels, no "
+                                  f"activation quantisation); got weights={w}")
 
 
 def scale_format(raw: dict) -> str | None:
@@ -228,6 +261,7 @@ class Plan(NamedTuple):
     scales: dict[str, Entry]
     dtype: torch.dtype
     block: int
+    stored: dict[str, Stored]  # weight name -> how it is stored (plain, fp8, fp4, int)
 
 
 def _meta_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
@@ -237,10 +271,13 @@ def _meta_model(cfg: ModelConfig, dtype: torch.dtype) -> Transformer:
 
 
 def scaled_weight(name: str, names) -> str | None:
-    """The weight that tensor `name` scales, if it is a quantisation scale: `<weight>_scale_inv` (V3, transformers)
-    or `<module>.scale` when `<module>.weight` is among `names` (the V4 hub's; our own `attn_hc.scale` has none)."""
+    """The weight that tensor `name` scales, if it is a quantisation scale: `<weight>_scale_inv` (V3, transformers),
+    compressed-tensors' `<weight>_scale`, or `<module>.scale` when `<module>.weight` is among `names` (the V4
+    hub's; our own `attn_hc.scale` has none)."""
     if name.endswith(".weight_scale_inv"):
         return name.removesuffix("_scale_inv")
+    if name.endswith(".weight_scale"):
+        return name.removesuffix("_scale")
     weight = name.removesuffix("scale") + "weight"
     return weight if name.endswith(".scale") and weight in names else None
 
@@ -256,6 +293,7 @@ def plan(path: str | Path, dtype=None, load_mtp: bool = True) -> Plan:
                  len(skipped), skipped[0])
         for n in skipped:
             entries.pop(n)
+    _compressed_names(entries, path)
     dtype = parse_dtype(dtype) or default_dtype(raw, entries)
     block = _block_size(raw, path)
     model = _meta_model(cfg, dtype)
@@ -278,8 +316,24 @@ def plan(path: str | Path, dtype=None, load_mtp: bool = True) -> Plan:
             for n in mtp_names:
                 weights.pop(n)
                 scales.pop(n, None)
-    _check(path, model, form, layout, weights, scales, block)
-    return Plan(cfg, model, form, layout, weights, scales, dtype, block)
+    stored = _check(path, model, form, layout, weights, scales, block)
+    return Plan(cfg, model, form, layout, weights, scales, dtype, block, stored)
+
+
+def _compressed_names(entries: dict[str, Entry], path: Path) -> None:
+    """compressed-tensors tensors under the weight names the layouts know: `<m>.weight_packed` is `<m>.weight` (its
+    `weight_scale` is found by `scaled_weight`); `weight_shape` is implied by config.json and checked through the
+    packed shape; zero points and activation-order indices mean a scheme qiusuo does not run."""
+    for n in [n for n in entries if n.endswith((".weight_zero_point", ".weight_g_idx"))]:
+        raise CheckpointError(f"{entries[n].file}: tensor {n!r}: asymmetric (zero point) or act-order (g_idx) "
+                              f"compressed-tensors weights are not supported; qiusuo reads symmetric pack-quantized")
+    for n in [n for n in entries if n.endswith(".weight_packed")]:
+        weight = n.removesuffix("_packed")
+        if weight in entries:
+            raise CheckpointError(f"{entries[n].file}: both {weight!r} and {n!r}: one matrix stored twice")
+        entries[weight] = entries.pop(n)
+    for n in [n for n in entries if n.endswith(".weight_shape")]:
+        entries.pop(n)
 
 
 def _block_size(raw: dict, path: Path) -> int:
@@ -295,8 +349,9 @@ def _block_size(raw: dict, path: Path) -> int:
 
 
 def _check(path: Path, model: Transformer, form: str, layout: dict[str, Slot], weights: dict[str, Entry],
-           scales: dict[str, Entry], block: int) -> None:
-    """Every name, shape, dtype and scale against the model, raising `CheckpointError` at the first problem."""
+           scales: dict[str, Entry], block: int) -> dict[str, Stored]:
+    """Every name, shape, dtype and scale against the model, raising `CheckpointError` at the first problem.
+    Returns how each weight is stored."""
     cfg, meta = model.cfg, model.state_dict()
     arch = model.cfg.to_hf()["architectures"][0]
     for name, e in weights.items():
@@ -309,10 +364,11 @@ def _check(path: Path, model: Transformer, form: str, layout: dict[str, Slot], w
             raise CheckpointError(f"{s.file}: unexpected tensor {s.name!r}: it scales {name!r}, which is not in the "
                                   f"checkpoint")
     files = ", ".join(sorted({e.file.name for e in weights.values()}))
+    stored = {}
     for name, slot in layout.items():
         if name in weights:
             dst = slot.view(meta[slot.ours])
-            _check_stored(name, weights[name], scales.get(name), tuple(dst.shape), dst.dtype, block)
+            stored[name] = _check_stored(name, weights[name], scales.get(name), tuple(dst.shape), dst.dtype, block)
         elif not slot.copy:
             hint = ""
             if slot.ours.endswith("tid2eid"):
@@ -320,13 +376,22 @@ def _check(path: Path, model: Transformer, form: str, layout: dict[str, Slot], w
                 hint = (f": layer {n} routes by token id (config.json's mlp_layer_types[{n}] is 'hash_moe', or "
                         f"num_hash_layers={cfg.mlp_layer_types.count('hash_moe')}) and needs its expert table")
             raise CheckpointError(f"{path}: tensor {name!r} is missing from the checkpoint ({files}){hint}")
+    return stored
 
 
 def _check_stored(name: str, e: Entry, s: Entry | None, want: tuple[int, ...], dst_dtype: torch.dtype,
-                  block: int) -> None:
-    """One tensor as stored (plain, FP8 with 128x128 block scales, or FP4 packed two per byte with a scale per 32
-    inputs) against the shape `want` and dtype `dst_dtype` of the model's slot."""
+                  block: int) -> Stored:
+    """One tensor as stored (plain, FP8 with 128x128 block scales, FP4 packed two per byte with a scale per 32
+    inputs, or compressed-tensors pack-quantized integers) against the shape `want` and dtype `dst_dtype` of the
+    model's slot; returns how it is stored (`qiusuo.hf.packed.Stored`)."""
     where = f"{e.file}: tensor {name!r}"
+    if e.name.endswith(".weight_packed"):
+        if s is None:
+            raise CheckpointError(f"{where}: {e.name!r} without its weight_scale")
+        if len(want) != 2:
+            raise CheckpointError(f"{where} is pack-quantized but the model's tensor has shape {list(want)}")
+        bits, group = int_layout(e, s, want, where)
+        return Stored("int", e, s, bits, group)
     fp8 = e.dtype.is_floating_point and e.dtype.itemsize == 1
     fp4 = e.dtype in (torch.int8, torch.uint8) and dst_dtype.is_floating_point
     stored = "FP8" if fp8 else "packed FP4" if fp4 else None
@@ -345,7 +410,7 @@ def _check_stored(name: str, e: Entry, s: Entry | None, want: tuple[int, ...], d
     if s is None:
         if e.shape != want:
             raise CheckpointError(f"{where} has shape {list(e.shape)} but config.json implies {list(want)}")
-        return
+        return Stored("plain", e)
     if len(want) != 2:
         raise CheckpointError(f"{where} is {stored} but the model's tensor has shape {list(want)}; only matrices "
                               f"are stored quantised")
@@ -368,6 +433,7 @@ def _check_stored(name: str, e: Entry, s: Entry | None, want: tuple[int, ...], d
     if s.shape != scale:
         raise CheckpointError(f"{s.file}: tensor {s.name!r} has shape {list(s.shape)}; {layout} of a {list(want)} "
                               f"weight need {list(scale)}")
+    return Stored("fp8" if fp8 else "fp4", e, s)
 
 
 def _init_nonpersistent(model: nn.Module, device: torch.device) -> None:
@@ -382,19 +448,28 @@ def _init_nonpersistent(model: nn.Module, device: torch.device) -> None:
                 getattr(m, name).zero_()
 
 
-def load_model(path: str | Path, dtype=None, device=None, load_mtp: bool = True, progress: bool = True) -> Transformer:
+def load_model(path: str | Path, dtype=None, device=None, load_mtp: bool = True, progress: bool = True,
+               quantize: str | dict | None = None, experts_device=None) -> Transformer:
     """A Hugging Face DeepSeek-V2/V3/V4 folder (or one written by `save_hf`) as a `Transformer` in eval mode.
 
-    dtype: parameter dtype (default: config.json's `torch_dtype`, else the checkpoint's); FP8 and FP4 weights are
-    dequantised into it. device: where the parameters live (default CPU). load_mtp=False skips the MTP modules.
+    dtype: parameter dtype (default: config.json's `torch_dtype`, else the checkpoint's); FP8, FP4 and integer
+    weights not kept packed are dequantised into it. device: where the parameters live (default CPU).
+    load_mtp=False skips the MTP modules. quantize: which weights stay packed (`qiusuo.quant.apply.parse_spec`):
+    None (default: every weight in `dtype`, as training wants them), "native" (the checkpoint's own FP8 / FP4 /
+    int4 / int8 tensors stay packed: what serving loads), "int4", "experts=int4,attention=int8", ...; packed
+    weights are written straight from the file into their packed buffers, never through a float copy.
+    experts_device: where the routed experts live (e.g. "cpu" beside a CUDA `device`), allocated there directly and
+    wrapped in `qiusuo.quant.placement.PlacedExperts`, so only activations cross during a step.
     Names may be the hub's, transformers' (`save_pretrained` or module names) or ours (`checkpoint_layouts`).
     Raises `CheckpointError` naming the file and tensor for anything missing, unexpected, misshapen or corrupt.
     """
     path = Path(path)
     p = plan(path, dtype, load_mtp)
     model = p.model
+    quantize_modules(model, module_formats(p, quantize))
+    targets = packed_targets(model)
     device = torch.device(device or "cpu")
-    model.to_empty(device=device)
+    _allocate(model, device, torch.device(experts_device) if experts_device is not None else None)
     if p.cfg.tie_word_embeddings:  # to_empty replaces each Parameter separately: tie them again
         model.lm_head.weight = model.embed_tokens.weight
     _init_nonpersistent(model, device)
@@ -413,27 +488,83 @@ def load_model(path: str | Path, dtype=None, device=None, load_mtp: bool = True,
         bar = stack.enter_context(tqdm(total=total, unit="B", unit_scale=True, desc=f"load {path.name}",
                                        disable=not progress))
         for e, slot in todo:
-            _load_one(handle, e, slot, sd, p.scales.get(e.name), p.block)
+            if slot.ours in targets:
+                _load_packed(handle, slot, sd, p.stored[_name_of(p, e)], p.block, targets[slot.ours])
+                bar.update(e.nbytes)
+                continue
+            _load_one(handle, e, slot, sd, p.stored[_name_of(p, e)], p.block)
             t, E = sd[slot.ours], p.cfg.n_routed_experts
             if not t.is_floating_point() and t.numel() and not 0 <= int(t.min()) <= int(t.max()) < E:  # tid2eid
                 raise CheckpointError(f"{e.file}: tensor {e.name!r} holds expert ids in [{int(t.min())}, "
                                       f"{int(t.max())}] but there are {E} experts: a corrupt table or the wrong "
                                       f"config.json")
             bar.update(e.nbytes)
+    if experts_device is not None:
+        place_experts(model, experts_device)
     return model.eval()
 
 
-def _load_one(handle, e: Entry, slot: Slot, sd: dict[str, torch.Tensor], s: Entry | None, block: int) -> None:
-    """Read one tensor into its slot: quantised ones 128 rows at a time through a float32 band (`fp8`, `fp4`), the
-    rest straight into the parameter's memory when dtype and device allow."""
+def _allocate(model: Transformer, device: torch.device, experts_device: torch.device | None) -> None:
+    """`to_empty` on `device`, the routed experts on `experts_device` when given: each bank is taken out while the
+    rest is allocated, so it is never allocated on `device` at all."""
+    banks = [m for m in model.modules() if isinstance(m, MoE)] if experts_device is not None else []
+    held = [(m, m.experts) for m in banks]
+    for m, _ in held:
+        m.experts = nn.Identity()
+    model.to_empty(device=device)
+    for m, bank in held:
+        m.experts = bank.to_empty(device=experts_device)
+
+
+def _name_of(p: Plan, e: Entry) -> str:
+    """The weight name an entry is planned under (compressed-tensors' `weight_packed` is planned as `weight`)."""
+    return e.name.removesuffix("_packed") if e.name.endswith(".weight_packed") else e.name
+
+
+def module_formats(p: Plan, quantize: str | dict | None) -> dict[str, Format]:
+    """Module path -> the packed format it loads into, from a `--quantize` spec. "native": each module as its
+    checkpoint stores it (all of an expert bank's matrices in one format, else it loads as floats)."""
+    spec = parse_spec(quantize)
+    if spec is None:
+        return {}
+    fams = families(p.model)
+    if spec != NATIVE:
+        return {path: spec[fam] for path, fam in fams.items() if fam in spec}
+    by_ours: dict[str, list[Stored]] = {}
+    for name, st in p.stored.items():
+        by_ours.setdefault(p.layout[name].ours, []).append(st)
+    out = {}
+    for path in fams:
+        m = p.model.get_submodule(path)
+        names = [f"{path}.gate_up_proj", f"{path}.down_proj"] if isinstance(m, Experts) else [f"{path}.weight"]
+        found = {native_format(st, p.block) for n in names for st in by_ours.get(n, [])}
+        if len(found) == 1 and None not in found:
+            out[path] = found.pop()
+    return out
+
+
+def _load_packed(handle, slot: Slot, sd: dict[str, torch.Tensor], st: Stored, block: int, target) -> None:
+    """One stored matrix into a packed layer (`qiusuo.hf.packed.load_into`): its expert's codes and scales, from
+    the slot's first row (a gate/up half of a fused expert matrix starts past row 0)."""
+    fmt, codes_name, scale_name = target
+    codes, scales = sd[codes_name], sd.get(scale_name)
+    if slot.expert is not None:
+        codes, scales = codes[slot.expert], None if scales is None else scales[slot.expert]
+    q = read_tensor(handle(st.entry), st.entry)
+    scale = read_tensor(handle(st.scale), st.scale) if st.scale is not None else None
+    load_into(fmt, codes, scales, slot.rows[0] if slot.rows else 0, st, q, scale, block)
+
+
+def _load_one(handle, e: Entry, slot: Slot, sd: dict[str, torch.Tensor], st: Stored, block: int) -> None:
+    """Read one tensor into its float slot: stored packed ones (FP8, FP4, pack-quantized) `BAND` rows at a time
+    through a float32 band, the rest straight into the parameter's memory when dtype and device allow."""
     dst = slot.view(sd[slot.ours])
-    if s is not None:
+    if st.kind != "plain":
         q = read_tensor(handle(e), e).to(dst.device)
-        scale = read_tensor(handle(s), s).to(dst.device)
-        if e.dtype.is_floating_point:
-            dequantize_blocks_(dst, q, scale, block)
-        else:
-            dequantize_fp4_(dst, q, scale)
+        scale = read_tensor(handle(st.scale), st.scale).to(dst.device)
+        for r0 in range(0, dst.shape[0], BAND):
+            r1 = min(dst.shape[0], r0 + BAND)
+            dst[r0:r1].copy_(dequantize_stored(st, q, scale, r0, r1, block))
     elif dst.device.type == "cpu" and dst.dtype == e.dtype and dst.is_contiguous():
         read_into(handle(e), e, dst)
     else:

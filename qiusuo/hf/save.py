@@ -26,6 +26,7 @@ import json
 import math
 from pathlib import Path
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,6 +34,8 @@ from qiusuo.hf.fp4 import GROUP, quantize_fp4
 from qiusuo.hf.fp8 import BLOCK, SCALE_FORMATS, quantize_blocks, scale_shape
 from qiusuo.hf.load import INDEX, SINGLE, parse_dtype
 from qiusuo.hf.names import hf_layout, scale_name
+from qiusuo.hf.packed import int_config, stored_tensors
+from qiusuo.quant.apply import packed_targets
 from qiusuo.hf.st import write_file
 from qiusuo.io import atomic_dir
 
@@ -65,13 +68,34 @@ def _scale_fmt(model: nn.Module, fp8: bool, fp4_experts: bool, scale_fmt: str | 
     return scale_fmt
 
 
+def _float_layout(model: nn.Module) -> dict:
+    """`hf_layout` of the model as if no layer were packed (a meta twin: packed layers add scale buffers the hub
+    layout has no names for, and their codes keep the float weights' state-dict names)."""
+    with torch.device("meta"):
+        twin = type(model)(model.cfg)
+    return hf_layout(twin)
+
+
 def _plan(model: nn.Module, dtype, fp8: bool, fp4_experts: bool, scale_fmt: str, max_shard_bytes: int) -> list[list]:
-    """Shards of (hub name, source view, output dtype, "fp8" | "fp4" | None, bytes on disk), greedy in layout order."""
+    """Shards of (hub name, source view, output dtype, "fp8" | "fp4" | None | a packed layer's (Format, scale
+    view), bytes on disk), greedy in layout order."""
     sd = model.state_dict()
+    targets = packed_targets(model)
     scale_bytes = 1 if scale_fmt == "ue8m0" and model.cfg.is_v4 else 4
     items = []
-    for name, slot in hf_layout(model).items():
+    for name, slot in _float_layout(model).items():
         t = slot.view(sd[slot.ours])
+        if slot.ours in targets:  # a packed layer: its codes and scales as they are
+            pf, _, sname = targets[slot.ours]
+            sc = sd.get(sname)
+            if sc is not None:
+                sc = sc[slot.expert] if slot.expert is not None else sc
+                if slot.rows:
+                    s0, s1 = pf.scale_rows(*slot.rows)
+                    sc = sc[s0:s1]
+            nbytes = t.numel() * t.element_size() + (0 if sc is None else sc.numel() * sc.element_size())
+            items.append((name, t, t.dtype, (pf, sc), nbytes))
+            continue
         out_dtype = slot.dtype or (dtype if dtype is not None and t.is_floating_point() else t.dtype)
         fmt = "fp4" if fp4_experts and slot.quant == "expert" else "fp8" if fp8 and slot.quant else None
         if fmt == "fp8":
@@ -90,6 +114,27 @@ def _plan(model: nn.Module, dtype, fp8: bool, fp4_experts: bool, scale_fmt: str,
         shards[-1].append(it)
         size += it[4]
     return shards
+
+
+def _packed_config(packed: dict, fp8: bool, v4: bool, current: dict | None) -> dict:
+    """config.json's `quantization_config` for the packed layers written: DeepSeek's FP8 one for fp8 (and V4's
+    mxfp4 experts), compressed-tensors' for int4/int8; the two kinds cannot share one checkpoint."""
+    kinds = {f.name for f in packed if f.name != "bf16"}
+    ints = {f: m for f, m in packed.items() if f.name in ("int4", "int8")}
+    if ints and (kinds - {"int4", "int8"} or fp8):
+        raise ValueError(f"packed formats {sorted(kinds | ({'fp8'} if fp8 else set()))} cannot be written as one "
+                         f"checkpoint: FP8 is DeepSeek's quantization_config, int4/int8 compressed-tensors'; "
+                         f"convert the model to one of the two kinds (--quantize)")
+    if ints:
+        return {"quantization_config": int_config(ints)}
+    if kinds & {"fp8", "mxfp4"} and not fp8:
+        qc = dict(FP8_CONFIG)
+        out = {"quantization_config": qc}
+        if "mxfp4" in kinds:
+            qc["expert_dtype"] = out["expert_dtype"] = "fp4"
+            qc["scale_fmt"] = "ue8m0"
+        return out
+    return {}
 
 
 def save_hf(model: nn.Module, path: str | Path, tokenizer=None, fp8: bool = False, dtype=None,
@@ -127,11 +172,16 @@ def write_hf(model: nn.Module, folder: Path, tokenizer=None, fp8: bool = False, 
     total = sum(it[4] for shard in shards for it in shard)
     quantise = {"fp8": quantize_blocks, "fp4": quantize_fp4}
     weight_map = {}
+    packed_modules: dict = {}  # Format -> hub module names written packed
     with tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress) as bar:
         for file, shard in zip(file_names, shards):
             tensors = {}
             for name, t, out_dtype, fmt, _ in shard:
-                if fmt:
+                if isinstance(fmt, tuple):  # a packed layer
+                    pf, sc = fmt
+                    tensors.update(stored_tensors(name, pf, t, sc, scale_name(model, name), cfg.is_v4))
+                    packed_modules.setdefault(pf, []).append(name.removesuffix(".weight"))
+                elif fmt:
                     q, scale = quantise[fmt](t, scale_fmt=scale_fmt)
                     tensors[name], tensors[scale_name(model, name)] = q, scale if cfg.is_v4 else scale.float()
                 else:
@@ -148,6 +198,7 @@ def write_hf(model: nn.Module, folder: Path, tokenizer=None, fp8: bool = False, 
         config["quantization_config"] = FP8_CONFIG | ({"scale_fmt": scale_fmt} if declared else {})
     if fp4_experts:  # V4.1 reads it from quantization_config, V4 (and DeepSeek's inference code) from the top level
         config["quantization_config"]["expert_dtype"] = config["expert_dtype"] = "fp4"
+    config.update(_packed_config(packed_modules, fp8, cfg.is_v4, config.get("quantization_config")))
     _write_json(folder / "config.json", config)
     gen = {"_from_model_config": True}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

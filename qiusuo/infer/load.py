@@ -5,15 +5,13 @@ both call this."""
 from __future__ import annotations
 
 import argparse
-import os
-import time
 
 import torch
 
 from qiusuo.hf.load import (check_model_folder, dtype_arg, load_model, load_tokenizer, parse_dtype,
                             read_generation_config)
 from qiusuo.infer.engine import Engine
-from qiusuo.runtime import resolve_device
+from qiusuo.runtime import resolve_device, set_threads
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -35,47 +33,49 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="speculative decoding: draft with the checkpoint's MTP module, verify in one forward "
                    "(identical greedy output, the same sampling distribution)")
     p.add_argument("--draft-tokens", type=int, default=1, help="tokens drafted per step with --speculative")
-
-
-def free_cores() -> int:
-    """Cores of this process's CPU set that other processes leave idle, at least 1: the busier of the 1-minute
-    load average (what has been running) and a 0.2 s sample of /proc/stat (what runs now: a neighbour that
-    just started is barely in the average yet).
-
-    Why: torch's OpenMP threads wait for each other after every op, and a thread sharing a core with a busy
-    process waits a scheduler slice each time. With another process busy on this 2-core machine, 64 greedy
-    tokens took 45x longer with torch's default 2 threads than with 1 (issue 18)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    try:
-        def sample() -> list[list[int]]:
-            with open("/proc/stat") as f:
-                return [[int(x) for x in line.split()[1:]] for line in f if line[:3] == "cpu" and line[3] != " "]
-        a = sample()
-        time.sleep(0.2)
-        b = sample()
-        # per CPU: busy share of the interval = 1 - (idle + iowait) / all
-        busy = max(busy, sum(1 - (y[3] + y[4] - x[3] - x[4]) / max(sum(y) - sum(x), 1) for x, y in zip(a, b)))
-    except (OSError, ValueError, IndexError):
-        pass  # not Linux: the load average alone
-    return max(1, min(cores, int(cores - busy + 0.5)))
+    p.add_argument("--experts-device", default=None, metavar="DEV",
+                   help="keep the routed experts on this device (e.g. cpu, with the rest on --device cuda): only "
+                   "activations cross during a step")
+    p.add_argument("--gpu-experts", type=int, default=0, metavar="N",
+                   help="with --experts-device: also keep each layer's N most used experts on --device (ranked by "
+                   "routing over a calibration text, or --calibration FILE)")
+    p.add_argument("--calibration", default=None, metavar="FILE", help="text whose routing ranks the experts for "
+                   "--gpu-experts (default: a short built-in mix of prose, code, numbers and languages)")
+    p.add_argument("--quantize", default="native", metavar="SPEC",
+                   help="which weights stay packed in memory: 'native' (the checkpoint's own FP8 / FP4 / int4 / int8 "
+                   "tensors stay as stored, the rest in --dtype), 'none' (everything in --dtype), a format for every "
+                   "family (int4, int4:64, int8, fp8, mxfp4, bf16) or per family: experts=int4,attention=int8 "
+                   "(families: experts, shared, dense, attention, head)")
 
 
 def load_engine(path: str, *, device: str | None = None, dtype: str | None = None, max_batch: int = 32,
                 block_size: int = 16, cache_memory: int | None = None, max_model_len: int | None = None,
                 compile: bool = False, threads: int = 0, speculative: str | None = None,
-                draft_tokens: int = 1) -> Engine:
+                draft_tokens: int = 1, quantize: str | dict | None = "native", experts_device: str | None = None,
+                gpu_experts: int = 0, calibration: str | None = None) -> Engine:
     """The model in folder `path` with its tokenizer and generation_config.json, served by an Engine (`engine.model`,
     `engine.tokenizer`, `engine.generation`).
     device: unset = cuda when available; dtype (weights and cache): unset = bfloat16 on CUDA, float32 on CPU
     (CPUs without native bf16 run it far slower). cache_memory in bytes. threads: torch's CPU threads on a CPU
-    device (process-wide), 0 = `free_cores()`, chosen before loading (which then runs at that width too)."""
+    device (process-wide), 0 = the cores other processes leave free (`qiusuo.runtime.set_threads`), chosen before
+    loading (which then runs at that width too). quantize: which weights stay packed (`qiusuo.quant.apply`);
+    "native" keeps a published FP8 / FP4 / int4 checkpoint packed, so no float copy of it ever exists.
+    experts_device / gpu_experts / calibration: experts placed apart from the rest (`qiusuo.quant.placement`)."""
     dev = resolve_device(device)
-    if dev.type == "cpu":
-        torch.set_num_threads(threads or free_cores())
+    set_threads(dev, threads)
     dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    model = load_model(path, dtype=dt, device=dev)
-    return Engine(model, load_tokenizer(path), max_batch=max_batch, block_size=block_size, cache_memory=cache_memory,
+    if gpu_experts and experts_device is None:
+        raise ValueError("--gpu-experts keeps some experts on --device beside the rest on --experts-device: give "
+                         "--experts-device (e.g. cpu) as well")
+    model = load_model(path, dtype=dt, device=dev, quantize=quantize, experts_device=experts_device)
+    tokenizer = load_tokenizer(path)
+    if gpu_experts:
+        from qiusuo.quant.placement import CALIBRATION, place_experts, routing_counts
+
+        text = open(calibration, encoding="utf-8").read() if calibration else CALIBRATION
+        ids = torch.tensor([tokenizer.encode(text)[: model.cfg.max_position_embeddings]], device=dev)
+        place_experts(model, experts_device, gpu_experts, routing_counts(model, ids))
+    return Engine(model, tokenizer, max_batch=max_batch, block_size=block_size, cache_memory=cache_memory,
                   max_model_len=max_model_len, compile=compile, generation=read_generation_config(path),
                   speculative=speculative, draft_tokens=draft_tokens)
 
@@ -87,4 +87,5 @@ def engine_from_args(args: argparse.Namespace, max_batch: int) -> Engine:
     return load_engine(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch,
                        block_size=args.block_size, cache_memory=mem, max_model_len=args.max_model_len,
                        compile=args.compile, threads=args.threads, speculative=args.speculative,
-                       draft_tokens=args.draft_tokens)
+                       draft_tokens=args.draft_tokens, quantize=args.quantize, experts_device=args.experts_device,
+                       gpu_experts=args.gpu_experts, calibration=args.calibration)

@@ -110,11 +110,16 @@ def test_not_a_model_config_is_refused_naming_what_is_wrong(bad, fragment):
 def test_quantization_config_is_checked(tmp_path):
     shutil.copy(FIXTURES / "deepseek-v3" / "config.json", tmp_path / "config.json")
     read_config(tmp_path)  # DeepSeek's own FP8 declaration
-    for qc, fragment in [({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "quant_method"),
+    for qc, fragment in [({"quant_method": "awq", "bits": 4}, "quant_method"),
+                         ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "no config_groups"),
+                         ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "format"),
                          ({"quant_method": "fp8", "scale_fmt": "e4m3"}, "scale_fmt")]:
         (tmp_path / "config.json").write_text(json.dumps({**load("deepseek-v3/config.json"), "quantization_config": qc}))
         with pytest.raises(CheckpointError, match=fragment):
             read_config(tmp_path)
+
+
+FORMATS = {"bf16", "fp8", "fp8+fp4-experts", "int8", "int4"}  # what `qiusuo serve --quantize` runs
 
 
 def inspect_json(capsys, *args) -> dict:
@@ -134,16 +139,17 @@ def test_inspect_config_only_folders_before_downloading(tmp_path, capsys):
                                                                        11_610_067_968)
     w = d["weight_bytes"]
     assert w["bf16"] > 2 * 682e9 and 0.5 < w["fp8"] / w["bf16"] < 0.51 and w["fp8+fp4-experts"] < 0.65 * w["fp8"]
+    assert 0.5 < w["int8"] / w["bf16"] < 0.51 and 0.28 < w["int4"] / w["bf16"] < 0.3  # (4.5 bits, the rest bf16)
     assert d["cache_bytes_per_token"] == 70_272 and d["cache_bytes"] == 70_272 * 4096 * 2
-    assert d["memory"] == 24 * 10**9 and d["fits"] == {"bf16": False, "fp8": False, "fp8+fp4-experts": False}
+    assert d["memory"] == 24 * 10**9 and not any(d["fits"].values()) and set(d["fits"]) == FORMATS
     big = inspect_json(capsys, folder, "--memory", "1.5TB", "--context", "4096")
-    assert big["fits"] == {"bf16": True, "fp8": True, "fp8+fp4-experts": True}
+    assert all(big["fits"].values())
     lite = inspect_json(capsys, FIXTURES / "deepseek-inference" / "config_16B.json", "--memory", "40GB",
                         "--context", "32768")
     assert lite["config_format"] == "deepseek-inference" and lite["fits"]["bf16"]  # "a single 40GB GPU" (card)
     assert cli(["inspect", str(folder), "--memory", "24GB"]) == 0
     text = capsys.readouterr().out
-    for frag in ("config only", "671.03B total", "layers 61 (declared in config.json)", "FP8 + FP4 experts",
+    for frag in ("config only", "671.03B total", "layers 61 (declared in config.json)", "fp8+fp4-experts",
                  "70,272 bytes per token", "bf16 does not fit"):
         assert frag in text, (frag, text)
 
@@ -152,7 +158,7 @@ def test_inspect_config_only_folders_before_downloading(tmp_path, capsys):
 def test_inspect_every_published_config(name, capsys):
     d = inspect_json(capsys, FIXTURES / name, "--memory", "80GiB")
     cfg = config_from_json(load(f"{name}/config.json"))
-    assert d["params_total"] == count_params(cfg)["total"] and set(d["fits"]) == {"bf16", "fp8", "fp8+fp4-experts"}
+    assert d["params_total"] == count_params(cfg)["total"] and set(d["fits"]) == FORMATS
     assert d["cache_bytes_per_token"] == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 2
     assert d["fits"]["bf16"] == (name == "moonlight-16b-a3b")  # 32 GB of bf16 weights fit 80 GiB; 1T and 236B do not
 

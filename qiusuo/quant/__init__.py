@@ -1,0 +1,1 @@
+"""Weight formats that stay quantised at run time: formats, kernels, modules."""

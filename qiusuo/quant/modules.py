@@ -1,0 +1,181 @@
+"""Layers whose weights stay in a packed format (`qiusuo.quant.formats`): `QuantLinear` for a linear layer and
+`QuantExperts` for a bank of routed experts. They replace `nn.Linear` / `Experts` from outside the model
+(`qiusuo.quant.apply`), the way expert parallelism swaps in its experts; the model's math is unchanged.
+
+Two matmuls, chosen by the number of rows (tokens) in the call:
+- few rows (decoding, speculative verification: <= `DECODE_ROWS`): the kernels of `qiusuo.quant.kernels`, which
+  read each packed byte once. A decoding step is memory-bound, so its speed is set by the bytes it reads;
+- many rows (prefill, evaluation): dequantise a band of output rows to the activation dtype and multiply with
+  torch's GEMM, which is compute-bound and far faster per row than any matrix-vector loop. The band keeps the
+  scratch small (a few MB), never a full float copy of the weight.
+
+Codes and scales are buffers, not parameters: nothing here trains (adapters train next to them) and `Transformer
+.cast` leaves them alone. State-dict names: `weight` (codes) and `scale` for a linear layer; `gate_up_proj`,
+`down_proj` (codes) and `gate_up_proj_scale`, `down_proj_scale` for experts, so the checkpoint layouts that map hub
+names to ours still point at the codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qiusuo.model.moe import Experts, dispatch, swiglu
+from qiusuo.quant import kernels
+from qiusuo.quant.formats import Format
+
+DECODE_ROWS = 16  # rows up to which the packed kernels beat dequantise + GEMM (bench quant)
+EXPERT_ROWS = 64  # (token, expert) rows of a layer up to which its experts run through the packed kernels whatever
+# the routing (decoding steps; above it, when no expert got more than DECODE_ROWS rows)
+BAND = 256  # output rows dequantised at a time on the GEMM path
+
+
+def _register(module: nn.Module, name: str, fmt: Format, N: int, K: int, lead: tuple[int, ...], device) -> None:
+    (qs, qd), scale = fmt.shapes(N, K)
+    module.register_buffer(name, torch.empty(*lead, *qs, dtype=qd, device=device))
+    sname = "scale" if name == "weight" else f"{name}_scale"
+    module.register_buffer(sname, None if scale is None else torch.empty(*lead, *scale[0], dtype=scale[1], device=device))
+
+
+def packed_matmul(x: torch.Tensor, fmt: Format, q: torch.Tensor, scale: torch.Tensor | None, N: int) -> torch.Tensor:
+    """x (M, K) -> x W^T (M, N) in x's dtype, W (N, K) stored as (q, scale) in `fmt`."""
+    M = x.shape[0]
+    if M <= DECODE_ROWS and x.device.type == "cpu":
+        return kernels.mm(x.float().contiguous(), fmt.name, q, scale, fmt.group or 32, fmt.block or 128).to(x.dtype)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    step = BAND if fmt.name != "fp8" else max(fmt.block, BAND // fmt.block * fmt.block)
+    for r0 in range(0, N, step):
+        r1 = min(N, r0 + step)
+        s0, s1 = fmt.scale_rows(r0, r1)
+        w = fmt.dequantize(q[r0:r1], None if scale is None else scale[s0:s1]).to(x.dtype)  # (band, K)
+        out[:, r0:r1] = x @ w.t()
+    return out
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T (+ bias) with W (out_features, in_features) kept as `fmt` codes and scales."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: Format, bias: bool = False, device=None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        fmt.check(out_features, in_features, "a linear layer")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        _register(self, "weight", fmt, out_features, in_features, (), device)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, fmt: Format) -> "QuantLinear":
+        """Quantise an existing layer (band by band: the float weight plus one band at a time)."""
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, fmt, linear.bias is not None, device=w.device,
+                dtype=w.dtype)
+        m.fill(w)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias)
+        return m
+
+    @torch.no_grad()
+    def fill(self, w: torch.Tensor, r0: int = 0) -> None:
+        """Quantise float rows `w` (n, K) into output rows [r0, r0 + n), in bands."""
+        fill_rows(self.fmt, self.weight, self.scale, w, r0)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight (N, K): the slow reference."""
+        return self.fmt.dequantize(self.weight, self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        y = packed_matmul(rows, self.fmt, self.weight, self.scale, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
+
+
+@torch.no_grad()
+def fill_rows(fmt: Format, q: torch.Tensor, scale: torch.Tensor | None, w: torch.Tensor, r0: int = 0) -> None:
+    """Quantise float rows `w` (n, K) into rows [r0, r0 + n) of codes `q` and their scales, `BAND` rows (fp8: whole
+    blocks) at a time, so only one band of float32 scratch exists."""
+    n = w.shape[0]
+    step = BAND if fmt.name != "fp8" else max(fmt.block, BAND // fmt.block * fmt.block)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        codes, s = fmt.quantize(w[a:b])
+        q[r0 + a: r0 + b].copy_(codes)
+        if s is not None:
+            s0, s1 = fmt.scale_rows(r0 + a, r0 + b)
+            scale[s0:s1].copy_(s)
+
+
+class QuantExperts(Experts):
+    """E SwiGLU experts with `gate_up_proj` (E, 2I, D) and `down_proj` (E, D, I) kept as `fmt` codes and scales.
+    The token dispatch is `Experts`' (`qiusuo.model.moe.dispatch`); the sorted rows run through
+    `kernels.grouped_mm`, which touches only the experts that received rows, so a decoding step reads the chosen
+    experts' bytes and no others. With many rows per expert (prefill) each such expert is dequantised band by band
+    and multiplied with torch's GEMM instead."""
+
+    def __init__(self, num_experts: int, hidden: int, width: int, fmt: Format, limit: float | None = None,
+                 device=None):
+        nn.Module.__init__(self)
+        fmt.check(2 * width, hidden, "routed experts' gate_up_proj")
+        fmt.check(hidden, width, "routed experts' down_proj")
+        if fmt.name == "fp8" and width % fmt.block:
+            raise ValueError(f"fp8 experts need moe_intermediate_size ({width}) to be a multiple of the {fmt.block}"
+                             f"-row block (gate and up are fused); keep the experts in another format")
+        self.num_experts, self.hidden, self.width, self.fmt, self.limit = num_experts, hidden, width, fmt, limit
+        self.weight_transform = None
+        _register(self, "gate_up_proj", fmt, 2 * width, hidden, (num_experts,), device)
+        _register(self, "down_proj", fmt, hidden, width, (num_experts,), device)
+
+    @classmethod
+    @torch.no_grad()
+    def from_experts(cls, experts: Experts, fmt: Format) -> "QuantExperts":
+        E, two_i, D = experts.gate_up_proj.shape
+        m = cls(E, D, two_i // 2, fmt, experts.limit, device=experts.gate_up_proj.device)
+        for e in range(E):
+            fill_rows(fmt, m.gate_up_proj[e], m.gate_up_proj_scale[e] if m.gate_up_proj_scale is not None else None,
+                      experts.gate_up_proj[e])
+            fill_rows(fmt, m.down_proj[e], m.down_proj_scale[e] if m.down_proj_scale is not None else None,
+                      experts.down_proj[e])
+        return m
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up (E, 2I, D), down (E, D, I)) in float32: the slow reference."""
+        def deq(q, s):
+            return torch.stack([self.fmt.dequantize(q[e], None if s is None else s[e]) for e in range(q.shape[0])])
+        return deq(self.gate_up_proj, self.gate_up_proj_scale), deq(self.down_proj, self.down_proj_scale)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """x (N, D), weights (N, K), idx (N, K) -> (N, D). No compiled special case: `run_sorted` is one opaque
+        op per matmul whatever the routing, so a compiled decoding step has no data-dependent shapes here."""
+        return dispatch(x, weights, idx, self.num_experts, self.run_sorted)
+
+    def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs (M, D) sorted by expert, counts (E,) -> (M, D)."""
+        f = self.fmt
+        few = xs.shape[0] <= EXPERT_ROWS or torch.compiler.is_compiling() or int(counts.max()) <= DECODE_ROWS
+        if few and xs.device.type == "cpu":
+            xf = xs.float().contiguous()
+            h = kernels.grouped_mm(xf, counts, f.name, self.gate_up_proj, self.gate_up_proj_scale, f.group or 32,
+                                   f.block or 128)  # (M, 2I)
+            g, u = h.chunk(2, dim=-1)
+            a = swiglu(g, u, self.limit).contiguous()
+            return kernels.grouped_mm(a, counts, f.name, self.down_proj, self.down_proj_scale, f.group or 32,
+                                      f.block or 128).to(xs.dtype)
+        return _expert_bands(xs, counts, self)
+
+
+@torch.compiler.disable
+def _expert_bands(xs: torch.Tensor, counts: torch.Tensor, m: QuantExperts) -> torch.Tensor:
+    """Many rows: each expert that received rows, through `packed_matmul`'s GEMM path (dequantised in bands)."""
+    outs = []
+    sl = lambda s, e: None if s is None else s[e]  # noqa: E731
+    for e, x_e in enumerate(xs.split(counts.tolist())):
+        if len(x_e):
+            h = packed_matmul(x_e, m.fmt, m.gate_up_proj[e], sl(m.gate_up_proj_scale, e), 2 * m.width)
+            g, u = h.chunk(2, dim=-1)
+            outs.append(packed_matmul(swiglu(g, u, m.limit), m.fmt, m.down_proj[e], sl(m.down_proj_scale, e), m.hidden))
+    return torch.cat(outs) if outs else xs.new_zeros(0, m.hidden)

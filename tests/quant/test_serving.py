@@ -1,0 +1,59 @@
+"""Packed models in the serving engine: greedy decoding of an int4/int8 model equals the model's own `generate`
+(paged, batched, and compiled: the packed matmuls are custom ops, so a compiled decoding step has no graph break),
+and `load_engine` keeps a checkpoint's formats by default."""
+
+import pytest
+import torch
+
+from qiusuo.config import get_config
+from qiusuo.data.tokenizer import Tokenizer
+from qiusuo.hf import save_hf
+from qiusuo.infer.engine import Engine
+from qiusuo.infer.load import load_engine
+from qiusuo.infer.sampling import SamplingParams
+from qiusuo.model.transformer import Transformer
+from qiusuo.quant.apply import formats_of, parse_spec, quantize_model
+from greedy import unambiguous  # tests/greedy.py
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 4] * 8, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def packed(tok):
+    torch.manual_seed(0)
+    model = Transformer(get_config("tiny", vocab_size=tok.vocab_size, hidden_size=128, moe_intermediate_size=64,
+                                   intermediate_size=256, num_nextn_predict_layers=0)).eval()
+    model.reset_parameters(0)
+    with torch.no_grad():
+        for t in model.parameters():
+            if t.dim() >= 2:
+                t.add_(0.05 * torch.randn_like(t))
+    return quantize_model(model, parse_spec("experts=int4,shared=int8,dense=int8,attention=int8"))
+
+
+def test_engine_greedy_equals_generate_on_a_packed_model(packed, tok):
+    ps, refs = unambiguous(packed, tok, (5, 17, 9, 30), 12)
+    eng = Engine(packed, tok, max_batch=4, block_size=4)
+    assert [o.outputs[0].token_ids for o in eng.generate(ps, SamplingParams(max_tokens=12, **GREEDY))] == refs
+    assert eng.pool.used_blocks == 0
+
+
+def test_compiled_packed_decoding_equals_eager(packed, tok):
+    ps, refs = unambiguous(packed, tok, (6, 11), 8, seed=3)
+    eng = Engine(packed, tok, max_batch=2, block_size=4, compile=True)
+    assert [o.outputs[0].token_ids for o in eng.generate(ps, SamplingParams(max_tokens=8, **GREEDY))] == refs
+
+
+def test_load_engine_keeps_the_checkpoint_formats(packed, tok, tmp_path):
+    save_hf(packed, tmp_path / "m", tokenizer=tok, progress=False)
+    eng = load_engine(str(tmp_path / "m"), device="cpu", threads=1)
+    assert formats_of(eng.model) == formats_of(packed)
+    floats = load_engine(str(tmp_path / "m"), device="cpu", threads=1, quantize="none")
+    assert set(formats_of(floats.model).values()) == {"float32"}
+    ints = load_engine(str(tmp_path / "m"), device="cpu", threads=1, quantize="int4")
+    assert formats_of(ints.model)["attention"] == "int4"  # re-quantised from the stored int8: as asked
