@@ -15,6 +15,7 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -163,6 +164,14 @@ def stop_on_interrupt(what: str = "step"):
         yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def cache_dir() -> Path:
+    """Where qiusuo keeps what it builds for this machine (compiled kernels, memory-mapped expert banks):
+    `$QIUSUO_CACHE`, else `$XDG_CACHE_HOME/qiusuo`, else `~/.cache/qiusuo`."""
+    if os.environ.get("QIUSUO_CACHE"):
+        return Path(os.environ["QIUSUO_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qiusuo"
 
 
 def seed_everything(seed: int) -> None:

@@ -43,6 +43,8 @@ from qiusuo.io import CheckpointError
 from qiusuo.model.moe import Experts, MoE
 from qiusuo.quant.apply import NATIVE, families, packed_targets, parse_spec, quantize_modules
 from qiusuo.quant.formats import Format
+from qiusuo.quant.mapped import folder_for, map_banks, seal
+from qiusuo.quant.modules import QuantExperts
 from qiusuo.quant.placement import place_experts
 from qiusuo.model.rope import rotaries
 from qiusuo.model.transformer import Transformer
@@ -449,7 +451,7 @@ def _init_nonpersistent(model: nn.Module, device: torch.device) -> None:
 
 
 def load_model(path: str | Path, dtype=None, device=None, load_mtp: bool = True, progress: bool = True,
-               quantize: str | dict | None = None, experts_device=None) -> Transformer:
+               quantize: str | dict | None = None, experts_device=None, mmap: bool = False) -> Transformer:
     """A Hugging Face DeepSeek-V2/V3/V4 folder (or one written by `save_hf`) as a `Transformer` in eval mode.
 
     dtype: parameter dtype (default: config.json's `torch_dtype`, else the checkpoint's); FP8, FP4 and integer
@@ -460,6 +462,8 @@ def load_model(path: str | Path, dtype=None, device=None, load_mtp: bool = True,
     weights are written straight from the file into their packed buffers, never through a float copy.
     experts_device: where the routed experts live (e.g. "cpu" beside a CUDA `device`), allocated there directly and
     wrapped in `qiusuo.quant.placement.PlacedExperts`, so only activations cross during a step.
+    mmap: packed expert banks in memory-mapped files the page cache holds (`qiusuo.quant.mapped`): a model larger
+    than free RAM starts; the first load writes the files, later ones map them and read no expert tensor.
     Names may be the hub's, transformers' (`save_pretrained` or module names) or ours (`checkpoint_layouts`).
     Raises `CheckpointError` naming the file and tensor for anything missing, unexpected, misshapen or corrupt.
     """
@@ -473,6 +477,7 @@ def load_model(path: str | Path, dtype=None, device=None, load_mtp: bool = True,
     if p.cfg.tie_word_embeddings:  # to_empty replaces each Parameter separately: tie them again
         model.lm_head.weight = model.embed_tokens.weight
     _init_nonpersistent(model, device)
+    mapped = _map_experts(model, p, path, quantize) if mmap else None  # (folder, ready) or None
     sd = model.state_dict()
     todo = sorted(((e, p.layout[name]) for name, e in p.weights.items() if not p.layout[name].copy),
                   key=lambda es: (str(es[0].file), es[0].start))
@@ -489,7 +494,8 @@ def load_model(path: str | Path, dtype=None, device=None, load_mtp: bool = True,
                                        disable=not progress))
         for e, slot in todo:
             if slot.ours in targets:
-                _load_packed(handle, slot, sd, p.stored[_name_of(p, e)], p.block, targets[slot.ours])
+                if not (mapped and mapped[1] and isinstance(_bank_of(model, slot.ours), QuantExperts)):
+                    _load_packed(handle, slot, sd, p.stored[_name_of(p, e)], p.block, targets[slot.ours])
                 bar.update(e.nbytes)
                 continue
             _load_one(handle, e, slot, sd, p.stored[_name_of(p, e)], p.block)
@@ -499,9 +505,28 @@ def load_model(path: str | Path, dtype=None, device=None, load_mtp: bool = True,
                                       f"{int(t.max())}] but there are {E} experts: a corrupt table or the wrong "
                                       f"config.json")
             bar.update(e.nbytes)
+    if mapped and not mapped[1]:
+        seal(model, _source_files(p), mapped[0])
     if experts_device is not None:
         place_experts(model, experts_device)
     return model.eval()
+
+
+def _source_files(p: Plan) -> list[Path]:
+    return [e.file for e in p.weights.values()]
+
+
+def _bank_of(model: Transformer, ours: str):
+    return model.get_submodule(ours.rpartition(".")[0])
+
+
+def _map_experts(model: Transformer, p: Plan, path: Path, quantize) -> tuple[Path, bool]:
+    if not any(isinstance(m, QuantExperts) for m in model.modules()):
+        raise ValueError("mmap keeps packed expert banks in files the page cache holds, and this load packs no "
+                         "experts: give a quantize spec that packs them (native for an FP8 / FP4 / int4 "
+                         "checkpoint; int4, experts=int4, ... for any other)")
+    folder = folder_for(path, str(quantize))
+    return folder, map_banks(model, _source_files(p), folder)
 
 
 def _allocate(model: Transformer, device: torch.device, experts_device: torch.device | None) -> None:

@@ -41,6 +41,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    "routing over a calibration text, or --calibration FILE)")
     p.add_argument("--calibration", default=None, metavar="FILE", help="text whose routing ranks the experts for "
                    "--gpu-experts (default: a short built-in mix of prose, code, numbers and languages)")
+    p.add_argument("--mmap", action="store_true", help="keep the packed experts in memory-mapped files the page "
+                   "cache holds: a model larger than free RAM starts and runs, slowly (the first load writes them "
+                   "under $QIUSUO_CACHE, later ones map them)")
     p.add_argument("--quantize", default="native", metavar="SPEC",
                    help="which weights stay packed in memory: 'native' (the checkpoint's own FP8 / FP4 / int4 / int8 "
                    "tensors stay as stored, the rest in --dtype), 'none' (everything in --dtype), a format for every "
@@ -52,7 +55,7 @@ def load_engine(path: str, *, device: str | None = None, dtype: str | None = Non
                 block_size: int = 16, cache_memory: int | None = None, max_model_len: int | None = None,
                 compile: bool = False, threads: int = 0, speculative: str | None = None,
                 draft_tokens: int = 1, quantize: str | dict | None = "native", experts_device: str | None = None,
-                gpu_experts: int = 0, calibration: str | None = None) -> Engine:
+                gpu_experts: int = 0, calibration: str | None = None, mmap: bool = False) -> Engine:
     """The model in folder `path` with its tokenizer and generation_config.json, served by an Engine (`engine.model`,
     `engine.tokenizer`, `engine.generation`).
     device: unset = cuda when available; dtype (weights and cache): unset = bfloat16 on CUDA, float32 on CPU
@@ -67,7 +70,7 @@ def load_engine(path: str, *, device: str | None = None, dtype: str | None = Non
     if gpu_experts and experts_device is None:
         raise ValueError("--gpu-experts keeps some experts on --device beside the rest on --experts-device: give "
                          "--experts-device (e.g. cpu) as well")
-    model = load_model(path, dtype=dt, device=dev, quantize=quantize, experts_device=experts_device)
+    model = load_model(path, dtype=dt, device=dev, quantize=quantize, experts_device=experts_device, mmap=mmap)
     tokenizer = load_tokenizer(path)
     if gpu_experts:
         from qiusuo.quant.placement import CALIBRATION, place_experts, routing_counts
@@ -88,4 +91,4 @@ def engine_from_args(args: argparse.Namespace, max_batch: int) -> Engine:
                        block_size=args.block_size, cache_memory=mem, max_model_len=args.max_model_len,
                        compile=args.compile, threads=args.threads, speculative=args.speculative,
                        draft_tokens=args.draft_tokens, quantize=args.quantize, experts_device=args.experts_device,
-                       gpu_experts=args.gpu_experts, calibration=args.calibration)
+                       gpu_experts=args.gpu_experts, calibration=args.calibration, mmap=args.mmap)
