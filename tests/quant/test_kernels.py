@@ -259,9 +259,10 @@ def test_grouped_mm(fmt, group, counts, path, monkeypatch):
         r0 += c
 
 
-def test_grouped_mm_no_rows():
+def test_grouped_mm_no_rows_or_no_experts():
     q, s = weights("int4", (3,), 40, 64, 32, torch.Generator().manual_seed(6))
     assert grouped_mm(torch.empty(0, 64), torch.zeros(3, dtype=torch.int64), "int4", q, s).shape == (0, 40)
+    assert grouped_mm(torch.empty(0, 64), torch.zeros(0, dtype=torch.int64), "int4", q[:0], s[:0]).shape == (0, 40)
 
 
 # ---- the ops a compiled model calls ----
