@@ -81,12 +81,15 @@ def proc_stat() -> dict[int, list[int]]:
 
 def free_cores(interval: float = 0.2, sample=None) -> tuple[int, int, float]:
     """(cores this process may use, of them free now, cores other processes kept busy) from two `sample`s of the
-    CPU time counters `interval` seconds apart: time spent outside idle, less this process's own. Not the load
+    CPU time counters `interval` seconds apart: time spent outside idle, less this process's own and, when this
+    process is not niced itself, less niced processes' (they give way to us: a background job at nice 19 gets ~1.5%
+    of a core we compete for). Not the load
     average: it trails by a minute, so right after a busy stage (the demo's own corpus preparation, or a neighbour
     that has just exited) it still counted cores that were idle again. Not Linux: every core, none busy."""
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     cores = len(allowed) if allowed is not None else (os.cpu_count() or 1)
     sample = sample or proc_stat
+    niced_yield = not hasattr(os, "nice") or os.nice(0) <= 0  # niced ourselves: other niced work competes equally
     try:
         t0, a = os.times(), sample()
         time.sleep(interval)
@@ -96,8 +99,9 @@ def free_cores(interval: float = 0.2, sample=None) -> tuple[int, int, float]:
     busy = 0.0
     for cpu in allowed if allowed is not None else a:
         x, y = a.get(cpu), b.get(cpu)
-        if x and y:  # busy share of the interval = 1 - (idle + iowait) / all
-            busy += 1 - (y[3] + y[4] - x[3] - x[4]) / max(sum(y) - sum(x), 1)
+        if x and y:  # busy share of the interval = 1 - (idle + iowait [+ nice]) / all
+            yields = y[1] - x[1] if niced_yield else 0  # niced processes' time: they give way to an un-niced us
+            busy += 1 - (yields + y[3] + y[4] - x[3] - x[4]) / max(sum(y) - sum(x), 1)
     own = (t1.user + t1.system - t0.user - t0.system) / max(t1.elapsed - t0.elapsed, 1e-9)
     others = max(0.0, busy - own)
     return cores, max(1, min(cores, int(cores - others + 0.5))), others

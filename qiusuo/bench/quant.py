@@ -270,11 +270,11 @@ def llama_rows(args, base: Transformer, tok, bw: float) -> list[dict]:
         ggufs = {"bf16": bf16}
         for q in ("Q8_0", "Q4_0"):
             ggufs[q] = Path(d) / f"{q}.gguf"
-            lc.quantize(bf16, ggufs[q], q)
+            lc.quantize(bf16, ggufs[q], q, threads=args.threads, pure=True)  # the head too, as our "int4"
         for name, path in ggufs.items():
             size = path.stat().st_size
             for B in args.batch:
-                tps = lc.bench(path, threads=args.threads, n_gen=args.new_tokens * 2, batch=B)["tokens_per_s"]
+                tps = lc.bench(path, threads=args.threads, n_gen=args.new_tokens * 2, batch=B).mean
                 rows.append({"who": "llama.cpp", "format": name, "batch": B, "tokens_per_s": tps,
                              "gguf_bytes": size})
                 print(f"llama.cpp  {name:9s} batch {B:2d}: {tps:8.1f} tokens/s  (GGUF {size / 1e9:.2f} GB)", flush=True)

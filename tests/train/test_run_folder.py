@@ -156,6 +156,11 @@ def test_threads_come_from_the_cores_free_now_not_the_load_average(monkeypatch):
     assert free_cores(0.0, counters(set()))[:2] == (2, 2)
     assert free_cores(0.0, counters({1}))[:2] == (2, 1)
     assert free_cores(0.0, counters({0, 1}))[:2] == (2, 1)  # at least one
+    niced = iter([{c: [0] * 7 for c in (0, 1)}, {0: [0, 100, 0, 0, 0, 0, 0], 1: [0, 0, 0, 100, 0, 0, 0]}] * 2)
+    monkeypatch.setattr(os, "nice", lambda inc: 0)
+    assert free_cores(0.0, lambda: next(niced))[:2] == (2, 2)  # a niced neighbour gives way to us: both cores
+    monkeypatch.setattr(os, "nice", lambda inc: 5)
+    assert free_cores(0.0, lambda: next(niced))[:2] == (2, 1)  # unless we are niced too
     monkeypatch.setattr("qiusuo.runtime.proc_stat", counters(set()))
     assert cpu_threads(0)[0] == 2  # what `cpu_threads` chooses from (the default sample): the idle cores
     assert cpu_threads(3) == (3, "3 threads (--threads 3)")
