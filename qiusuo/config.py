@@ -1,13 +1,15 @@
 """Model configuration: one dataclass with the Hugging Face DeepSeek field names, and the registry of named sizes.
 
 Field names are exactly those of `config.json` in DeepSeek-V2/V3/V4 checkpoints so that a real config loads as is
-(`ModelConfig.from_hf`, which also folds V4's older spellings into the current ones: `compress_ratios`,
-`compress_rate_csa`/`_hca`, `num_hash_layers`, nested `rope_parameters`, `partial_rotary_factor`), and refuses what
-is not a model config rather than filling it with defaults. Moonshot's `kimi_k2` is the V3 architecture under its own
-name; DeepSeek's own inference configs (`dim`, `n_layers`, ...) are read by `from_deepseek_inference` (and
-`config_from_json` takes either). Every size the project talks about lives in `PRESETS`; code never branches on a
-width.
-A leaf: it imports nothing of the model (parameter and cache-bytes counting live in `qiusuo.model.count`).
+(`ModelConfig.from_hf`), and what is not a model config is refused rather than filled with defaults. Other families on
+DeepSeek's architecture (Kimi-K2 and K2.5, GLM-4.7-Flash, Sarvam, Youtu, GLM-5) are rows of `qiusuo.families`,
+which translates their spellings (and V4's older ones: `compress_ratios`, `compress_rate_csa`/`_hca`,
+`num_hash_layers`, nested `rope_parameters`, `partial_rotary_factor`) both ways; `model_type` keeps the family's name
+and `arch` says which DeepSeek architecture it runs as. DeepSeek's own inference configs (`dim`, `n_layers`, ...) are
+read by `from_deepseek_inference` (and `config_from_json` takes either). Every size the project talks about lives in
+`PRESETS`; code never branches on a width.
+A leaf: it imports nothing of the model, only the `qiusuo.families` table (parameter and cache-bytes counting live in
+`qiusuo.model.count`).
 """
 
 from __future__ import annotations
@@ -17,28 +19,26 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from qiusuo.families import CSA, FAMILIES, HCA, SLIDING, family
+
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
-MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "kimi_k2")
-# families that are the DeepSeek-V3 architecture under another name (Moonshot's Kimi-K2 ships `model_type: kimi_k2` with
-# `architectures: ["DeepseekV3ForCausalLM"]`, so engines can tell it apart; the weights and the math are V3's)
-V3_ARCHITECTURE = ("deepseek_v3", "deepseek_v32", "kimi_k2")
 # a Hugging Face config.json of each family must name these: a missing one would silently take our small defaults
 REQUIRED_HF = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts")
 REQUIRED_HF_MOE = ("moe_intermediate_size", "num_experts_per_tok")
 REQUIRED_HF_V4 = ("hidden_size", "num_hidden_layers", "num_attention_heads")  # the rest: transformers' V4 defaults
-# DeepSeek-V4's per-layer kinds, in transformers' names (`layer_types`, `mlp_layer_types`)
-SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 V4_ATTENTION_KINDS = (SLIDING, CSA, HCA)
 V4_MLP_KINDS = ("hash_moe", "moe")
+INDEXER_TYPES = ("full", "shared")  # GLM-5's per-layer indexer: its own top-k, or the previous full layer's
 
 
 @dataclass
 class ModelConfig:
     """A DeepSeek-V2/V3 architecture. Defaults are a small V3-style model."""
 
-    model_type: str = "deepseek_v3"  # one of MODEL_TYPES: checkpoint family, sets routing defaults (kimi_k2 = V3's)
+    model_type: str = "deepseek_v3"  # a row of `qiusuo.families.FAMILIES`: the checkpoint family, whose `arch` sets
+    # the math and the routing defaults (kimi_k2, kimi_k25, glm4_moe_lite, sarvam_mla, youtu: V3; glm_moe_dsa: V3.2)
     vocab_size: int = 8192
     hidden_size: int = 256  # residual width D
     intermediate_size: int = 768  # width of the dense MLP in the first `first_k_dense_replace` layers
@@ -95,9 +95,15 @@ class ModelConfig:
     index_n_heads: int = 64  # lightning indexer (CSA layers)
     index_head_dim: int = 128
     index_topk: int = 512  # compressed entries each query keeps
+    # ---- DeepSeek-V3.2's indexer variants (GLM-5, `glm_moe_dsa`): the same index_* fields, and
+    index_rope_interleave: bool = False  # rotary on interleaved pairs in the indexer (GLM-5); False: V3.2's halves
+    indexer_types: list[str] | None = None  # per layer "full" | "shared" (reuse the previous full layer's top-k)
+    # ---- a multimodal wrapper's own config.json keys (Kimi-K2.5's vision_config, media token ids), written back
+    # around this text config on export; qiusuo runs the text model only
+    wrapper: dict | None = None
 
     def __post_init__(self) -> None:
-        v3 = self.model_type in (*V3_ARCHITECTURE, "deepseek_v4")
+        v3 = self.arch in ("deepseek_v3", "deepseek_v32", "deepseek_v4")
         if self.topk_method is None:
             self.topk_method = "noaux_tc" if v3 else "greedy"
         if self.scoring_func is None:
@@ -106,6 +112,8 @@ class ModelConfig:
             self.use_mhc = self.is_v4
         if self.mlp_layer_types is not None:
             self.mlp_layer_types = list(self.mlp_layer_types)
+        if self.indexer_types is not None:
+            self.indexer_types = list(self.indexer_types)
         if self.is_v4:
             n = self.num_hidden_layers
             if self.compress_rates is None:
@@ -125,13 +133,24 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- derived sizes
     @property
+    def arch(self) -> str:
+        """The DeepSeek architecture this family runs as (`qiusuo.families.ARCHS`)."""
+        return FAMILIES[self.model_type].arch if self.model_type in FAMILIES else "deepseek_v3"
+
+    @property
     def is_v4(self) -> bool:
-        return self.model_type == "deepseek_v4"
+        return self.arch == "deepseek_v4"
 
     @property
     def is_v32(self) -> bool:
-        """DeepSeek-V3.2: V3 with sparse attention (the `dsa` attention kind)."""
-        return self.model_type == "deepseek_v32"
+        """DeepSeek-V3.2 (and GLM-5): V3 with sparse attention (the `dsa` attention kind)."""
+        return self.arch == "deepseek_v32"
+
+    def shares_topk(self, layer_idx: int) -> bool:
+        """Layer `layer_idx` reuses the previous full layer's top-k (GLM-5's "shared" indexer layers; MTP blocks,
+        past num_hidden_layers, run their own)."""
+        types = self.indexer_types
+        return bool(types) and layer_idx < len(types) and types[layer_idx] == "shared"
 
     def compress_rate(self, kind: str) -> int:
         """Tokens pooled into one compressed entry by a V4 layer of `kind` (CSA or HCA)."""
@@ -179,8 +198,11 @@ class ModelConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: {why}")
 
-        if self.model_type not in MODEL_TYPES:
-            raise bad("model_type", f"unsupported; use one of {MODEL_TYPES}")
+        if self.model_type not in FAMILIES:
+            try:
+                family(self.model_type)
+            except ValueError as e:
+                raise bad("model_type", str(e).removeprefix("config.json ")) from None
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                      "qk_rope_head_dim", "v_head_dim", "max_position_embeddings"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
@@ -222,6 +244,16 @@ class ModelConfig:
                     raise bad(name, "must be a positive integer (DeepSeek-V3.2's indexer)")
             if self.index_head_dim < self.qk_rope_head_dim:
                 raise bad("index_head_dim", f"must be >= qk_rope_head_dim={self.qk_rope_head_dim}")
+            types = self.indexer_types
+            if types is not None:
+                if len(types) != self.num_hidden_layers or any(t not in INDEXER_TYPES for t in types):
+                    raise bad("indexer_types", f"needs one of {INDEXER_TYPES} per layer ({self.num_hidden_layers})")
+                if types and types[0] != "full":
+                    raise bad("indexer_types", "the first layer must be 'full': a 'shared' layer reuses the top-k of "
+                                               "the full layer before it")
+        elif self.indexer_types is not None or self.index_rope_interleave:
+            raise bad("indexer_types" if self.indexer_types is not None else "index_rope_interleave",
+                      "is a DeepSeek-V3.2 indexer setting; this model has no indexer")
         if not self.is_moe:
             return
         e = self.n_routed_experts
@@ -315,12 +347,14 @@ class ModelConfig:
     # ---------------------------------------------------------------- Hugging Face config.json
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Read a Hugging Face `config.json` dict: the hub form (`rope_theta` + `rope_scaling`) or the
-        transformers-5 form (`rope_parameters`). Unknown keys (`architectures`, `quantization_config`, ...) are
-        ignored. Refused with a ValueError naming what is wrong: a dict that is not a model config (no or an unknown
-        `model_type`), one whose shape fields are missing (they would silently take this class's small defaults;
-        `REQUIRED_HF`, V4: `REQUIRED_HF_V4` with transformers' defaults for the rest), and DeepSeek's own inference
-        configs (`dim`, `n_layers`, ...: read those with `from_deepseek_inference`)."""
+        """Read a Hugging Face `config.json` dict of any family in `qiusuo.families.FAMILIES`: the family's spelling
+        is translated by its row (`rename`, then `fill` with its transformers defaults), then the hub form
+        (`rope_theta` + `rope_scaling`) or the transformers-5 form (`rope_parameters`). Unknown keys
+        (`architectures`, `quantization_config`, ...) are ignored. Refused with a ValueError naming what is wrong: a
+        dict that is not a model config (no `model_type`; an unknown or `REFUSED` one, with the reason), one whose
+        shape fields are missing (they would silently take this class's small defaults; `REQUIRED_HF`, V4:
+        `REQUIRED_HF_V4` with transformers' defaults for the rest), and DeepSeek's own inference configs (`dim`,
+        `n_layers`, ...: read those with `from_deepseek_inference`)."""
         if not isinstance(d, dict):
             raise ValueError(f"a Hugging Face config.json is a JSON object, got {type(d).__name__}")
         if "model_type" not in d:
@@ -330,21 +364,17 @@ class ModelConfig:
                                  "of the Hugging Face checkpoint, or ModelConfig.from_deepseek_inference() for this "
                                  "format")
             raise ValueError("config.json has no model_type: not a Hugging Face model config (qiusuo reads "
-                             f"{', '.join(MODEL_TYPES)}); pass the checkpoint's own config.json")
-        d = dict(d)
+                             f"{', '.join(FAMILIES)}); pass the checkpoint's own config.json")
         mt = d["model_type"]
-        if mt not in MODEL_TYPES:
-            raise ValueError(f"config.json model_type={mt!r} is not supported; qiusuo loads {', '.join(MODEL_TYPES)}")
-        required = REQUIRED_HF_V4 if mt == "deepseek_v4" else REQUIRED_HF + (
+        fam = family(mt)
+        d = fam.rename(dict(d))
+        required = REQUIRED_HF_V4 if fam.arch == "deepseek_v4" else REQUIRED_HF + (
             REQUIRED_HF_MOE if d.get("n_routed_experts") else ())
         missing = [k for k in required if k not in d]
         if missing:
             raise ValueError(f"config.json (model_type={mt!r}) lacks {', '.join(missing)}: a {mt} config.json names "
                              f"them all; is this the checkpoint's complete config.json?")
-        if mt == "deepseek_v4":
-            d = _v4_hf_fields(d)
-        if mt == "deepseek_v32":
-            d = _v32_hf_fields(d)
+        d = fam.fill(d)
         rp = d.pop("rope_parameters", None)
         if rp:
             rp = dict(rp)
@@ -362,14 +392,19 @@ class ModelConfig:
                 rs = None
             else:
                 rs["type"] = kind
+                rs.pop("partial_rotary_factor", None)  # checked by the family (GLM: must be 1)
             d["rope_scaling"] = rs
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
         for tok in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if isinstance(kwargs.get(tok), list):  # some configs list several eos ids; keep the first
                 kwargs[tok] = kwargs[tok][0]
-        if mt == "deepseek_v2" and d.get("topk_method") == "noaux_tc":
+        if fam.arch == "deepseek_v2" and d.get("topk_method") == "noaux_tc":
             kwargs["scoring_func"] = kwargs.get("scoring_func") or "sigmoid"
+        if fam.arch != "deepseek_v4":  # V4 fields other families' configs spell for themselves (a derived head_dim,
+            kwargs.pop("head_dim", None)  # GLM-5's layer_types naming its attention), which mean nothing here
+            kwargs.pop("layer_types", None)
+        kwargs["model_type"] = mt
         return cls(**kwargs)
 
     @classmethod
@@ -407,22 +442,25 @@ class ModelConfig:
             num_nextn_predict_layers=0)
 
     def to_hf(self) -> dict[str, Any]:
-        """The hub form of `config.json` (what DeepSeek ships), loadable by transformers 5 as well."""
+        """`config.json` as the family ships it (its row's `write`, its own `model_type` and `architectures`), from
+        the hub form of its DeepSeek architecture (what DeepSeek ships), loadable by transformers 5 as well."""
+        fam = FAMILIES[self.model_type]
         if self.is_v4:
-            return self._v4_to_hf()
-        # V4-only fields stay out, except the recipe switches this model uses (then it is ours alone)
-        used = {"swiglu_limit": self.swiglu_limit is not None, "mlp_layer_types": self.mlp_layer_types is not None,
-                **{k: bool(self.use_mhc) for k in ("hc_mult", "hc_sinkhorn_iters", "hc_eps")},
-                **{k: self.is_v32 for k in ("index_n_heads", "index_head_dim", "index_topk")}}
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in V4_ONLY or used.get(k)}
-        if not self.use_mhc:
-            d.pop("use_mhc")
-        v3 = self.model_type in V3_ARCHITECTURE  # Kimi-K2 ships as DeepseekV3ForCausalLM with its own model_type
-        d["architectures"] = ["DeepseekV32ForCausalLM" if self.is_v32 else "DeepseekV3ForCausalLM" if v3
-                              else "DeepseekV2ForCausalLM"]
-        d["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
-        d["n_routed_experts"] = self.n_routed_experts
-        return d
+            d = self._v4_to_hf()
+        else:
+            # V4-only fields stay out, except the recipe switches this model uses (then it is ours alone)
+            used = {"swiglu_limit": self.swiglu_limit is not None, "mlp_layer_types": self.mlp_layer_types is not None,
+                    **{k: bool(self.use_mhc) for k in ("hc_mult", "hc_sinkhorn_iters", "hc_eps")},
+                    **{k: self.is_v32 for k in ("index_n_heads", "index_head_dim", "index_topk")},
+                    "indexer_types": self.indexer_types is not None,
+                    "index_rope_interleave": self.index_rope_interleave, "wrapper": self.wrapper is not None}
+            d = {k: v for k, v in dataclasses.asdict(self).items() if k not in V4_ONLY or used.get(k)}
+            if not self.use_mhc:
+                d.pop("use_mhc")
+            d["num_key_value_heads"] = self.num_key_value_heads or self.num_attention_heads
+            d["n_routed_experts"] = self.n_routed_experts
+        d["architectures"] = [fam.architectures]
+        return fam.write(d)
 
     def _v4_to_hf(self) -> dict[str, Any]:
         keys = ("vocab_size", "hidden_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -434,7 +472,7 @@ class ModelConfig:
                 "hc_mult", "hc_sinkhorn_iters", "hc_eps", "o_groups", "o_lora_rank", "index_n_heads",
                 "index_head_dim", "index_topk")
         d = {k: getattr(self, k) for k in keys}
-        d.update(model_type="deepseek_v4", architectures=["DeepseekV4ForCausalLM"], num_key_value_heads=1,  # mHC implied
+        d.update(model_type=self.model_type, num_key_value_heads=1,  # mHC implied
                  partial_rotary_factor=self.qk_rope_head_dim / self.head_dim)
         return d
 
@@ -459,72 +497,11 @@ def config_from_json(d: dict[str, Any]) -> ModelConfig:
     return ModelConfig.from_hf(d)
 
 
-# fields only V4 reads: a V2/V3 config.json leaves them out (transformers' V3 would take `head_dim` as its own)
+# fields a V2/V3 config.json leaves out unless this model uses them (transformers' V3 would take `head_dim` as its
+# own): V4's, and the V3.2 indexer variants' and wrappers' (`to_hf`'s `used`)
 V4_ONLY = ("head_dim", "sliding_window", "layer_types", "compress_rates", "compress_rope_theta", "mlp_layer_types",
            "hc_mult", "hc_sinkhorn_iters", "hc_eps", "o_groups", "o_lora_rank", "index_n_heads", "index_head_dim",
-           "index_topk", "swiglu_limit")
-_COMPRESS_RATIO_KEYS = {"compress_rate_csa": CSA, "compress_rate_hca": HCA}
-
-
-def _v32_hf_fields(d: dict[str, Any]) -> dict[str, Any]:
-    """A DeepSeek-V3.2 `config.json` -> our fields: transformers' `mlp_layer_types` ("dense" then "sparse") is
-    V3's `first_k_dense_replace`; the indexer's defaults are transformers' (64 heads of 128, top-2048)."""
-    d = {"index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048, **d}
-    kinds = d.pop("mlp_layer_types", None)
-    if kinds is not None:
-        dense = next((i for i, k in enumerate(kinds) if k != "dense"), len(kinds))
-        if any(k != "sparse" for k in kinds[dense:]):
-            raise ValueError(f"config.json mlp_layer_types {kinds}: DeepSeek-V3.2 has dense layers, then sparse ones")
-        d["first_k_dense_replace"] = dense
-    return d
-
-
-def _v4_hf_fields(d: dict[str, Any]) -> dict[str, Any]:
-    """A DeepSeek-V4 `config.json` in any published spelling -> our field names (a new dict). transformers'
-    defaults fill what is absent (`DeepseekV4Config`)."""
-    d = {"swiglu_limit": 10.0, "routed_scaling_factor": 1.5, "norm_topk_prob": True, "num_nextn_predict_layers": 1,
-         "q_lora_rank": 1024, "hidden_size": 4096, "num_hidden_layers": 43, "num_attention_heads": 64,
-         "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 6,
-         "vocab_size": 129280, "max_position_embeddings": 1048576, "bos_token_id": 0, "eos_token_id": 1, **d}
-    d.update(first_k_dense_replace=0, n_group=1, topk_group=1, topk_method="noaux_tc")
-    n = d["num_hidden_layers"]
-    rates = dict(d.get("compress_rates") or {CSA: 4, HCA: 128})
-    for key, kind in _COMPRESS_RATIO_KEYS.items():
-        if d.get(key) is not None:
-            rates[kind] = d[key]
-    d["compress_rates"] = rates
-    ratios = d.get("compress_ratios")
-    if d.get("layer_types") is None and ratios is not None:
-        if not isinstance(ratios, list) or len(ratios) not in (n, n + int(d["num_nextn_predict_layers"] or 0)):
-            raise ValueError(f"config.json compress_ratios has {len(ratios) if isinstance(ratios, list) else ratios!r}"
-                             f" entries; num_hidden_layers={n} needs one per layer (plus one per MTP layer)")
-        by_rate = {0: SLIDING, 1: SLIDING, rates[CSA]: CSA, rates[HCA]: HCA}
-        bad = [r for r in ratios[:n] if r not in by_rate]
-        if bad:
-            raise ValueError(f"config.json compress_ratios holds {bad[0]!r}: each must be 0 (sliding window only), "
-                             f"{rates[CSA]} (compress_rate_csa) or {rates[HCA]} (compress_rate_hca)")
-        d["layer_types"] = [by_rate[r] for r in ratios[:n]]
-    if d.get("mlp_layer_types") is None and d.get("num_hash_layers") is not None:
-        h = d["num_hash_layers"]
-        d["mlp_layer_types"] = ["hash_moe"] * min(n, h) + ["moe"] * max(0, n - h)
-    if d.get("qk_rope_head_dim") is None:
-        d["qk_rope_head_dim"] = int(d.get("head_dim", 512) * (d.get("partial_rotary_factor") or 64 / 512))
-    rp = d.get("rope_parameters")
-    if isinstance(rp, dict) and isinstance(rp.get("main"), dict):  # transformers 5: {"main": ..., "compress": ...}
-        d["rope_theta"] = rp["main"].get("rope_theta", d.get("rope_theta", 10000.0))
-        d["compress_rope_parameters"] = rp.get("compress") or {}
-        d.pop("rope_parameters")
-    crp = d.pop("compress_rope_parameters", None)
-    if isinstance(crp, dict):
-        crp = dict(crp)
-        d["compress_rope_theta"] = crp.pop("rope_theta", d.get("compress_rope_theta", 160000.0))
-        crp.pop("partial_rotary_factor", None)
-        crp.pop("attention_factor", None)  # V4 always uses 1 (`rotaries`); transformers writes it out
-        if crp.get("rope_type", crp.get("type", "default")) != "default":
-            d["rope_scaling"] = crp
-    return d
-
-
+           "index_topk", "swiglu_limit", "indexer_types", "index_rope_interleave", "wrapper")
 def yarn_get_mscale(scale: float = 1.0, mscale: float = 1.0) -> float:
     if scale <= 1:
         return 1.0

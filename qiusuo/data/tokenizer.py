@@ -13,6 +13,10 @@ the way `transformers` does: a sandboxed Jinja environment with `trim_blocks`/`l
 `raise_exception`, `strftime_now` and the special tokens as variables. `TiktokenTokenizer` reads the folders Moonshot
 ships for Kimi-K2 and Moonlight (`tiktoken.model`, no tokenizer.json) behind the same interface (`ChatTokenizer`).
 
+A folder with no chat template whose config.json is DeepSeek-V3.2 or V4 (families whose model repositories ship
+Python encoders instead: `qiusuo.families` row `chat`) renders chats with `qiusuo.data.deepseek_encoding`, behind the
+same `apply_chat_template` / `encode_chat`.
+
 Control tokens (every special token, and the added tokens written as tags, `<...>` or `[...]`, which DeepSeek stores as
 *non-special* added tokens: `<｜User｜>`, `<think>`, the tool-call markers) are never produced from text a caller
 marks as plain (`parse_special=False`), and `encode_chat` treats every string inside the messages that way: only the
@@ -38,6 +42,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from qiusuo.families import FAMILIES
 from qiusuo.io import write_atomic
 
 log = logging.getLogger("qiusuo.tokenizer")
@@ -93,6 +98,17 @@ def _read_config(path: Path) -> dict:
     return {**config, "chat_template": template}
 
 
+def _family_encoding(path: Path) -> str | None:
+    """The chat encoding the model family in the folder's config.json prescribes when it ships no chat template
+    (DeepSeek-V3.2, V4: `qiusuo.families`), or None (no config.json, another family, unreadable)."""
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    fam = FAMILIES.get(model_type) if isinstance(model_type, str) else None
+    return fam.chat if fam else None
+
+
 class Trusted(str):
     """A string whose control-token text is meant (markup a caller writes, such as a tool block for the system
     prompt), assembled from `parts`, (text, trusted) pairs: `encode_chat` keeps the markers of the trusted parts and
@@ -125,9 +141,12 @@ class ChatTokenizer:
     default of `encode(add_bos=None)`, as transformers' `tokenizer(text)` adds BOS for DeepSeek's folders."""
 
     def __init__(self, *, bos_token=None, eos_token=None, pad_token=None, chat_template=None,
-                 control: dict[str, int] | None = None, special_ids: Iterable[int] = (), add_bos_token: bool = False):
+                 control: dict[str, int] | None = None, special_ids: Iterable[int] = (), add_bos_token: bool = False,
+                 chat_encoding: str | None = None):
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.chat_template = chat_template
+        # DeepSeek's Python encoding (`deepseek_encoding.ENCODINGS`) for a folder that ships no template
+        self.chat_encoding = chat_encoding if chat_template is None else None
         self.add_bos_token = bool(add_bos_token)
         self.special_ids = set(special_ids)
         self.control = dict(control or {})
@@ -135,6 +154,11 @@ class ChatTokenizer:
         by_length = sorted(self.control, key=len, reverse=True)
         self._control_re = re.compile("|".join(map(re.escape, by_length))) if by_length else None
         self._template = None  # compiled on first use: most users never render a chat
+
+    @property
+    def has_chat_format(self) -> bool:
+        """Whether chats can be rendered: a chat template, or DeepSeek's encoding for its V3.2 / V4 folders."""
+        return self.chat_template is not None or self.chat_encoding is not None
 
     @property
     def bos_id(self) -> int | None:
@@ -170,7 +194,19 @@ class ChatTokenizer:
         that `add_generation_prompt` defaults to True (every caller here renders a prompt to reply to; transformers
         defaults to False). kwargs become template variables (`tools`, `thinking`, ...) and may override
         `bos_token`/`eos_token`/`pad_token`. Encoding the string parses every marker in it, the messages' included:
-        to feed text from users to a model, use `encode_chat`."""
+        to feed text from users to a model, use `encode_chat`.
+
+        With DeepSeek's encoding instead of a template (`chat_encoding`): kwargs `tools`, `thinking` (or
+        `enable_thinking`: the reply opens in thinking mode, else chat mode) and `reasoning_effort` ("high", "max";
+        other values mean the default, as vLLM treats them) are read, and a user turn always ends by opening the
+        assistant's reply, as DeepSeek's encoder writes it (`add_generation_prompt` does not apply)."""
+        if self.chat_template is None and self.chat_encoding is not None:
+            from qiusuo.data.deepseek_encoding import encode
+
+            effort = kwargs.get("reasoning_effort")  # DeepSeek's encoder knows "high" and "max"; others: default
+            return encode(self.chat_encoding, list(messages), tools=kwargs.get("tools"),
+                          thinking=bool(kwargs.get("thinking") or kwargs.get("enable_thinking")),
+                          reasoning_effort=effort if effort in ("high", "max") else None)
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat_template; add one to tokenizer_config.json")
         if self._template is None:
@@ -214,7 +250,7 @@ class ChatTokenizer:
         message's text (DeepSeek's `<｜end▁of▁sentence｜>`, Kimi's `<|im_end|>`, our `<|end|>`), found by rendering a
         probe conversation rather than from a fixed list of names."""
         ids = {self.eos_id} - {None}
-        if self.chat_template and self._control_re:
+        if self.has_chat_format and self._control_re:
             probe = f"\ue000{secrets.token_hex(4)}\ue001"
             try:
                 text = self.apply_chat_template([{"role": "user", "content": "hi"},
@@ -246,6 +282,7 @@ class Tokenizer(ChatTokenizer):
         chat_template: str | None = None,
         extra_special_tokens: Iterable[str] = (),
         add_bos_token: bool = False,
+        chat_encoding: str | None = None,
     ):
         self._hf = hf
         added = hf.get_added_tokens_decoder()
@@ -255,7 +292,8 @@ class Tokenizer(ChatTokenizer):
         control = {t.content: i for i, t in added.items() if i in special_ids or _TAG.fullmatch(t.content)}
         control |= {t: hf.token_to_id(t) for t in specials if hf.token_to_id(t) is not None}
         super().__init__(bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, chat_template=chat_template,
-                         control=control, special_ids=special_ids, add_bos_token=add_bos_token)
+                         control=control, special_ids=special_ids, add_bos_token=add_bos_token,
+                         chat_encoding=chat_encoding)
         self._plain = None  # built on first use by _plain_hf
 
     # ---- construction ----
@@ -300,7 +338,8 @@ class Tokenizer(ChatTokenizer):
     def from_dir(cls, path: str | os.PathLike) -> ChatTokenizer:
         """Read a Hugging Face tokenizer folder: `tokenizer.json`, and optionally `tokenizer_config.json` and
         `chat_template.jinja`; a folder with `tiktoken.model` instead (Kimi-K2, Moonlight) gives a
-        `TiktokenTokenizer`."""
+        `TiktokenTokenizer`. Without a chat template, the folder's config.json family may bring DeepSeek's
+        encoding (`_family_encoding`)."""
         path = Path(path)
         if not (path / "tokenizer.json").is_file():
             if (path / "tiktoken.model").is_file():
@@ -324,6 +363,7 @@ class Tokenizer(ChatTokenizer):
             chat_template=config["chat_template"],
             extra_special_tokens=[t["content"] for t in decoder.values() if t.get("special")],
             add_bos_token=config.get("add_bos_token", False),
+            chat_encoding=_family_encoding(path) if config["chat_template"] is None else None,
         )
 
     def save(self, path: str | os.PathLike) -> None:

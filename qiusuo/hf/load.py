@@ -15,7 +15,8 @@ inspect` reports: float32, float8_e8m0fnu and uint8 (e8m0 bytes) scales all deco
 `quantization_config` is checked: `quant_method` must be DeepSeek's "fp8" (another method, such as Kimi-K2-Thinking's
 INT4 "compressed-tensors", stores tensors this loader would misread), `scale_fmt` "ue8m0" or absent (float32).
 Tensors that carry no weights (`rotary_emb.inv_freq`: Kimi-K2 and older exports save the rotary table, which is
-rebuilt from config.json) are skipped with a logged line. `read_generation_config` reads generation_config.json.
+rebuilt from config.json) and those of parts qiusuo does not run (the family row's `skip`: Kimi-K2.5's vision tower and
+projector) are skipped with a logged line. `read_generation_config` reads generation_config.json.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qiusuo.config import ModelConfig
+from qiusuo.families import FAMILIES
 from qiusuo.hf.fp4 import GROUP
 from qiusuo.hf.fp8 import BLOCK, scale_shape
 from qiusuo.hf.names import Slot, checkpoint_layouts
@@ -295,6 +297,13 @@ def plan(path: str | Path, dtype=None, load_mtp: bool = True) -> Plan:
                  len(skipped), skipped[0])
         for n in skipped:
             entries.pop(n)
+    parts = FAMILIES[cfg.model_type].skip
+    unrun = [n for n in entries if parts and n.startswith(parts)]
+    if unrun:
+        log.info("%s: skipping %d tensor(s) of parts qiusuo does not run (%s, ...): the %s text model is loaded", path,
+                 len(unrun), unrun[0], cfg.model_type)
+        for n in unrun:
+            entries.pop(n)
     _compressed_names(entries, path)
     dtype = parse_dtype(dtype) or default_dtype(raw, entries)
     block = _block_size(raw, path)
@@ -355,7 +364,7 @@ def _check(path: Path, model: Transformer, form: str, layout: dict[str, Slot], w
     """Every name, shape, dtype and scale against the model, raising `CheckpointError` at the first problem.
     Returns how each weight is stored."""
     cfg, meta = model.cfg, model.state_dict()
-    arch = model.cfg.to_hf()["architectures"][0]
+    arch = FAMILIES[cfg.model_type].architectures
     for name, e in weights.items():
         if name not in layout:
             raise CheckpointError(f"{e.file}: unexpected tensor {name!r}: a {arch} with this config.json has no such "

@@ -13,6 +13,8 @@ V2/V3: our names are the hub's (transformers') without the `model.` prefix, exce
 V4: DeepSeek's own names (`embed.weight`, `layers.N.attn.wq_a.weight`, `layers.N.ffn.experts.J.w1.weight`,
 `mtp.K.e_proj.weight`, ...), the table in `qiusuo.hf.names_v4`; experts split as above into w1 (gate), w3 (up),
 w2 (down).
+Other families on these architectures use the same names behind their row's `prefix` (`qiusuo.families`: Kimi-K2.5's
+text model is `language_model.model.layers.N...`, `language_model.lm_head.weight`).
 
 `checkpoint_layouts` adds the other spellings a checkpoint may come in, for the loader only.
 """
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from qiusuo.families import FAMILIES
 from qiusuo.hf import names_v4
 from qiusuo.hf.fp8 import is_quantizable
 
@@ -124,7 +127,8 @@ def hf_layout(model: nn.Module) -> dict[str, Slot]:
         mtp[hub + "embed_tokens.weight"] = Slot("embed_tokens.weight", copy=True)
         mtp[hub + "shared_head.head.weight"] = Slot("lm_head.weight", copy=True)
     layout.update(mtp)
-    return layout
+    prefix = FAMILIES[cfg.model_type].prefix
+    return {prefix + name: slot for name, slot in layout.items()} if prefix else layout
 
 
 def scale_name(model: nn.Module, name: str) -> str:

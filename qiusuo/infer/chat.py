@@ -1,4 +1,7 @@
-"""`qiusuo chat`: an interactive conversation on the engine, with the tokenizer's chat template.
+"""`qiusuo chat`: an interactive conversation on the engine, with the tokenizer's chat template (or, for DeepSeek-V3.2
+and V4 folders, which ship none, DeepSeek's encoding: `qiusuo.data.deepseek_encoding`). `--thinking` opens each reply
+in thinking mode (the `thinking` variable DeepSeek's templates read; the encodings' thinking mode); with an encoding,
+a reply's reasoning is kept apart from its text in the conversation, as DeepSeek's encoder expects past turns.
 
 The whole conversation is re-sent each turn: the previous turn's prompt blocks are still in the engine's prefix
 cache, so only the new tokens are prefilled (the cached count is shown after each reply).
@@ -8,7 +11,7 @@ interrupt to the end of the step it lands in) and returns to the prompt; that tu
 conversation. At the prompt, Ctrl-D or /exit ends the session (code 0), Ctrl-C too, as an interrupt (130).
 
 A base model is named at the start, so its code soup does not look like a broken chat. The rule: the tokenizer has
-no chat template (then there is nothing to chat in: error), or the folder was exported by a pretraining run. A run
+no chat format (no template, no encoding: then there is nothing to chat in: error), or the folder was exported by a pretraining run. A run
 writes its exact config as run.toml in its folder and exports the model to RUN/model (a checkpoint,
 RUN/checkpoints/step_N, holds its own run.toml); the run was `qiusuo sft` when `[sft] data` is set and `qiusuo grpo`
 when `[grpo] model` is, else it was pretraining. A folder without a run.toml (a hub model, a copy) is not judged:
@@ -24,11 +27,16 @@ from pathlib import Path
 
 from qiusuo.infer.generate import add_sampling_args, print_delta, start
 from qiusuo.infer.load import add_engine_args
+from qiusuo.infer.output import ThinkSplitter
+from qiusuo.infer.tools import REASONING_ENDS
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
     add_engine_args(p)
     p.add_argument("--system", default=None, help="system message that opens the conversation")
+    p.add_argument("--thinking", action="store_true", help="open each reply in thinking mode (default: chat mode)")
+    p.add_argument("--reasoning-effort", choices=("high", "max"), default=None,
+                   help="DeepSeek-V4's reasoning effort in thinking mode (default: the model's, high)")
     add_sampling_args(p, temperature=0.7, top_p=0.95)
 
 
@@ -51,7 +59,8 @@ def main(args: argparse.Namespace) -> int:
     if started is None:
         return 2
     params, engine = started
-    if engine.tokenizer.chat_template is None:
+    tok = engine.tokenizer
+    if not tok.has_chat_format:
         print(f"qiusuo chat: {args.model}'s tokenizer has no chat template, so there is no chat format to talk in "
               f"(a base model); continue text with qiusuo generate --model {args.model} --prompt TEXT", file=sys.stderr)
         return 2
@@ -76,7 +85,10 @@ def main(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line})
-        prompt = engine.tokenizer.encode_chat(messages)  # markers typed by the user stay plain text
+        mode = {"thinking": True} if args.thinking else {}
+        if args.reasoning_effort:
+            mode["reasoning_effort"] = args.reasoning_effort
+        prompt = tok.encode_chat(messages, **mode)  # markers typed by the user stay plain text
         try:
             out = engine.generate([prompt], params, progress=print_delta)[0]
         except ValueError as e:  # the conversation outgrew the context
@@ -87,6 +99,17 @@ def main(args: argparse.Namespace) -> int:
             print("\n[reply stopped; this turn is left out of the conversation]", file=sys.stderr)
             messages.pop()
             continue
-        messages.append({"role": "assistant", "content": out.outputs[0].text})
+        messages.append(_assistant_turn(tok, prompt, out.outputs[0].text))
         print(f"\n[{out.usage.completion_tokens} tokens; {out.usage.cached_tokens} of {out.usage.prompt_tokens} "
               f"prompt tokens from the cache]", file=sys.stderr)
+
+
+def _assistant_turn(tok, prompt: list[int], text: str) -> dict:
+    """The reply as the conversation keeps it: with DeepSeek's encodings its reasoning apart (`reasoning_content`),
+    which the encoder drops from earlier turns or writes back before `</think>`; with a template, the text as it
+    came (the templates split it themselves)."""
+    if tok.chat_encoding is None:
+        return {"role": "assistant", "content": text}
+    opened = tok.decode(prompt[-8:]).rstrip().endswith("<think>")
+    reasoning, content = ThinkSplitter(opened, REASONING_ENDS.get(tok.chat_encoding, ())).feed(text, final=True)
+    return {"role": "assistant", "content": content, **({"reasoning_content": reasoning} if opened else {})}

@@ -9,6 +9,10 @@ going out.
 The engine is single-threaded at heart: `step()` does all the work. `generate()` drives it in the caller's
 thread; `start()` runs it in a background thread for the server, which submits requests and aborts through
 thread-safe queues and streams results with `stream()` (an async iterator).
+
+A request that asks for `prompt_logprobs` is scored first (`ModelRunner.score`, a forward of its own, at the start
+of the step that takes it in), then joins the scheduler like any other; with `max_tokens` 0 it ends there.
+Requests that do not ask never meet that path.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import AsyncIterator, Callable, Iterator
 import torch
 
 from qiusuo.hf.load import GenerationConfig
-from qiusuo.infer.output import Completion, Delta, RequestOutput, Usage, close, completions, process
+from qiusuo.infer.output import Completion, Delta, PromptLogprobs, RequestOutput, Usage, close, completions, process
 from qiusuo.infer.paged import BlockPool, block_bytes, check_servable, state_bytes
 from qiusuo.infer.paged_window import window_block_size
 from qiusuo.infer.runner import ModelRunner
@@ -33,7 +37,7 @@ from qiusuo.infer.sampling import Sampled, SamplingParams
 from qiusuo.infer.scheduler import Scheduler, pool_blocks
 from qiusuo.infer.sequence import Request, Sequence
 
-__all__ = ["Completion", "Delta", "Engine", "RequestOutput", "Usage"]
+__all__ = ["Completion", "Delta", "Engine", "PromptLogprobs", "RequestOutput", "Usage"]
 
 
 SPECULATIVE = ("mtp",)  # draft sources
@@ -125,9 +129,12 @@ class Engine:
         self.scheduler = Scheduler(self.pool, max_batch)
         self.runner = ModelRunner(model, self.pool, max_batch=max_batch, max_model_len=self.max_model_len,
                                   max_prefill_tokens=max_prefill_tokens, compile=compile, draft_tokens=K)
-        # end of a reply: EOS and the template's end-of-turn token (`tokenizer.stop_ids`), generation_config's eos ids
-        self.stop_ids = set(tokenizer.stop_ids) | set(self.generation.eos_token_ids)
+        # where transformers' `generate` stops: EOS and generation_config's eos ids; the end of a reply adds the
+        # template's end-of-turn token (`tokenizer.stop_ids`), unless a request turns that off (`stop_at_turn_end`)
+        self.eos_ids = {tokenizer.eos_id} - {None} | set(self.generation.eos_token_ids)
+        self.stop_ids = set(tokenizer.stop_ids) | self.eos_ids
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Request) | ("abort", request id)
+        self.scoring: list[Request] = []  # taken in, their prompt logprobs not yet computed
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stop = False
@@ -163,13 +170,15 @@ class Engine:
             raise ValueError(f"this model's context is {self.max_model_len} tokens, but the prompt has {prompt_len} "
                              f"and max_tokens is {params.max_tokens}; shorten the prompt or lower max_tokens")
 
-    def submit(self, prompt: str | list[int], params: SamplingParams, sink: Callable[[Delta | Usage], None],
-               request_id: str | None = None) -> str:
-        """Queue a request; `sink` gets each Delta and finally a Usage (called from the engine's thread)."""
+    def submit(self, prompt: str | list[int], params: SamplingParams,
+               sink: Callable[[PromptLogprobs | Delta | Usage], None], request_id: str | None = None) -> str:
+        """Queue a request; `sink` gets its PromptLogprobs (when asked), each Delta and finally a Usage (called
+        from the engine's thread)."""
         ids = self.encode_prompt(prompt)
         self.check_fits(len(ids), params)
         rid = request_id or f"req-{next(self._ids)}"
-        self._inbox.put(("add", Request(rid, ids, params, self.stop_ids, sink, self.tokenizer)))
+        stop_ids = self.stop_ids if params.stop_at_turn_end else self.eos_ids
+        self._inbox.put(("add", Request(rid, ids, params, stop_ids, sink, self.tokenizer)))
         self._wake.set()
         return rid
 
@@ -192,13 +201,15 @@ class Engine:
     # ---- the loop ----
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or not self._inbox.empty())
+        return bool(self.waiting or self.running or self.scoring or not self._inbox.empty())
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Take new requests and aborts; admit and prefill waiting sequences; decode one token for every
-        sequence that was already running; release their text."""
+        """Take new requests and aborts; score the prompts that asked for it; admit and prefill waiting
+        sequences; decode one token for every sequence that was already running; release their text."""
         self._drain_inbox()
+        if self.scoring:
+            self._score()
         decoding = self.scheduler.decoding()
         for group in self.scheduler.admit():  # each group prefilled before the next is admitted
             self._emit(group, self.runner.prefill(group))
@@ -215,11 +226,28 @@ class Engine:
             if kind == "add":
                 self.stats["requests"] += 1
                 self.stats["prompt_tokens"] += len(x.prompt)
-                self.scheduler.add(x)
+                if x.params.prompt_logprobs is not None:
+                    self.scoring.append(x)
+                else:
+                    self.scheduler.add(x)
             else:
-                for s in self.scheduler.of_request(x):
+                for s in self.scheduler.of_request(x) + [s for r in self.scoring if r.id == x for s in r.seqs]:
                     self._finish(s, "abort")
                     self.stats["aborted"] += 1
+
+    def _score(self) -> None:
+        """Score the prompts taken in (`ModelRunner.score`), hand each its PromptLogprobs, then schedule it, or end
+        it when it asked for no tokens. They leave `scoring` only once scored: a step that fails fails them too."""
+        live = [r for r in self.scoring if r.unfinished]  # an aborted one is finished already
+        scored = self.runner.score([r.prompt for r in live], [r.params.prompt_logprobs for r in live])
+        self.scoring = []
+        for r, p in zip(live, scored):
+            r.sink(p)
+            if r.params.max_tokens == 0:
+                for s in r.seqs:
+                    self._finish(s, "length")
+            else:
+                self.scheduler.add(r)
 
     def _emit(self, seqs: list[Sequence], sampled: Sampled) -> None:
         for s, reason in process(seqs, sampled, self.stats):
@@ -257,9 +285,10 @@ class Engine:
                 self.step()
             except Exception as e:  # a bug must not hang every client: fail the requests in flight, keep serving
                 traceback.print_exc()
-                for s in self.waiting + self.running:
+                for s in self.waiting + self.running + [s for r in self.scoring for s in r.seqs]:
                     s.error = f"the engine failed a step ({type(e).__name__}: {e})"
                     self._finish(s, "error")
+                self.scoring = []
                 self.scheduler.collect()
 
     # ---- front ends ----
@@ -276,9 +305,13 @@ class Engine:
         done = threading.Event()
         stores: list[dict[int, list[Delta]]] = [{} for _ in prompts]
         usages: list[Usage | None] = [None] * len(prompts)
+        scores: list[PromptLogprobs | None] = [None] * len(prompts)
 
         def make_sink(r: int):
-            def sink(d: Delta | Usage) -> None:
+            def sink(d: PromptLogprobs | Delta | Usage) -> None:
+                if isinstance(d, PromptLogprobs):
+                    scores[r] = d
+                    return
                 if isinstance(d, Usage):
                     usages[r] = d
                     if all(u is not None for u in usages):
@@ -301,16 +334,17 @@ class Engine:
         except BaseException:  # Ctrl-C (KeyboardInterrupt) in the caller: these requests end here, blocks freed
             self._abort_now(rids)
             raise
-        return [RequestOutput(rid, x, completions(store), u) for rid, x, store, u in zip(rids, ids, stores, usages)]
+        return [RequestOutput(rid, x, completions(store), u, p)
+                for rid, x, store, u, p in zip(rids, ids, stores, usages, scores)]
 
     async def stream(self, prompt: str | list[int], params: SamplingParams,
-                     request_id: str | None = None) -> AsyncIterator[Delta | Usage]:
-        """Deltas of one request as they are produced, then its Usage (needs `start()`); closing the iterator
-        early aborts the request and frees its blocks."""
+                     request_id: str | None = None) -> AsyncIterator[PromptLogprobs | Delta | Usage]:
+        """The PromptLogprobs of one request (when asked), its Deltas as they are produced, then its Usage (needs
+        `start()`); closing the iterator early aborts the request and frees its blocks."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
-        def sink(d: Delta | Usage) -> None:
+        def sink(d: PromptLogprobs | Delta | Usage) -> None:
             try:
                 loop.call_soon_threadsafe(q.put_nowait, d)
             except RuntimeError:  # the client's event loop is gone; abort() below cleans up

@@ -8,12 +8,18 @@ non-streamed text, which is `tokenizer.decode(output ids)` up to the stop. Finis
 or string), "length" (max_tokens), "abort" (the client went away), "error" (the sequence alone could not be
 sampled, or the engine failed the step; `Delta.error` says why).
 
+A stop token is not output (no text, not in `token_ids`), but the model chose it: the last Delta of a sample it
+ended carries it (`StopToken`, with its logprob when asked), for the legacy completions API, which reports it as
+vLLM does. A request that asked for `prompt_logprobs` gets its prompt's scores (`PromptLogprobs`) before anything
+else.
+
 `ThinkSplitter` routes a reply's `<think>...</think>` text to reasoning and the rest to content (the server's
 `reasoning_content`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterator
@@ -25,8 +31,29 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class StopToken:
+    """The stop token that ended a sample, its logprob and top (id, logprob) pairs (None and [] unless asked)."""
+
+    id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class PromptLogprobs:
+    """A prompt's scores, one entry per prompt token: its logprob given the tokens before it, its rank in the
+    vocabulary (1: the most likely), and the k most likely (id, logprob) pairs at its position; None for the first
+    token, which nothing predicts. Sent to a request's sink before its first Delta."""
+
+    logprobs: list[float | None]
+    ranks: list[int | None]
+    top: list[list[tuple[int, float]] | None]
+
+
+@dataclass
 class Delta:
-    """A streamed piece of sample `index`: new text and tokens; `finish_reason` is set on its last piece."""
+    """A streamed piece of sample `index`: new text and tokens; `finish_reason` is set on its last piece (and
+    `stop`, when a stop token ended the sample)."""
 
     index: int
     text: str
@@ -35,6 +62,7 @@ class Delta:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     error: str | None = None  # why, when finish_reason is "error"
+    stop: StopToken | None = None
 
 
 @dataclass
@@ -46,6 +74,7 @@ class Completion:
     top_logprobs: list[list[tuple[int, float]]] | None
     finish_reason: str
     error: str | None = None  # why, when finish_reason is "error"
+    stop: StopToken | None = None  # the stop token that ended it
 
 
 @dataclass
@@ -61,8 +90,9 @@ class Usage:
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
-    outputs: list[Completion]
+    outputs: list[Completion]  # max_tokens 0 (scoring only): empty texts, finish_reason "length"
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # when asked for (SamplingParams.prompt_logprobs)
 
 
 class Detokenizer:
@@ -78,8 +108,10 @@ class Detokenizer:
     can still complete it. `text` is `decode(all ids)` at every step, incomplete tail included; `final` is the
     part no later token can change."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, skip_special_tokens: bool = False):
+        # skip_special_tokens: control tokens leave no text (a tokenizer that is asked nothing need not know it)
+        self.decode = functools.partial(tokenizer.decode, skip_special_tokens=True) if skip_special_tokens \
+            else tokenizer.decode
         self.final = ""  # text of the tokens before the window's last boundary
         self.tail = ""  # text of the tokens since, possibly ending in an incomplete character
         self.window: list[int] = []  # tokens from the previous boundary on
@@ -92,22 +124,22 @@ class Detokenizer:
 
     def add(self, token: int) -> None:
         self.window.append(token)
-        text = self.tokenizer.decode(self.window)
+        text = self.decode(self.window)
         self.tail = text[len(self.context_text):]
         if text.endswith("\ufffd"):
             return  # an incomplete character (or bytes that never form one): decode it again with the next token
         self.final, self.tail = self.final + self.tail, ""
         self.window = self.window[self.context:]
         self.context = len(self.window)
-        self.context_text = self.tokenizer.decode(self.window)
+        self.context_text = self.decode(self.window)
 
 
 class TextOutput:
     """The text of one sequence: what has been released, what is held back, and stop strings (searched only
     from just before the released text's end)."""
 
-    def __init__(self, tokenizer, stop: list[str]):
-        self.detok = Detokenizer(tokenizer)
+    def __init__(self, tokenizer, stop: list[str], skip_special_tokens: bool = False):
+        self.detok = Detokenizer(tokenizer, skip_special_tokens)
         self.stop = stop
         self.emitted = 0  # characters of the text already released
         self.done = False  # the last piece was released with a finish reason
@@ -165,6 +197,7 @@ def process(seqs: list[Sequence], sampled: Sampled | Emitted, stats: dict) -> It
             req.completion_tokens += 1
             stats["generation_tokens"] += 1
             if tok in req.stop_ids:
+                s.stop = StopToken(tok, lps[i] if lps else None, tops[i] if tops else [])
                 yield s, "stop"
                 break
             s.pending = tok
@@ -191,7 +224,7 @@ def close(s: Sequence, reason: str) -> None:
     was aborted), then the request's Usage once every sample has finished."""
     req = s.req
     if not s.text.done and reason != "abort":
-        req.sink(Delta(s.index, s.text.rest(), [], [], [], reason, s.error))
+        req.sink(Delta(s.index, s.text.rest(), [], [], [], reason, s.error, s.stop))
     req.unfinished -= 1
     if req.unfinished == 0:
         req.sink(Usage(len(req.prompt), req.completion_tokens, req.cached_tokens))
@@ -206,18 +239,22 @@ def completions(deltas: dict[int, list[Delta]]) -> list[Completion]:
         outs.append(Completion(i, "".join(d.text for d in ds), [t for d in ds for t in d.token_ids],
                                [x for d in ds for x in d.logprobs] if want else None,
                                [x for d in ds for x in d.top_logprobs] if want else None, ds[-1].finish_reason,
-                               ds[-1].error))
+                               ds[-1].error, ds[-1].stop))
     return outs
 
 
 class ThinkSplitter:
     """Routes streamed text between `<think>` and `</think>` to reasoning, the rest to content. Holds back a tail
-    that may be the start of a tag, so tags never leak split across pieces."""
+    that may be the start of a tag, so tags never leak split across pieces. `ends`: markers that also end reasoning
+    the prompt opened (`thinking=True`), kept as the start of the content: DeepSeek-V4's `<｜DSML｜tool_calls>`, a tool
+    call block the model may start before closing its reasoning (vLLM's V4 reasoning parser does the same). They do
+    not end a `<think>` block the reply opens itself."""
 
     OPEN, CLOSE = "<think>", "</think>"
 
-    def __init__(self, thinking: bool = False):
+    def __init__(self, thinking: bool = False, ends: tuple[str, ...] = ()):
         self.thinking, self.buf = thinking, ""
+        self.ends = ends if thinking else ()  # cleared when the reply opens a block of its own
         self.strip = False  # drop the newlines right after "</think>" (they separate reasoning from the answer)
 
     def feed(self, text: str, final: bool = False) -> tuple[str, str]:
@@ -227,17 +264,21 @@ class ThinkSplitter:
             if self.strip and not self.thinking:
                 self.buf = self.buf.lstrip("\n")
                 self.strip = not self.buf
-            tag = self.CLOSE if self.thinking else self.OPEN
-            i = self.buf.find(tag)
-            if i < 0:
+            tags = (self.CLOSE, *self.ends) if self.thinking else (self.OPEN,)
+            found = [(i, tag) for tag in tags if (i := self.buf.find(tag)) >= 0]
+            if not found:
                 break
+            i, tag = min(found)
             (reasoning if self.thinking else content).append(self.buf[:i])
-            self.buf, self.thinking = self.buf[i + len(tag):], not self.thinking
-            self.strip = not self.thinking
+            kept = tag in self.ends  # an implicit end stays in the text, as the content's start
+            self.buf, self.thinking = self.buf[i if kept else i + len(tag):], not self.thinking
+            self.strip = not self.thinking and not kept
+            self.ends = () if kept or tag == self.OPEN else self.ends
         keep = 0
         if not final:
-            tag = self.CLOSE if self.thinking else self.OPEN
-            keep = next((k for k in range(min(len(tag) - 1, len(self.buf)), 0, -1) if self.buf.endswith(tag[:k])), 0)
+            tags = (self.CLOSE, *self.ends) if self.thinking else (self.OPEN,)
+            keep = max(next((k for k in range(min(len(t) - 1, len(self.buf)), 0, -1) if self.buf.endswith(t[:k])), 0)
+                       for t in tags)
         out, self.buf = self.buf[: len(self.buf) - keep], self.buf[len(self.buf) - keep:]
         (reasoning if self.thinking else content).append(out)
         return "".join(reasoning), "".join(content)

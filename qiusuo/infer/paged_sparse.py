@@ -69,7 +69,8 @@ class PagedSparseLatent:
         where = v.write.reshape(-1)  # (rows * T,)
         # index_put_: inductor lowers it to an in-place store (see `layers` in paged.BlockPool)
         data.latent.index_put_((where,), new.latent.reshape(where.shape[0], -1).to(data.latent.dtype))
-        data.keys.index_put_((where,), new.keys.reshape(where.shape[0], -1).to(data.keys.dtype))
+        Dk = data.keys.shape[1]  # 0 for GLM-5's shared layers (no indexer key): explicit, as -1 cannot infer it
+        data.keys.index_put_((where,), new.keys.reshape(where.shape[0], Dk).to(data.keys.dtype))
         rows, S = v.slots.shape
-        keys = data.keys.index_select(0, v.slots.reshape(-1)).view(rows, S, -1)  # (rows, S, Dk)
+        keys = data.keys.index_select(0, v.slots.reshape(-1)).view(rows, S, Dk)  # (rows, S, Dk)
         return PagedContext(data, v.slots, keys), v.mask

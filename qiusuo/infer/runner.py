@@ -11,21 +11,26 @@ cache and samples one token per sequence.
 With `draft_tokens` K > 0 (speculative decoding, `speculative.py`), a decoding step instead verifies each row's
 pending token and its drafts (1 + k <= 1 + K tokens per row, absorbed attention), accepts, rolls every row back to
 its accepted length, and runs the MTP drafter over the same positions; prefill runs the drafter over the prompt.
+
+Prompt scoring (`score`: echo's prompt logprobs, lm-eval's loglikelihood) is a forward of its own, outside both.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qiusuo.infer.output import PromptLogprobs
 from qiusuo.infer.paged import BlockPool, PagedBatch
-from qiusuo.infer.sampling import Sampled, sample
+from qiusuo.infer.sampling import Sampled, sample, scored_tokens
 from qiusuo.infer.sequence import Sequence
 from qiusuo.infer.speculative import Counters, Emitted, accept, propose
+from qiusuo.model.cache import ContiguousCache
 
 
 # speculative decoding gives up on a sequence whose first draft was accepted in under MIN_ACCEPTANCE of its
 # first PROBE drafting steps (`ModelRunner._give_up`)
 PROBE, MIN_ACCEPTANCE = 16, 0.1
+LOGIT_ROWS = 256  # prompt positions whose logits `score` holds at once: (256, V) floats
 
 
 class ModelRunner:
@@ -112,6 +117,61 @@ class ModelRunner:
         ids = torch.tensor([n + [0] * (T - len(n)) for n in news], device=self.device)  # (B, T) right-padded
         batch = PagedBatch(self.pool, [s.table for s in seqs], [len(n) for n in news])
         return self.model.states(ids, cache=batch, absorb=False), batch, news
+
+    # ---- prompt scoring ----
+
+    def score(self, prompts: list[list[int]], k: list[int]) -> list[PromptLogprobs]:
+        """Each prompt's `PromptLogprobs` with `k[i]` top entries per position, from a scoring forward over the
+        whole prompt through a contiguous cache of its own: the paged pool and the prefix cache are not touched.
+
+        Why not from the prefill: the prefill skips the prompt blocks the prefix cache holds (lm-eval's choices
+        share their context, so most of each choice is skipped) and takes logits at the last position only;
+        scoring there would put a recomputation path for cached blocks and full-width logits into the hot path
+        of every request. A forward of its own leaves prefill and decoding exactly as they are for requests that
+        do not ask, at the price of computing the prompt twice when the request also generates (`max_tokens` 0
+        does not). Prompts are batched as in prefill (right-padded rows, rows x longest <= max_prefill_tokens,
+        similar lengths together); a longer prompt runs alone in pieces of that many positions, the cache
+        carrying the context; logits are taken LOGIT_ROWS positions at a time, so a long prompt over a large
+        vocabulary never holds (T, V) logits at once."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        groups: list[list[int]] = [[]] if prompts else []
+        longest = 0
+        for i in order:
+            n = len(prompts[i])
+            if groups[-1] and (len(groups[-1]) + 1) * max(longest, n) > self.max_prefill_tokens:
+                groups.append([])
+                longest = 0
+            groups[-1].append(i)
+            longest = max(longest, n)
+        out: list[PromptLogprobs | None] = [None] * len(prompts)
+        for g in groups:
+            for i, scored in zip(g, self._score_rows([prompts[i] for i in g], [k[i] for i in g])):
+                out[i] = scored
+        return out
+
+    def _score_rows(self, rows: list[list[int]], k: list[int]) -> list[PromptLogprobs]:
+        """One batch of `score`: position t's logits score token t + 1 of its row."""
+        B, T = len(rows), max(len(r) for r in rows)
+        ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=self.device)  # (B, T) right-padded
+        scores_of = torch.tensor([len(r) - 1 for r in rows], device=self.device)  # (B,) positions that score
+        cache = ContiguousCache(self.model.cache_specs(), B, T, device=self.device, dtype=self.pool.dtype)
+        out = [PromptLogprobs([None], [None], [None]) for _ in rows]
+        width = max(1, self.max_prefill_tokens // B)
+        for a in range(0, T, width):
+            b = min(a + width, T)
+            h = self.model.collapse(self.model.states(ids[:, a:b], cache=cache, absorb=False))  # (B, b - a, D)
+            pos = torch.arange(a, b, device=self.device)  # (b - a,)
+            r_idx, t_idx = (pos[None, :] < scores_of[:, None]).nonzero(as_tuple=True)  # (N,) row-major
+            h, nxt = h[r_idx, t_idx], ids[r_idx, a + t_idx + 1]  # (N, D), (N,)
+            rows_of = r_idx.tolist()
+            for s in range(0, len(rows_of), LOGIT_ROWS):
+                lps, ranks, tops = scored_tokens(self.model.logits(h[s: s + LOGIT_ROWS]), nxt[s: s + LOGIT_ROWS],
+                                                 max(k))
+                for r, lp, rank, top in zip(rows_of[s: s + LOGIT_ROWS], lps, ranks, tops):
+                    out[r].logprobs.append(lp)
+                    out[r].ranks.append(rank)
+                    out[r].top.append(top[: k[r]])
+        return out
 
     # ---- decoding ----
 

@@ -45,8 +45,15 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings: the output ends before them
     stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's EOS and <|end|>
     ignore_eos: bool = False  # keep generating past EOS (benchmarks)
+    # also stop at the chat template's end-of-turn token (`Engine.stop_ids`); off: only where transformers'
+    # `generate` and vLLM stop, at EOS and generation_config.json's eos ids (`Engine.eos_ids`; /v1/completions)
+    stop_at_turn_end: bool = True
+    skip_special_tokens: bool = False  # text without control tokens (vLLM's default; /v1/completions sets it)
     n: int = 1  # independent samples of the same prompt (they share its cached blocks)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob plus the k most likely
+    # None: none; k >= 0: every prompt token's logprob given the tokens before it, plus the k most likely at each
+    # position (a scoring forward of its own: `ModelRunner.score`); with it, max_tokens may be 0 (score only)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -54,7 +61,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         checks = [
-            ("max_tokens", self.max_tokens >= 1, "must be >= 1"),
+            ("max_tokens", self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
+             "must be >= 1 (0 only when scoring the prompt: prompt_logprobs)"),
             ("temperature", self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2.0,
              f"must be 0 (greedy) or in [{MIN_TEMPERATURE:g}, 2]"),
             ("top_p", 0.0 < self.top_p <= 1.0, "must be in (0, 1]"),
@@ -62,6 +70,7 @@ class SamplingParams:
             ("min_p", 0.0 <= self.min_p <= 1.0, "must be in [0, 1]"),
             ("n", 1 <= self.n <= 64, "must be in [1, 64]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]"),
+            ("prompt_logprobs", self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "must be in [0, 20]"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings"),
         ]
         for name, ok, why in checks:
@@ -146,7 +155,22 @@ def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor,
     model distribution, and row r's `want[r]` most likely (id, logprob) pairs (what the API reports)."""
     lp = torch.log_softmax(logits.float(), -1)  # (B, V)
     chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    return chosen, _top(lp, want)
+
+
+def _top(lp: torch.Tensor, want: list[int | None]) -> list[list[tuple[int, float]]]:
+    """Row r's `want[r]` most likely (id, logprob) pairs of logprobs (B, V)."""
     kmax = min(max(k or 0 for k in want), lp.shape[-1])
     top_v, top_i = lp.topk(kmax, -1) if kmax else (lp[:, :0], lp[:, :0].long())
-    top = [list(zip(top_i[r, : k or 0].tolist(), top_v[r, : k or 0].tolist())) for r, k in enumerate(want)]
-    return chosen, top
+    return [list(zip(top_i[r, : k or 0].tolist(), top_v[r, : k or 0].tolist())) for r, k in enumerate(want)]
+
+
+def scored_tokens(logits: torch.Tensor, tokens: torch.Tensor,
+                  k: int) -> tuple[list[float], list[int], list[list[tuple[int, float]]]]:
+    """Rows of logits (N, V) and the token that followed each (N,) -> each token's logprob, its rank among the
+    vocabulary (1 = the most likely; vLLM's `rank`), and each row's k most likely (id, logprob) pairs: a prompt's
+    scores (`ModelRunner.score`)."""
+    lp = torch.log_softmax(logits.float(), -1)  # (N, V)
+    chosen = lp.gather(1, tokens[:, None])  # (N, 1)
+    rank = (lp > chosen).sum(-1) + 1  # (N,)
+    return chosen[:, 0].tolist(), rank.tolist(), _top(lp, [k] * len(lp))

@@ -6,16 +6,17 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from qiusuo.infer.output import Delta, TextOutput, Usage
+from qiusuo.infer.output import Delta, PromptLogprobs, StopToken, TextOutput, Usage
 from qiusuo.infer.paged import BlockTable
 from qiusuo.infer.sampling import SamplingParams
 
 
 class Request:
-    """One submitted prompt and its `params.n` samples; `sink` gets each Delta and finally one Usage."""
+    """One submitted prompt and its `params.n` samples; `sink` gets the PromptLogprobs (when asked), each Delta
+    and finally one Usage."""
 
     def __init__(self, rid: str, prompt: list[int], params: SamplingParams, stop_ids: set[int],
-                 sink: Callable[[Delta | Usage], None], tokenizer):
+                 sink: Callable[[PromptLogprobs | Delta | Usage], None], tokenizer):
         self.id, self.prompt, self.params, self.sink = rid, prompt, params, sink
         self.stop_ids = set() if params.ignore_eos else set(stop_ids)
         self.stop_ids |= set(params.stop_token_ids)
@@ -41,9 +42,10 @@ class Sequence:
         self.drafting = True  # False once speculation gave up on this sequence (`ModelRunner._give_up`)
         self.spec_steps = self.spec_hits = 0  # steps that verified drafts, and those that kept the first
         self.table: BlockTable | None = None
-        self.text = TextOutput(tokenizer, req.params.stop)
+        self.text = TextOutput(tokenizer, req.params.stop, req.params.skip_special_tokens)
         self.finish: str | None = None
         self.error: str | None = None  # why it finished with "error"
+        self.stop: StopToken | None = None  # the stop token that ended it
 
     @property
     def tokens(self) -> list[int]:

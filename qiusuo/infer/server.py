@@ -7,6 +7,13 @@ replies carry `tool_calls` (`finish_reason: "tool_calls"`), parsed from the mode
 sampling values a request leaves unset come from the checkpoint's generation_config.json (`Engine.generation`).
 The engine runs in its own thread. Binds 127.0.0.1 unless told otherwise.
 
+Every request field is honoured, accepted without effect, or refused with a 400 naming it (`qiusuo.infer.fields`).
+/v1/completions takes the prompt forms of OpenAI's legacy API (a string, strings, token ids, lists of token ids:
+one engine request per prompt, run together, choices indexed prompt x n + sample; a stream takes one prompt, which
+keeps each stream one engine request) and `echo`, whose prompt logprobs come from the engine's scoring forward
+(`ModelRunner.score`): what lm-evaluation-harness's `local-completions` needs (README "Evaluating with
+lm-evaluation-harness").
+
 Built for careless and hostile clients as much as for good ones: one bad request never hurts another.
 - Bodies are read with a size cap (413) and a deadline (408), then parsed, checked and validated here rather than
   by FastAPI, in worker threads (as is tokenising): the event loop only routes and streams, so a 5 MB prompt does
@@ -40,7 +47,7 @@ import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import uvicorn
@@ -52,15 +59,16 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from qiusuo.hf.load import check_model_folder
-from qiusuo.infer import tools
-from qiusuo.infer.engine import Delta, Engine, Usage
+from qiusuo.infer import fields, tools
+from qiusuo.infer.engine import Delta, Engine, PromptLogprobs, Usage
 from qiusuo.infer.load import add_engine_args, engine_from_args
-from qiusuo.infer.output import Completion, ThinkSplitter
+from qiusuo.infer.output import Completion, StopToken, ThinkSplitter
 from qiusuo.infer.output import completions as join_deltas
 from qiusuo.infer.sampling import ParamError, SamplingParams
 
 log = logging.getLogger("qiusuo.serve")
 MAX_JSON_DEPTH = 64  # a chat request nests 4 deep; JSON schemas of tools a few more
+MAX_SAMPLES = 256  # prompts x n in one /v1/completions request (lm-eval sends its batch size, n = 1)
 
 
 class APIError(Exception):
@@ -78,8 +86,20 @@ class ClientGone(Exception):
     """The client disconnected: nobody to answer (counted on /metrics, no response sent)."""
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = None  # None: qiusuo sends the usage chunk all the same
+    include_obfuscation: bool | None = None  # accepted, not used (padding against side channels, for OpenAI)
+
+
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """The fields both generating routes honour. Each subclass's `rules` (`qiusuo.infer.fields`) remove the fields
+    that cannot change the answer and refuse the others before validation; "forbid" then only backs that up."""
+
+    model_config = ConfigDict(extra="forbid")
+    rules: ClassVar[dict[str, fields.Rule]]
+    route: ClassVar[str]
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -94,11 +114,41 @@ class _Common(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is None or self.stream_options.include_usage is not False
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int]
+    rules = fields.COMPLETIONS
+    route = "/v1/completions"
+
+    prompt: list[str | list[int]]  # one entry per prompt (`_prompts`)
+    max_tokens: int | None = Field(default=None, ge=0)  # 0: with echo, the prompt (and its logprobs) only
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    skip_special_tokens: bool = True
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompts(cls, v):
+        """One prompt or several, in any of the API's four forms -> a list of prompts, each text or token ids."""
+        forms = "a string, a list of strings, a list of token ids, or a list of lists of token ids"
+        if isinstance(v, str):
+            return [v]
+        if isinstance(v, list) and v:
+            if all(_is_id(x) for x in v):
+                return [v]
+            if all(isinstance(x, str) for x in v) or all(isinstance(x, list) and all(map(_is_id, x)) for x in v):
+                return v
+        raise ValueError(f"must be {forms}" + ("; got an empty list" if v == [] else ""))
 
 
 class Message(BaseModel):
@@ -113,6 +163,7 @@ class Message(BaseModel):
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
     name: str | None = None
+    reasoning_content: str | None = None  # an assistant turn's reasoning (DeepSeek's encodings render it back)
 
     @field_validator("content")
     @classmethod
@@ -128,14 +179,20 @@ class Message(BaseModel):
         return "\n".join(texts)
 
     def for_template(self) -> dict:
-        extra = {k: v for k in ("tool_calls", "tool_call_id", "name") if (v := getattr(self, k)) is not None}
+        extra = {k: v for k in ("tool_calls", "tool_call_id", "name", "reasoning_content")
+                 if (v := getattr(self, k)) is not None}
         return {"role": "system" if self.role == "developer" else self.role, "content": self.content, **extra}
 
 
 class ChatRequest(_Common):
+    rules = fields.CHAT
+    route = "/v1/chat/completions"
+
     messages: list[Message] = Field(min_length=1)
     tools: list[Any] | None = None  # checked by `tools.check_tools`, so errors name the field
     tool_choice: str | dict | None = None
+    reasoning_effort: str | None = None  # DeepSeek-V4's "high" / "max"; templates get it as a variable
+    chat_template_kwargs: dict | None = None  # {"thinking": true}: the reply opens in thinking mode (vLLM's)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -178,11 +235,19 @@ def decode_body(body: bytes, kind: type[BaseModel]) -> Any:
         raise APIError(400, "the body must be a JSON object", code="invalid_json")
     check_json(obj)
     try:
-        return kind.model_validate(obj)
+        obj = fields.check(obj, kind.rules, kind.route)
+    except fields.FieldError as e:
+        raise APIError(400, str(e), param=e.param, code="unsupported_parameter") from None
+    try:
+        req = kind.model_validate(obj)
     except ValidationError as e:
         err = e.errors()[0]
         param = ".".join(str(x) for x in err["loc"]) or None
-        raise APIError(400, f"{param}: {err['msg']}", param=param, code="invalid_value") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise APIError(400, f"{param}: {msg}", param=param, code="invalid_value") from None
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options: only with stream: true", param="stream_options", code="invalid_value")
+    return req
 
 
 class _Slot:
@@ -344,7 +409,7 @@ class ServerState:
                                        code="server_shutdown", headers={"Retry-After": "5"})
                     if failed:
                         raise APIError(500, failed, "server_error", code="generation_failed")
-                elif d.error:
+                elif isinstance(d, Delta) and d.error:
                     failed = d.error
                 yield d
         finally:
@@ -363,16 +428,19 @@ class ServerState:
                 t.cancel()
 
     async def collect(self, request: Request, engine: Engine, ids: list[int],
-                      params: SamplingParams) -> tuple[list[Completion], Usage]:
-        """A whole request: each sample's `Completion` (joined as `Engine.generate` joins them) and the Usage."""
+                      params: SamplingParams) -> tuple[list[Completion], Usage, PromptLogprobs | None]:
+        """A whole request: each sample's `Completion` (joined as `Engine.generate` joins them), the Usage, and
+        the prompt's logprobs when `params` asked for them."""
         pieces: dict[int, list[Delta]] = {}
-        usage = None
+        usage = scores = None
         async for d in self.run(request, engine, ids, params, watch_disconnect=True):
             if isinstance(d, Usage):
                 usage = d
+            elif isinstance(d, PromptLogprobs):
+                scores = d
             else:
                 pieces.setdefault(d.index, []).append(d)
-        return join_deltas(pieces), usage
+        return join_deltas(pieces), usage, scores
 
 
 async def _disconnected(request: Request) -> None:
@@ -516,8 +584,9 @@ async def metrics(request: Request):
 # ---- helpers of the generating routes ----
 
 def _params(req: _Common, max_tokens: int | None, prompt_len: int, engine: Engine, logprobs: int | None,
-            prompt_param: str) -> SamplingParams:
-    """The request's sampling values over the checkpoint's generation_config.json defaults (`engine.generation`)."""
+            prompt_param: str, **route) -> SamplingParams:
+    """The request's sampling values over the checkpoint's generation_config.json defaults (`engine.generation`);
+    `route`: SamplingParams values the route sets."""
     sampling = dict(engine.generation.sampling)
     sampling.update({k: v for k in ("temperature", "top_p", "top_k", "min_p") if (v := getattr(req, k)) is not None})
     default_max = sampling.pop("max_tokens", None)
@@ -525,7 +594,7 @@ def _params(req: _Common, max_tokens: int | None, prompt_len: int, engine: Engin
         max_tokens = default_max or max(engine.max_model_len - prompt_len, 1)
     try:
         p = SamplingParams(max_tokens=max_tokens, **sampling, seed=req.seed, stop=req.stop or [], n=req.n,
-                           stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs)
+                           stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos, logprobs=logprobs, **route)
     except ParamError as e:
         raise APIError(400, str(e), param=e.param, code="invalid_value") from None
     try:
@@ -557,7 +626,12 @@ def _tok_str(engine: Engine, t: int) -> str:
     return engine.tokenizer.decode([t])
 
 
-def _completion_logprobs(engine: Engine, tokens, lps, tops, offset0: int) -> dict:
+def _completion_logprobs(engine: Engine, tokens, lps, tops, offset0: int, stop: StopToken | None = None) -> dict:
+    """OpenAI's legacy logprobs of some tokens whose text starts at `offset0`; a stop token that ended the sample
+    goes last (vLLM reports it too; lm-eval's loglikelihood drops the last entry as the generated token, so without
+    it a choice whose greedy next token is EOS would lose its last token's logprob)."""
+    if stop is not None:
+        tokens, lps, tops = [*tokens, stop.id], [*lps, stop.logprob], [*tops, stop.top]
     toks = [_tok_str(engine, t) for t in tokens]
     offsets, o = [], offset0
     for t in toks:
@@ -567,8 +641,31 @@ def _completion_logprobs(engine: Engine, tokens, lps, tops, offset0: int) -> dic
             "top_logprobs": [_top_dict(engine, top) for top in tops]}
 
 
-def _top_dict(engine: Engine, top: list[tuple[int, float]]) -> dict[str, float]:
-    """OpenAI's legacy format keys alternatives by text; tokens with equal text keep the likelier one."""
+def _echo_logprobs(engine: Engine, ids: list[int], scores: PromptLogprobs, k: int, after: dict | None) -> dict:
+    """The legacy logprobs of an echoed prompt (the first token's logprob and top_logprobs null), then `after`'s."""
+    lp = _completion_logprobs(engine, ids, scores.logprobs, [t if t is None else t[:k] for t in scores.top], 0)
+    for key in lp if after is not None else ():
+        lp[key] += after[key]
+    return lp
+
+
+def _vllm_prompt_logprobs(engine: Engine, ids: list[int], scores: PromptLogprobs, k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id: {logprob, rank,
+    decoded_token}} for the token itself and the k most likely."""
+    out: list[dict | None] = [None]
+    for t, lp, rank, top in zip(ids[1:], scores.logprobs[1:], scores.ranks[1:], scores.top[1:]):
+        entry = {str(t): {"logprob": lp, "rank": rank, "decoded_token": _tok_str(engine, t)}}
+        for j, (a, v) in enumerate(top[:k]):
+            entry.setdefault(str(a), {"logprob": v, "rank": j + 1, "decoded_token": _tok_str(engine, a)})
+        out.append(entry)
+    return out
+
+
+def _top_dict(engine: Engine, top: list[tuple[int, float]] | None) -> dict[str, float] | None:
+    """OpenAI's legacy format keys alternatives by text; tokens with equal text keep the likelier one. None (the
+    first prompt token's) stays None."""
+    if top is None:
+        return None
     out: dict[str, float] = {}
     for t, v in top:
         out.setdefault(_tok_str(engine, t), v)
@@ -584,40 +681,102 @@ def _chat_logprobs(engine: Engine, tokens, lps, tops) -> list[dict]:
 
 # ---- /v1/completions ----
 
+def _encode_prompts(engine: Engine, prompts: list[str | list[int]]) -> tuple[list[list[int]], list[str]]:
+    """Each prompt's token ids and text (what `echo` returns; token ids decoded), in a worker thread."""
+    ids = [_encode(engine, p, "prompt" if len(prompts) == 1 else f"prompt.{i}") for i, p in enumerate(prompts)]
+    return ids, [p if isinstance(p, str) else engine.tokenizer.decode(x) for p, x in zip(prompts, ids)]
+
+
+async def _all(aws) -> list:
+    """Await coroutines together; when one fails, the others are cancelled (their engine requests aborted)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _completion_choice(engine: Engine, req: CompletionRequest, index: int, ids: list[int], prompt_text: str,
+                       scores: PromptLogprobs | None, c: Completion) -> dict:
+    echo = prompt_text if req.echo else ""
+    lp = None
+    if req.logprobs is not None:
+        lp = _completion_logprobs(engine, c.token_ids, c.logprobs or [], c.top_logprobs or [], len(echo), c.stop)
+        if req.echo:
+            lp = _echo_logprobs(engine, ids, scores, req.logprobs, lp)
+    choice = {"index": index, "text": echo + c.text, "logprobs": lp, "finish_reason": c.finish_reason}
+    if req.prompt_logprobs is not None:
+        choice["prompt_logprobs"] = _vllm_prompt_logprobs(engine, ids, scores, req.prompt_logprobs)
+    return choice
+
+
 async def completions(request: Request):
     st = _state(request)
     engine = st.ready(request)
     with st.admit() as slot:
         req = await st.parse(request, CompletionRequest)
-        prompt = req.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, "only one prompt per request is supported; send a string", param="prompt")
-            prompt = prompt[0]
-        ids = await st.in_worker(_encode, engine, prompt, "prompt")
-        params = _params(req, req.max_tokens or 16, len(ids), engine, req.logprobs, "prompt")
+        if req.stream and len(req.prompt) > 1:
+            raise APIError(400, f"prompt: a stream takes one prompt, got {len(req.prompt)}; send them without "
+                           "stream, or one request each", param="prompt", code="invalid_value")
+        if len(req.prompt) * req.n > MAX_SAMPLES:
+            raise APIError(400, f"prompt: {len(req.prompt)} prompts x n={req.n} samples; at most {MAX_SAMPLES} "
+                           "per request", param="prompt", code="invalid_value")
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and not req.echo and req.prompt_logprobs is None:
+            raise APIError(400, "max_tokens: 0 generates nothing; send it with echo (the prompt and its logprobs) "
+                           "or prompt_logprobs", param="max_tokens", code="invalid_value")
+        ids, texts = await st.in_worker(_encode_prompts, engine, req.prompt)
+        # the scoring forward's top entries serve both echo's logprobs and prompt_logprobs; echo with max_tokens 0
+        # and no logprobs scores too (k 0): it is the engine's one way of running a request that generates nothing
+        asked = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
+        scoring = max(asked) if asked else 0 if max_tokens == 0 else None
+        # a raw continuation ends where transformers' generate and vLLM end it: at EOS, not at the chat template's
+        # end of turn; its text leaves out control tokens unless asked (vLLM's default): lm-eval's `hf` model then
+        # gives the same text
+        params = [_params(req, max_tokens, len(x), engine, req.logprobs, "prompt", prompt_logprobs=scoring,
+                          stop_at_turn_end=False, skip_special_tokens=req.skip_special_tokens) for x in ids]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": st.model_name}
         if req.stream:
-            return slot.stream(_completion_events(st, request, engine, ids, params, head))
-        outs, usage = await st.collect(request, engine, ids, params)
-        choices = []
-        for c in outs:
-            lp = (_completion_logprobs(engine, c.token_ids, c.logprobs or [], c.top_logprobs or [], 0)
-                  if params.logprobs is not None else None)
-            choices.append({"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason})
+            return slot.stream(_completion_events(st, request, engine, ids[0], texts[0], params[0], head, req))
+        results = await _all(st.collect(request, engine, x, p) for x, p in zip(ids, params))
+        choices = [_completion_choice(engine, req, i * req.n + c.index, x, text, scores, c)
+                   for i, (x, text, (outs, _, scores)) in enumerate(zip(ids, texts, results)) for c in outs]
+        usage = Usage(*(sum(getattr(u, f) for _, u, _ in results)
+                        for f in ("prompt_tokens", "completion_tokens", "cached_tokens")))
         return {**head, "choices": choices, "usage": _usage(usage)}
 
 
-async def _completion_events(st: ServerState, request: Request, engine: Engine, ids: list[int],
-                             params: SamplingParams, head: dict):
-    offsets = [0] * params.n
+async def _completion_events(st: ServerState, request: Request, engine: Engine, ids: list[int], prompt_text: str,
+                             params: SamplingParams, head: dict, req: CompletionRequest):
+    """The stream of one prompt: with echo or prompt_logprobs, a first chunk per sample carrying the prompt (and
+    its logprobs, once scored); then the completion's pieces, text offsets counted from the echoed prompt."""
+    echo = prompt_text if req.echo else ""
+    offsets = [len(echo)] * params.n
+
+    def firsts(scores: PromptLogprobs | None):
+        lp = _echo_logprobs(engine, ids, scores, req.logprobs, None) if req.echo and req.logprobs is not None else None
+        for i in range(params.n):
+            choice = {"index": i, "text": echo, "logprobs": lp, "finish_reason": None}
+            if req.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = _vllm_prompt_logprobs(engine, ids, scores, req.prompt_logprobs)
+            yield _sse({**head, "choices": [choice]})
+
+    if req.echo and params.prompt_logprobs is None:  # nothing to wait for
+        for chunk in firsts(None):
+            yield chunk
     async for d in st.run(request, engine, ids, params, watch_disconnect=False):
+        if isinstance(d, PromptLogprobs):
+            for chunk in firsts(d):
+                yield chunk
+            continue
         if isinstance(d, Usage):
-            yield _sse({**head, "choices": [], "usage": _usage(d)})
+            if req.include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(d)})
             break
-        lp = (_completion_logprobs(engine, d.token_ids, d.logprobs, d.top_logprobs, offsets[d.index])
-              if params.logprobs is not None and d.logprobs else None)
+        lp = (_completion_logprobs(engine, d.token_ids, d.logprobs, d.top_logprobs, offsets[d.index], d.stop)
+              if params.logprobs is not None and (d.logprobs or d.stop) else None)
         offsets[d.index] += len(d.text)
         yield _sse({**head, "choices": [{"index": d.index, "text": d.text, "logprobs": lp,
                                          "finish_reason": d.finish_reason}]})
@@ -630,7 +789,7 @@ def _chat_prompt(engine: Engine, req: ChatRequest) -> tools.ChatPrompt:
     a worker thread)."""
     try:
         chat = tools.prepare_chat(engine.tokenizer, [m.for_template() for m in req.messages], req.tools,
-                                  req.tool_choice)
+                                  req.tool_choice, tools.thinking_mode(req.chat_template_kwargs), req.reasoning_effort)
     except tools.ToolError as e:  # bad tools / tool_choice / messages, or the template refused the conversation
         raise APIError(400, str(e), param=e.param) from None
     chat.ids = _encode(engine, chat.ids, "messages")
@@ -650,11 +809,12 @@ async def chat_completions(request: Request):
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": st.model_name}
         if req.stream:
-            return slot.stream(_chat_events(st, request, engine, ids, params, head, thinking, chat))
-        outs, usage = await st.collect(request, engine, ids, params)
+            return slot.stream(_chat_events(st, request, engine, ids, params, head, thinking, chat,
+                                            req.include_usage))
+        outs, usage, _ = await st.collect(request, engine, ids, params)
         choices = []
         for c in outs:
-            reasoning, content = ThinkSplitter(thinking).feed(c.text, final=True)
+            reasoning, content = ThinkSplitter(thinking, chat.reasoning_ends).feed(c.text, final=True)
             content, calls, finish = tools.reply(_tool_stream(chat), content, c.finish_reason)
             msg = {"role": "assistant", "content": content}
             if calls:
@@ -669,19 +829,20 @@ async def chat_completions(request: Request):
 
 def _tool_stream(chat: tools.ChatPrompt) -> tools.ToolCallStream | None:
     """The tool-call parser of one reply, when the request has tools to call."""
-    return tools.ToolCallStream(chat.fmt, chat.names, chat.prefix) if chat.fmt else None
+    return chat.tool_stream()
 
 
 async def _chat_events(st: ServerState, request: Request, engine: Engine, ids: list[int], params: SamplingParams,
-                       head: dict, thinking: bool, chat: tools.ChatPrompt):
-    split = [ThinkSplitter(thinking) for _ in range(params.n)]
+                       head: dict, thinking: bool, chat: tools.ChatPrompt, include_usage: bool):
+    split = [ThinkSplitter(thinking, chat.reasoning_ends) for _ in range(params.n)]
     parsers = [_tool_stream(chat) for _ in range(params.n)]
     for i in range(params.n):
         yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]})
     async for d in st.run(request, engine, ids, params, watch_disconnect=False):
         if isinstance(d, Usage):
-            yield _sse({**head, "choices": [], "usage": _usage(d)})
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(d)})
             break
         final = d.finish_reason is not None
         reasoning, content = split[d.index].feed(d.text, final=final)

@@ -9,17 +9,24 @@ with the patterns of vLLM's `deepseek_v3`, `deepseek_v31` and `kimi_k2` tool par
 - "deepseek_v31" (V3.1): `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>` ...
 - "kimi_k2": `<|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>ARGS
   <|tool_call_end|>` ... `<|tool_calls_section_end|>` (the id `functions.NAME:IDX` is the call's id, as Kimi expects back)
+- "deepseek_v32" / "deepseek_v4" (DSML, `qiusuo.data.deepseek_encoding`): `<｜DSML｜function_calls>` /
+  `<｜DSML｜tool_calls>` blocks of `<｜DSML｜invoke name="NAME">` with `<｜DSML｜parameter name="K" string="true|false">V</｜DSML｜parameter>`,
+  written "\n\n" after the reply's text (that separator is not content); recognised from the tokenizer's chat
+  encoding (V3.2 and V4 ship no template), typed by the tools' schemas. vLLM's conformance strings and its V3.2 / V4
+  parser tests pin the wire bytes (tests/infer/test_dsml.py).
 
-Tool definitions: a template that renders `tools` itself (Kimi-K2's) gets them as the `tools` variable; DeepSeek's
-templates do not, so the definitions go into the system prompt in the block DeepSeek-V3.1's model card prescribes
-("## Tools ... IMPORTANT: ALWAYS adhere to this exact format for tool use: ..."), with the call syntax of the family
+Tool definitions: a template that renders `tools` itself (Kimi-K2's), and DeepSeek's V3.2 / V4 encodings, get them as
+the `tools` variable; DeepSeek's V3 / V3.1 templates do not, so the definitions go into the system prompt in the block
+DeepSeek-V3.1's model card prescribes ("## Tools ... IMPORTANT: ALWAYS adhere to this exact format for tool use: ..."), with the call syntax of the family
 (V3's as SGLang's DeepSeek-V3 template patch writes it). That block's markers are control tokens; the names,
 descriptions and schemas inside it, like every message, are user text (`Trusted` marks which is which for
 `ChatTokenizer.encode_chat`).
 
-`tool_choice`: "auto" (default with tools), "none" (tools neither shown nor parsed), a named function or "required"
-with a single tool: the reply is started with that function's call markup, so the model writes its arguments.
-"required" with several tools would need constrained decoding, which qiusuo does not do: refused with a 400.
+`tool_choice`: "auto" (default with tools), "none" (tools neither shown nor parsed), a named function (the reply is
+started with that function's call markup, so the model writes its arguments) or "required" (the reply is started
+with the call section up to the function's name, so the model must name one of the tools; a name that is not one
+comes back as content). With DeepSeek's V3.2 / V4 encodings a forced call is prompted in chat mode: its reasoning
+would have to come before the call markup the reply is started with.
 
 Markup the parser cannot read (an unknown function, arguments that are not a JSON object, text left in the section,
 a call cut off) is returned as plain content, never an error.
@@ -32,9 +39,10 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from qiusuo.data.deepseek_encoding import TOOL_BLOCKS, block_markers, parse_invokes
 from qiusuo.data.tokenizer import Trusted
 
-FORMATS = ("deepseek_v3", "deepseek_v31", "kimi_k2")
+FORMATS = ("deepseek_v3", "deepseek_v31", "kimi_k2", "deepseek_v32", "deepseek_v4")
 NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")  # OpenAI's rule for function names
 
 _DS = dict(begin="<｜tool▁calls▁begin｜>", end="<｜tool▁calls▁end｜>")
@@ -48,14 +56,24 @@ _MARKUP = {
     "deepseek_v31": dict(_DS, call=re.compile(
         r"<｜tool▁call▁begin｜>(?P<name>[^<]*?)<｜tool▁sep｜>(?P<args>.*?)<｜tool▁call▁end｜>", re.S),
         start="<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>{name}<｜tool▁sep｜>",
+        open="<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>",
         usage="<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>tool_call_name<｜tool▁sep｜>tool_call_arguments"
               "<｜tool▁call▁end｜>{additional_tool_calls}<｜tool▁calls▁end｜>",
         chain="chain them directly without separators or spaces"),
     "kimi_k2": dict(begin="<|tool_calls_section_begin|>", end="<|tool_calls_section_end|>", call=re.compile(
         r"<\|tool_call_begin\|>\s*(?P<id>[\w.\-]+:\d+)\s*<\|tool_call_argument_begin\|>\s*(?P<args>.*?)\s*"
         r"<\|tool_call_end\|>", re.S),
-        start="<|tool_calls_section_begin|><|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>"),
+        start="<|tool_calls_section_begin|><|tool_call_begin|>functions.{name}:0<|tool_call_argument_begin|>",
+        open="<|tool_calls_section_begin|><|tool_call_begin|>functions."),
 }
+for _fmt, _block in TOOL_BLOCKS.items():  # DSML: the block, "\n\n" after the reply's text
+    _begin, _end = block_markers(_block)
+    _MARKUP[_fmt] = dict(begin=_begin, end=_end, sep="\n\n", dsml=True,
+                         start=f'\n\n{_begin}\n<｜DSML｜invoke name="{{name}}">\n',
+                         open=f'\n\n{_begin}\n<｜DSML｜invoke name="')
+# markers that end reasoning the prompt opened even without `</think>` (vLLM's DeepSeek-V4 reasoning parser: a tool
+# call block may start before the model closes its reasoning)
+REASONING_ENDS = {"deepseek_v4": (block_markers(TOOL_BLOCKS["deepseek_v4"])[0],)}
 
 
 class ToolError(ValueError):
@@ -64,6 +82,14 @@ class ToolError(ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
         self.param = param
+
+
+def chat_format(tokenizer) -> str | None:
+    """The tool-call markup of a tokenizer's chat format: its template's (`detect_format`), or its DeepSeek encoding's
+    DSML (the encodings are named as their formats)."""
+    if tokenizer.chat_template is not None:
+        return detect_format(tokenizer.chat_template)
+    return getattr(tokenizer, "chat_encoding", None)
 
 
 def detect_format(template: str | None) -> str | None:
@@ -105,16 +131,31 @@ def check_tools(tools) -> list[dict]:
     return tools
 
 
+def thinking_mode(template_kwargs: dict | None) -> bool | None:
+    """The reply's mode a request asks for in `chat_template_kwargs` (vLLM's extension): `thinking` or
+    `enable_thinking` true for thinking mode, false for chat mode, None when it does not say."""
+    if not template_kwargs:
+        return None
+    if not isinstance(template_kwargs, dict):
+        raise ToolError("chat_template_kwargs", "must be an object such as {\"thinking\": true}")
+    for key, value in template_kwargs.items():
+        if key not in ("thinking", "enable_thinking") or not isinstance(value, bool):
+            raise ToolError(f"chat_template_kwargs.{key}", "only thinking (or enable_thinking), true or false, is "
+                                                           "read: it opens the reply in thinking or chat mode")
+    return template_kwargs.get("thinking", template_kwargs.get("enable_thinking"))
+
+
+REQUIRED = ""  # `forced_name` of tool_choice "required" with several tools: a call to any of them
+
+
 def forced_name(tool_choice, tools: list[dict] | None) -> str | None:
-    """The function a `tool_choice` forces (None: "auto" or "none"), checked against `tools`."""
+    """The function a `tool_choice` forces (None: "auto" or "none"; `REQUIRED`, "": "required" among several tools),
+    checked against `tools`."""
     if tool_choice in (None, "auto", "none"):
         return None
     names = [t["function"]["name"] for t in tools or []]
     if tool_choice == "required":
-        if len(names) != 1:
-            raise ToolError("tool_choice", f"'required' with {len(names)} tools would need constrained decoding, "
-                                           "which this server does not do; name the function, or use 'auto'")
-        return names[0]
+        return names[0] if len(names) == 1 else REQUIRED
     name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
     if not (isinstance(tool_choice, dict) and tool_choice.get("type") == "function" and isinstance(name, str)):
         raise ToolError("tool_choice", "must be 'none', 'auto', 'required' or {\"type\": \"function\", "
@@ -174,18 +215,28 @@ def tool_prompt(tools: list[dict], fmt: str) -> Trusted:
 
 @dataclass
 class ChatPrompt:
-    """A chat request made ready to generate: prompt ids, whether the template opened a `<think>` block, and for
-    the reply's parser the markup format, the callable functions and the markup the reply was started with."""
+    """A chat request made ready to generate: prompt ids, whether the prompt opened a `<think>` block and what else
+    ends that reasoning (`REASONING_ENDS`), and for the reply's parser the markup format, the callable functions with
+    their parameter schemas, and the markup the reply was started with."""
 
     ids: list[int]
     thinking: bool
     fmt: str | None = None
     names: frozenset[str] = frozenset()
     prefix: str = ""
+    schemas: dict = field(default_factory=dict)
+    reasoning_ends: tuple[str, ...] = ()
+
+    def tool_stream(self) -> "ToolCallStream | None":
+        """The tool-call parser of one reply, when the request has tools to call."""
+        return ToolCallStream(self.fmt, self.names, self.prefix, schemas=self.schemas) if self.fmt else None
 
 
-def prepare_chat(tokenizer, messages: list[dict], tools=None, tool_choice=None) -> ChatPrompt:
+def prepare_chat(tokenizer, messages: list[dict], tools=None, tool_choice=None, thinking: bool | None = None,
+                 reasoning_effort: str | None = None) -> ChatPrompt:
     """Render and encode a chat request (`ChatTokenizer.encode_chat`: markers in user text stay plain text).
+    `thinking` / `reasoning_effort`: the reply's mode, passed to the template (as `thinking`, what DeepSeek's V3.1
+    template reads) or DeepSeek's encoding (None: the template's default; the encodings' chat mode).
     Raises ToolError for malformed input, a template failure included."""
     from jinja2 import TemplateError
 
@@ -196,12 +247,17 @@ def prepare_chat(tokenizer, messages: list[dict], tools=None, tool_choice=None) 
         raise ToolError("tool_choice", "needs tools")
     name = forced_name(tool_choice, tools)
     use = tools is not None and tool_choice != "none"
-    fmt = detect_format(tokenizer.chat_template) if use else None
+    fmt = chat_format(tokenizer) if use else None
     if use and fmt is None:
         raise ToolError("tools", "this model's chat template renders no tool calls, so there is no tool-call format "
                                  "to prompt for and parse")
+    encoding = getattr(tokenizer, "chat_encoding", None) if tokenizer.chat_template is None else None
     kwargs = {}
-    if use and _renders_tools(tokenizer.chat_template):
+    if thinking is not None:
+        kwargs["thinking"] = thinking and name is None  # a forced call starts the reply: no reasoning before it
+    if reasoning_effort is not None:
+        kwargs["reasoning_effort"] = reasoning_effort
+    if use and (encoding or _renders_tools(tokenizer.chat_template)):
         kwargs["tools"] = tools
     elif use:
         if "usage" not in _MARKUP[fmt]:
@@ -214,12 +270,14 @@ def prepare_chat(tokenizer, messages: list[dict], tools=None, tool_choice=None) 
         ids = tokenizer.encode_chat(messages, add_generation_prompt=True, **kwargs)
     except (TemplateError, TypeError, ValueError) as e:
         raise ToolError("messages", f"the chat template cannot render these messages: {e}") from None
-    thinking = tokenizer.decode(ids[-8:]).rstrip().endswith("<think>")  # templates that open the reasoning
-    prefix = _MARKUP[fmt]["start"].format(name=name) if name else ""
+    opened = tokenizer.decode(ids[-8:]).rstrip().endswith("<think>")  # templates that open the reasoning
+    mk = _MARKUP.get(fmt, {})
+    prefix = mk["open"] if name == REQUIRED else mk["start"].format(name=name) if name else ""
     if prefix:
         ids = ids + tokenizer.encode(prefix, add_bos=False, parse_special=True)
     names = frozenset(t["function"]["name"] for t in tools) if use else frozenset()
-    return ChatPrompt(ids, thinking, fmt, names, prefix)
+    schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools} if use else {}
+    return ChatPrompt(ids, opened, fmt, names, prefix, schemas, REASONING_ENDS.get(chat_format(tokenizer), ()))
 
 
 def _renders_tools(template: str) -> bool:
@@ -240,6 +298,7 @@ class ToolCallStream:
     buf: str = ""  # starts with the forced call's markup, when the reply was started with it
     state: str = "content"  # "content" -> "section" -> "after"
     calls: list[dict] = field(default_factory=list)
+    schemas: dict = field(default_factory=dict)  # name -> JSON Schema parameters (types DSML values)
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[dict]]:
         """(content released, tool calls completed) by this piece of the reply."""
@@ -250,16 +309,21 @@ class ToolCallStream:
             i = self.buf.find(mk["begin"])
             if i >= 0:
                 content, self.buf, self.state = self.buf[:i], self.buf[i:], "section"
+                sep = mk.get("sep", "")
+                if sep and content.endswith(sep):  # DSML's separator goes with the block (back with it if unread)
+                    content, self.buf = content[:-len(sep)], sep + self.buf
             else:
-                keep = 0 if final else next((k for k in range(min(len(mk["begin"]) - 1, len(self.buf)), 0, -1)
-                                             if self.buf.endswith(mk["begin"][:k])), 0)
+                marks = (mk.get("sep", "") + mk["begin"], mk["begin"])
+                keep = 0 if final else max(next((k for k in range(min(len(m) - 1, len(self.buf)), 0, -1)
+                                                 if self.buf.endswith(m[:k])), 0) for m in marks)
                 content, self.buf = self.buf[:len(self.buf) - keep], self.buf[len(self.buf) - keep:]
         if self.state == "section":
             j = self.buf.find(mk["end"])
             if j >= 0 or final:
                 section = self.buf[:j + len(mk["end"])] if j >= 0 else self.buf
                 self.buf, self.state = (self.buf[j + len(mk["end"]):] if j >= 0 else ""), "after"
-                new = self._parse(section[len(mk["begin"]):len(section) - (len(mk["end"]) if j >= 0 else 0)])
+                body = section[section.find(mk["begin"]) + len(mk["begin"]):]
+                new = self._parse(body[:len(body) - len(mk["end"])] if j >= 0 else body)
                 if new is None:
                     content, new = content + section, []
                 self.calls += new
@@ -270,6 +334,13 @@ class ToolCallStream:
     def _parse(self, body: str) -> list[dict] | None:
         """The calls in a section body, or None when any of it cannot be read (module docstring)."""
         mk, calls, pos = _MARKUP[self.fmt], [], 0
+        if mk.get("dsml"):
+            found = parse_invokes(body, self.schemas)
+            if found is None or any(name not in self.names for name, _ in found):
+                return None
+            return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                     "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+                    for name, args in found]
         for m in mk["call"].finditer(body):
             if body[pos:m.start()].strip():
                 return None

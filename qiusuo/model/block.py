@@ -20,23 +20,25 @@ from torch import nn
 from qiusuo.config import V4_ATTENTION_KINDS, ModelConfig, SLIDING
 from qiusuo.model.cache import LayerCacheSpec
 from qiusuo.model.compressed_attention import CompressedAttention
-from qiusuo.model.dsa import SparseMLA
+from qiusuo.model.dsa import SharedSparseMLA, SparseMLA
 from qiusuo.model.mhc import RESIDUAL_KINDS, residual_kind
 from qiusuo.model.mla import MLA
 from qiusuo.model.moe import DenseMLP, MoE, Routing
 from qiusuo.model.rope import RMSNorm
 
 ATTENTION_KINDS: dict[str, type[nn.Module]] = {
-    "mla": MLA, "dsa": SparseMLA, **{k: functools.partial(CompressedAttention, kind=k) for k in V4_ATTENTION_KINDS}}
-CACHE_SPECS = {"mla": MLA.cache_spec, "dsa": SparseMLA.cache_spec,
+    "mla": MLA, "dsa": SparseMLA, "dsa_shared": SharedSparseMLA,
+    **{k: functools.partial(CompressedAttention, kind=k) for k in V4_ATTENTION_KINDS}}
+CACHE_SPECS = {"mla": MLA.cache_spec, "dsa": SparseMLA.cache_spec, "dsa_shared": SharedSparseMLA.cache_spec,
                **{k: functools.partial(CompressedAttention.cache_spec, kind=k) for k in V4_ATTENTION_KINDS}}
 
 
 def attention_kind(cfg: ModelConfig, layer_idx: int) -> str:
     """The attention kind of layer `layer_idx`. V4's MTP blocks (past num_hidden_layers) attend over the
-    sliding window only, as DeepSeek's MTP block (it ships no compressor)."""
+    sliding window only, as DeepSeek's MTP block (it ships no compressor). V3.2: sparse MLA, or GLM-5's "shared"
+    layers that reuse the previous full layer's top-k (`indexer_types`)."""
     if not cfg.is_v4:
-        return "dsa" if cfg.is_v32 else "mla"
+        return ("dsa_shared" if cfg.shares_topk(layer_idx) else "dsa") if cfg.is_v32 else "mla"
     return cfg.layer_types[layer_idx] if layer_idx < cfg.num_hidden_layers else SLIDING
 
 

@@ -20,6 +20,12 @@ reads the S keys (Dk values each), picks k, and only then reads k latents: in th
 (one C + Dk tensor) gathered all S latents before selecting, 32% of a V3.2 step at 32k context. Prefill and
 verification (T > 1) still read every latent: each query keeps its own k and they differ.
 
+GLM-5 (`glm_moe_dsa`) is this attention with two config values (transformers' `modeling_glm_moe_dsa.py`): its indexer
+rotates interleaved pairs (`index_rope_interleave`), and layers marked "shared" in `indexer_types` have no indexer and
+reuse the top-k of the full layer before them (`SharedSparseMLA`). The selection travels to the next layer in the
+forward's `RopeAt.shared` (created per forward and passed to every layer, never stored on a module): the full layer
+writes it, the shared layers after it read it. A shared layer caches its latents alone (`sparse_latent` with no key).
+
 Training, as the V3.2 report does: the indexer reads detached inputs and learns from its own loss (`indexer_loss`,
 KL to the main attention's distribution); first a dense warm-up (`dense_warmup`: attention over every visible
 token, the KL over all of them; `qiusuo train --train.indexer_warmup_steps=N`), then the sparse stage (attention
@@ -44,14 +50,15 @@ class DSAIndexer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.heads, self.dim, self.topk, self.P = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk, cfg.qk_rope_head_dim
+        self.interleave = cfg.index_rope_interleave  # GLM-5: interleaved pairs; DeepSeek-V3.2: halves
         self.wq_b = nn.Linear(cfg.q_lora_rank, self.heads * self.dim, bias=False)
         self.wk = nn.Linear(cfg.hidden_size, self.dim, bias=False)
         self.k_norm = nn.LayerNorm(self.dim, eps=1e-6)
         self.weights_proj = nn.Linear(cfg.hidden_size, self.heads, bias=False)
 
     def rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Half-split rotary on the first P dims of t (B, T, H, Dk)."""
-        return torch.cat([apply_rotary(t[..., : self.P], cos, sin, False), t[..., self.P:]], dim=-1)
+        """Rotary on the first P dims of t (B, T, H, Dk): half-split (V3.2) or interleaved pairs (GLM-5)."""
+        return torch.cat([apply_rotary(t[..., : self.P], cos, sin, self.interleave), t[..., self.P:]], dim=-1)
 
     def key(self, x: torch.Tensor, rope) -> torch.Tensor:
         """x (B, T, D) -> the indexer keys (B, T, Dk) the cache keeps."""
@@ -78,6 +85,18 @@ class DSAIndexer(nn.Module):
             s = torch.bmm(q[:, t0: t0 + t].reshape(B, t * H, Dk), k).relu_().view(B * t, H, S)
             pieces.append(torch.bmm(w[:, t0: t0 + t].reshape(B * t, 1, H), s).view(B, t, S))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+
+
+TOPK = "dsa_topk"  # the key of the last full layer's selection in `RopeAt.shared`
+
+
+def _visible(mask, causal: bool, B: int, T: int, S: int, device) -> torch.Tensor:
+    """(B, T, S) bool: which of the S context tokens each query may see (the cache's mask, causal, or all)."""
+    if mask is not None:
+        return mask[:, 0].expand(B, T, S)
+    if causal:
+        return torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None].expand(B, T, S)
+    return torch.ones(B, T, S, dtype=torch.bool, device=device)
 
 
 def topk_mask_lowest_index(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -110,25 +129,25 @@ class SparseMLA(MLA):
         return SparseContext(latent, self.indexer.key(x, rope).to(latent.dtype))  # (B, T, C), (B, T, Dk)
 
     def select(self, stored: SparseContext, mask, causal, x, q_lat, rope):
-        """Each query's top-k visible tokens as the attention mask (B, 1, T, S); decoding: the k latents alone."""
+        """Each query's top-k visible tokens as the attention mask (B, 1, T, S); decoding: the k latents alone.
+        The selection is left in `rope.shared` for the "shared" layers after this one (GLM-5)."""
         B, T, _ = x.shape
         keys = stored.keys  # (B, S, Dk)
         S = keys.shape[1]
-        if mask is not None:
-            visible = mask[:, 0].expand(B, T, S)
-        elif causal:
-            visible = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None].expand(B, T, S)
-        else:
-            visible = torch.ones(B, T, S, dtype=torch.bool, device=x.device)
+        visible = _visible(mask, causal, B, T, S, x.device)
         score = self.indexer.scores(x.detach(), q_lat.detach(), keys, rope).masked_fill(~visible, float("-inf"))
         if self.dense_warmup:  # the report's warm-up: dense attention, the indexer learns to mimic all of it
+            rope.shared[TOPK] = (None, visible)
             return stored.latents(), visible[:, None], False, (score, visible)
         k = min(self.indexer.topk, S)
         if T == 1 and not torch.is_grad_enabled():  # decoding: read only the k chosen latents, not all under a mask
             idx = topk_lowest_index(score, k)  # (B, 1, k)
             # k > visible tokens (short or padded contexts) picks -inf scores too: masked out again here
-            return stored.latents(idx[:, 0]), visible.gather(-1, idx)[:, None], False, None  # (B, k, C), (B,1,1,k)
+            keep = visible.gather(-1, idx)  # (B, 1, k)
+            rope.shared[TOPK] = (idx, keep)
+            return stored.latents(idx[:, 0]), keep[:, None], False, None  # (B, k, C), (B, 1, 1, k)
         keep = topk_mask_lowest_index(score, k) & visible  # (B, T, S)
+        rope.shared[TOPK] = (None, keep)
         return stored.latents(), keep[:, None], False, (score, keep)
 
     def aux_loss(self, q_nope, q_pe, latent, chosen) -> torch.Tensor | None:
@@ -145,3 +164,34 @@ class SparseMLA(MLA):
                       + torch.einsum("bthp,bsp->bhts", q_pe.float(), k_pe.float())) * self.scale
             probs = logits.masked_fill(~keep[:, None], float("-inf")).softmax(-1).nan_to_num(0.0).sum(1)
         return indexer_loss(score, keep, probs)
+
+
+class SharedSparseMLA(SparseMLA):
+    """GLM-5's "shared" indexer layer (the `dsa_shared` attention kind): MLA under the top-k of the last full layer
+    of the same forward (`rope.shared`), with no indexer of its own; it caches its latents only."""
+
+    @staticmethod
+    def cache_spec(cfg: ModelConfig) -> LayerCacheSpec:
+        return LayerCacheSpec("sparse_latent", cfg.latent_dim, key_width=0)
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        MLA.__init__(self, cfg, layer_idx)
+        if cfg.q_lora_rank is None:
+            raise ValueError("DeepSeek-V3.2's attention reads a query latent: set q_lora_rank")
+        self.indexer = None
+        self.dense_warmup = False
+
+    def stored(self, latent: torch.Tensor, x: torch.Tensor, rope) -> SparseContext:
+        return SparseContext(latent, latent.new_empty(*latent.shape[:2], 0))  # (B, T, C), no indexer key
+
+    def select(self, stored: SparseContext, mask, causal, x, q_lat, rope):
+        if TOPK not in rope.shared:
+            raise ValueError(f"layer {self.layer_idx} reuses the previous layer's top-k (indexer_types 'shared') but "
+                             f"no full indexer layer ran before it in this forward")
+        idx, keep = rope.shared[TOPK]
+        if idx is not None:  # decoding: the same k positions of this layer's own latents
+            return stored.latents(idx[:, 0]), keep[:, None], False, None
+        return stored.latents(), keep[:, None], False, None
+
+    def aux_loss(self, q_nope, q_pe, latent, chosen) -> torch.Tensor | None:
+        return None

@@ -23,6 +23,32 @@ from qiusuo.model.cache import LayerCacheSpec
 from qiusuo.model.rope import RMSNorm, apply_rotary
 
 
+class LatentProjection(nn.Linear):
+    """`kv_b_proj`: the latent (R) -> every head's key part and value (H * (N + V)). Its three uses are methods, so
+    a kind that wraps it from outside (an adapter, `qiusuo.lora.layers.LoraLatent`) covers all of them: `forward`
+    expands latents (the expanded path); `absorb_query` folds the key half into queries and `absorb_values` the
+    value half into attention outputs (the absorbed path)."""
+
+    def __init__(self, R: int, H: int, N: int, V: int):
+        super().__init__(R, H * (N + V), bias=False)
+        self.H, self.N, self.V = H, N, V
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope (B, T, H, N) -> the queries in latent space (B, H, T, R)."""
+        B, T, H, N = q_nope.shape
+        w_uk = self.weight.view(H, N + self.V, -1)[:, :N]  # (H, N, R)
+        # heads lead so the weights multiply as they are: matmul against (H, N, R) would broadcast (copy) them B times
+        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, N), w_uk.to(q_nope.dtype))  # (H, B*T, R)
+        return q_lat.view(H, B, T, -1).transpose(0, 1)
+
+    def absorb_values(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """Attention outputs in latent space o_lat (B, H, T, R) -> per-head values (B, T, H, V)."""
+        B, H, T, R = o_lat.shape
+        w_uv = self.weight.view(H, self.N + self.V, R)[:, self.N:]  # (H, V, R)
+        out = torch.bmm(o_lat.transpose(0, 1).reshape(H, B * T, R), w_uv.transpose(1, 2).to(o_lat.dtype))  # (H, B*T, V)
+        return out.view(H, B, T, self.V).permute(1, 2, 0, 3)
+
+
 class MLA(nn.Module):
     @staticmethod
     def cache_spec(cfg: ModelConfig) -> LayerCacheSpec:
@@ -41,11 +67,14 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(D, H * qk, bias=False)
         else:
             self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=cfg.attention_bias)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            # the latents' norms take RMSNorm's default eps, 1e-6, whatever `rms_norm_eps` says: so do DeepSeek's
+            # inference code (`RMSNorm(self.q_lora_rank)`) and transformers' V2/V3 and their families; a checkpoint
+            # with rms_norm_eps 1e-5 (Moonlight, Kimi-K2.5, GLM) was ~1e-4 off in the logits with the model's eps
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, self.R + self.P, bias=cfg.attention_bias)
-        self.kv_a_layernorm = RMSNorm(self.R, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.R, H * (self.N + self.V), bias=False)
+        self.kv_a_layernorm = RMSNorm(self.R)  # eps 1e-6, as q_a_layernorm
+        self.kv_b_proj = LatentProjection(self.R, H, self.N, self.V)
         self.o_proj = nn.Linear(H * self.V, D, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, rope, cache=None,
@@ -107,11 +136,7 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_pe, latent, mask, causal) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
         S = latent.shape[1]
-        w = self.kv_b_proj.weight.view(H, self.N + self.V, self.R)
-        w_uk, w_uv = w[:, : self.N], w[:, self.N:]  # (H, N, R), (H, V, R)
-        # heads lead so the weights multiply as they are: matmul against (H, N, R) would broadcast (copy) them B times
-        q_lat = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.N), w_uk.to(q_nope.dtype))  # (H, B*T, R)
-        q_lat = q_lat.view(H, B, T, self.R).transpose(0, 1)  # (B, H, T, R)
+        q_lat = self.kv_b_proj.absorb_query(q_nope)  # (B, H, T, R)
         # every (head, token) pair is a query row of ONE shared key/value "head": no per-head copies of the cache
         q = torch.cat([q_lat, q_pe.transpose(1, 2)], dim=-1).reshape(B, H * T, self.R + self.P)
         kv = latent.to(q.dtype)  # (B, S, C)
@@ -123,6 +148,4 @@ class MLA(nn.Module):
         if mask is not None:  # (B|1, 1, T, S) -> (B|1, H*T, S)
             scores = scores.view(B, H, T, S).masked_fill(~mask, float("-inf")).view(B, H * T, S)
         o_lat = torch.bmm(scores.softmax(-1).to(kv.dtype), kv[..., : self.R])  # (B, H*T, R)
-        o_lat = o_lat.view(B, H, T, self.R).transpose(0, 1).reshape(H, B * T, self.R)
-        out = torch.bmm(o_lat, w_uv.transpose(1, 2).to(o_lat.dtype))  # (H, B*T, V)
-        return out.view(H, B, T, self.V).permute(1, 2, 0, 3)  # (B, T, H, V)
+        return self.kv_b_proj.absorb_values(o_lat.view(B, H, T, self.R))  # (B, T, H, V)

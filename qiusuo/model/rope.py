@@ -93,11 +93,13 @@ def rotaries(cfg: ModelConfig) -> dict[str, Rotary]:
 class RopeAt:
     """The cos/sin of one forward's positions for each rotary kind, computed once and shared by every layer;
     `at(kind, positions)` gives other positions (V4's compressed entries sit at their window's first token).
-    `positions`: (T,) or (B, T) long."""
+    `positions`: (T,) or (B, T) long. `shared`: what a layer hands to later layers of the same forward (GLM-5's
+    top-k, which its "shared" layers reuse: `qiusuo.model.dsa`); it lives and dies with the forward."""
 
     def __init__(self, tables: dict[str, Rotary], positions: torch.Tensor):
         self.tables, self.positions = tables, positions
         self._done: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.shared: dict[str, object] = {}
 
     def __getitem__(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         if kind not in self._done:

@@ -153,11 +153,15 @@ class QuantExperts(Experts):
         op per matmul whatever the routing, so a compiled decoding step has no data-dependent shapes here."""
         return dispatch(x, weights, idx, self.num_experts, self.run_sorted)
 
-    def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """xs (M, D) sorted by expert, counts (E,) -> (M, D)."""
-        f = self.fmt
+    def _few(self, xs: torch.Tensor, counts: torch.Tensor) -> bool:
+        """Whether these sorted rows run through the packed kernels (decoding) rather than dequantised bands."""
         few = xs.shape[0] <= EXPERT_ROWS or torch.compiler.is_compiling() or int(counts.max()) <= DECODE_ROWS
-        if few and xs.device.type == "cpu":
+        return few and xs.device.type == "cpu"
+
+    def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs (M, D) sorted by expert, counts (E,) -> (M, D): two kernel calls with few rows."""
+        f = self.fmt
+        if self._few(xs, counts):
             xf = xs.float().contiguous()
             h = kernels.grouped_mm(xf, counts, f.name, self.gate_up_proj, self.gate_up_proj_scale, f.group or 32,
                                    f.block or 128)  # (M, 2I)
@@ -166,6 +170,31 @@ class QuantExperts(Experts):
             return kernels.grouped_mm(a, counts, f.name, self.down_proj, self.down_proj_scale, f.group or 32,
                                       f.block or 128).to(xs.dtype)
         return _expert_bands(xs, counts, self)
+
+    def gate_up(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`grouped`'s first matmul alone: xs (M, D) -> (M, 2I), float32 from the kernels (few rows), xs' dtype
+        from the bands. With `down`, what an adapter on the bank composes (`Experts.gate_up`)."""
+        return self._matmul(xs, counts, self.gate_up_proj, self.gate_up_proj_scale, 2 * self.width)
+
+    def down(self, a: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """`grouped`'s second matmul alone: a (M, I) -> (M, D), dtypes as `gate_up`."""
+        return self._matmul(a, counts, self.down_proj, self.down_proj_scale, self.hidden)
+
+    def _matmul(self, xs: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
+                N: int) -> torch.Tensor:
+        f = self.fmt
+        if self._few(xs, counts):
+            return kernels.grouped_mm(xs.float().contiguous(), counts, f.name, q, scale, f.group or 32, f.block or 128)
+        return _packed_loop(xs, counts, f, q, scale, N)
+
+
+@torch.compiler.disable
+def _packed_loop(xs: torch.Tensor, counts: torch.Tensor, fmt: Format, q: torch.Tensor, scale: torch.Tensor | None,
+                 N: int) -> torch.Tensor:
+    """One packed matrix per expert that received rows (`packed_matmul`'s GEMM path): xs (M, K) -> (M, N)."""
+    outs = [packed_matmul(x_e, fmt, q[e], None if scale is None else scale[e], N)
+            for e, x_e in enumerate(xs.split(counts.tolist())) if len(x_e)]
+    return torch.cat(outs) if outs else xs.new_zeros(0, N)
 
 
 @torch.compiler.disable

@@ -107,7 +107,7 @@ class GRPO:
         cfg.validate()
         self.cfg, g, self.overwrite = cfg, cfg.grpo, overwrite
         self.device = resolve_device(cfg.run.device)
-        set_threads(self.device, cfg.run.threads, announce=cfg.run.progress)
+        set_threads(self.device, cfg.run.threads)
         if model is None:
             from qiusuo.hf.load import load_model, load_tokenizer
 

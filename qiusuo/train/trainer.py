@@ -124,7 +124,7 @@ class Trainer:
         self.is_main = self.rank == 0
         self.device = dist.device if dist else resolve_device(cfg.run.device)
         self.out_dir = Path(cfg.run.out_dir)
-        self.threads = set_threads(self.device, cfg.run.threads, announce=self.is_main and cfg.run.progress)
+        self.threads = set_threads(self.device, cfg.run.threads, announce=self.is_main)
         self.autocast_dtype = resolve_precision(cfg.run.precision, self.device)  # "auto" measures at these threads
 
         self.source = source or TokenSource(cfg.data, cfg.run.seed, self.rank, self.world_size)

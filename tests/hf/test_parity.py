@@ -123,3 +123,22 @@ def test_tolerance_is_not_vacuous(case, tmp_path):
             r.e_score_correction_bias.zero_()
         with torch.no_grad():
             assert (model(x) - good).abs().max() > 100 * TOL, "e_score_correction_bias"
+
+
+def test_latent_norms_take_rmsnorms_default_eps(tmp_path):
+    """Issue 26: `q_a_layernorm` and `kv_a_layernorm` use RMSNorm's default eps, 1e-6, as transformers and DeepSeek's
+    inference code build them, not the model's `rms_norm_eps` (1e-5 in Moonlight's, Kimi-K2.5's and GLM's configs).
+    The latents are made small (their projections scaled down) so that the eps is not drowned by their variance."""
+    family, kw = CASES["v3-qlora-groups-norm-untied"]
+    ref = hf_model(family, **kw, rms_norm_eps=1e-5)
+    with torch.no_grad():
+        for layer in ref.model.layers:
+            layer.self_attn.q_a_proj.weight.mul_(0.01)
+            layer.self_attn.kv_a_proj_with_mqa.weight.mul_(0.01)
+    ref.save_pretrained(tmp_path)
+    ours = qiusuo.load_model(tmp_path)
+    assert ours.cfg.rms_norm_eps == 1e-5
+    x = torch.randint(0, BASE["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (ref(x).logits - ours(x)).abs().max().item()
+    assert diff <= TOL, f"max |logits diff| {diff:.2e}"

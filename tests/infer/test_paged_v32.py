@@ -128,3 +128,17 @@ def test_compiled_decoding_equals_eager(v32, tok):
     assert [o.outputs[0].token_ids for o in eager] == [o.outputs[0].token_ids for o in compiled]
     ids = torch.tensor([ps[1][:20], ps[1][5:25]])
     assert torch.equal(v32.generate(ids, 12, compile=True), v32.generate(ids, 12))
+
+
+def test_glm5_shared_layers_served(tok):
+    """GLM-5 (`glm_moe_dsa`: interleaved indexer rotary, layer 1 reusing layer 0's top-k, so its `sparse_latent`
+    cache holds no indexer key) in the paged engine: `Transformer.generate`'s greedy tokens for ragged prompts."""
+    glm5 = perturbed(get_config("tiny", model_type="glm_moe_dsa", vocab_size=tok.vocab_size, num_nextn_predict_layers=0,
+                                index_n_heads=16, index_head_dim=16, index_topk=TOPK, index_rope_interleave=True,
+                                indexer_types=["full", "shared"]))
+    assert [s.key_width for s in glm5.cache_specs()] == [16, 0]
+    engine = Engine(glm5, tok, max_batch=4, block_size=4, max_model_len=96)
+    ps, refs = unambiguous(glm5, tok, (5, 30, 17, 44), 16)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in engine.generate(ps, params)] == refs
+    assert engine.pool.used_blocks == 0

@@ -16,7 +16,8 @@ from qiusuo.data.tokenizer import CHAT_TEMPLATE, Tokenizer
 from qiusuo.hf.load import GenerationConfig
 from qiusuo.infer import Engine
 from qiusuo.infer.server import create_app, serve_in_thread
-from qiusuo.infer.tools import ToolCallStream, ToolError, check_tools, detect_format, forced_name, prepare_chat
+from qiusuo.infer.tools import (REQUIRED, ToolCallStream, ToolError, check_tools, detect_format, forced_name,
+                                prepare_chat)
 from qiusuo.model.transformer import Transformer
 
 V3_TEMPLATE = json.loads((FIXTURES / "deepseek-v3" / "tokenizer_config.json").read_text())["chat_template"]
@@ -101,8 +102,9 @@ def test_tool_choice():
     assert forced_name("auto", tools) is None and forced_name("none", tools) is None
     assert forced_name({"type": "function", "function": {"name": "get_time"}}, tools) == "get_time"
     assert forced_name("required", [WEATHER]) == "get_weather"
-    for choice, fragment in [("required", "constrained decoding"), ({"type": "function", "function": {"name": "x"}},
-                                                                     "not among tools"), ("always", "must be")]:
+    assert forced_name("required", tools) == REQUIRED  # the reply starts the call section; the model names one
+    for choice, fragment in [({"type": "function", "function": {"name": "x"}}, "not among tools"),
+                             ("always", "must be")]:
         with pytest.raises(ToolError, match=fragment):
             forced_name(choice, tools)
 
@@ -198,6 +200,8 @@ def script(prompt: str) -> str:
     """The reply the steered model writes for a prompt."""
     if prompt.endswith("<｜tool▁sep｜>"):  # tool_choice named the function: the server wrote the call's start
         return f"{ARGS}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
+    if prompt.endswith("<｜tool▁call▁begin｜>"):  # tool_choice "required": the model names the function
+        return f"get_time<｜tool▁sep｜>{{}}<｜tool▁call▁end｜><｜tool▁calls▁end｜>"
     if "<｜tool▁output▁begin｜>" in prompt:
         return ANSWER
     if "broken" in prompt:
@@ -248,6 +252,14 @@ def test_named_tool_choice_starts_the_call(client):
                                                                                                      ARGS)]
 
 
+def test_required_tool_choice_among_several_tools(client):
+    """"required" with several tools: the reply is started with the call section, and the model names the tool."""
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Time?"}],
+                                         tools=[WEATHER, TIME], max_tokens=64, tool_choice="required")
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in out.choices[0].message.tool_calls] == [("get_time", "{}")]
+
+
 def test_unreadable_markup_is_content_not_an_error(client):
     for stream in (False, True):
         kw = dict(model=MODEL, messages=[{"role": "user", "content": "broken please"}], tools=[WEATHER], max_tokens=64)
@@ -266,7 +278,6 @@ def test_unreadable_markup_is_content_not_an_error(client):
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
     ({"tools": "get_weather"}, "tools"),
     ({"tools": [WEATHER], "tool_choice": "required", "messages": None}, None),
-    ({"tools": [WEATHER, TIME], "tool_choice": "required"}, "tool_choice"),
     ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
 ])

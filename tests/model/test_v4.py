@@ -265,3 +265,16 @@ def test_banded_fast_path_equals_dense_reference(case):
             assert (a - b).abs().max() < TOL
     fast, slow = (m(ids, labels=ids.roll(-1, 1)) for m in (ours, ref))
     assert fast.indexer > 0 and abs(fast.indexer - slow.indexer) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["hc2-hash1-sigmoid", "hc4-hash3-sqrtsoftplus-yarn"])
+def test_norm_topk_prob_false_still_normalises_like_deepseek(case):
+    """Issue 26: DeepSeek-V4's own Gate (inference/model.py) normalises sigmoid and sqrtsoftplus weights whatever a
+    config says (its ModelArgs has no norm_topk_prob), as transformers' V4 router does; qiusuo left them
+    unnormalised when `norm_topk_prob` was false (logits up to 0.3 off)."""
+    ours, theirs = twins.twin_pair(hf_config(**CASES[case], norm_topk_prob=False), transformers.DeepseekV4ForCausalLM,
+                                   0.5)
+    assert not ours.cfg.norm_topk_prob
+    ids = torch.randint(0, 256, (2, 45), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() < TOL
