@@ -162,8 +162,8 @@ def test_quantize_command(fake, tmp_path):
     out = llama.quantize(tmp_path / "m-f32.gguf", tmp_path / "m-q4.gguf", "Q4_0", threads=2)
     assert out.read_bytes() == b"GGUF"
     assert calls() == [["llama-quantize", str(tmp_path / "m-f32.gguf"), str(tmp_path / "m-q4.gguf"), "Q4_0", "2"]]
-    llama.quantize("a.gguf", "b.gguf", "Q4_0", pure=True)
-    assert calls()[-1] == ["llama-quantize", "--pure", "a.gguf", "b.gguf", "Q4_0", "2"]
+    llama.quantize(tmp_path / "a.gguf", tmp_path / "b.gguf", "Q4_0", pure=True)
+    assert calls()[-1] == ["llama-quantize", "--pure", str(tmp_path / "a.gguf"), str(tmp_path / "b.gguf"), "Q4_0", "2"]
     with pytest.raises(ValueError, match="Q8_0, Q4_0"):
         llama.quantize("a", "b", "Q4_K_M")
 
