@@ -33,7 +33,7 @@ from qiusuo.bench.common import bench_tokenizer
 from qiusuo.config import get_config
 from qiusuo.model.moe import Experts
 from qiusuo.model.transformer import Transformer
-from qiusuo.quant.apply import families, parse_spec, quantize_model
+from qiusuo.quant.apply import families, parse_spec, quantize_model, set_activations
 from qiusuo.quant.modules import QuantExperts, QuantLinear
 from qiusuo.runtime import set_threads
 
@@ -61,6 +61,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--activations", default="q8", choices=["q8", "fp32"], help="the packed layers' decoding "
+                   "arithmetic, as serve's --activations (q8: the default engine path)")
     p.add_argument("--llama-cpp", default=None, metavar="DIR", help="a llama.cpp build (setup_llama_cpp.sh DIR): "
                    "the same weights at Q8_0 and Q4_0 (and bf16) through llama-bench")
     p.add_argument("--out", default=None, help="folder for quant.json and quant.png (default: none)")
@@ -199,7 +201,9 @@ def val_bpb(model: Transformer, data_dir: str, seq_len: int = 256, batch: int = 
 
 
 def quality(args: argparse.Namespace) -> dict:
-    """`--quality DIR`: the model's validation bits per byte in fp32 and in each format (every family packed)."""
+    """`--quality DIR`: the model's validation bits per byte in fp32 and in each format (every family packed), twice
+    per format: as prefill computes (the stored weights, dequantised, times float activations) and as decoding
+    computes (every matmul through the kernels with `--activations`)."""
     from qiusuo.hf.load import load_model
 
     threads = set_threads(torch.device("cpu"), args.threads)
@@ -207,12 +211,17 @@ def quality(args: argparse.Namespace) -> dict:
     ref = None
     for fmt in ["fp32", *args.formats.split(",")]:
         model = load_model(args.quality, dtype=torch.float32, quantize=None if fmt == "fp32" else fmt, progress=False)
-        bpb = val_bpb(model, args.data, min(256, model.cfg.max_position_embeddings))
-        ref = ref if ref is not None else bpb
-        rows.append({"format": fmt, "bpb": bpb, "relative": bpb / ref - 1})
-        print(f"{fmt:9s} {bpb:.4f} bits per byte ({100 * (bpb / ref - 1):+.2f}% vs fp32)", flush=True)
+        for path in ["weights"] if fmt == "fp32" else ["weights", "decode"]:
+            if path == "decode":
+                set_activations(model, args.activations, kernel_rows=2**62)
+            bpb = val_bpb(model, args.data, min(256, model.cfg.max_position_embeddings))
+            ref = ref if ref is not None else bpb
+            rows.append({"format": fmt, "path": path, "bpb": bpb, "relative": bpb / ref - 1})
+            what = "" if fmt == "fp32" else f" {path}" + (f" ({args.activations})" if path == "decode" else "")
+            print(f"{fmt:9s}{what:16s} {bpb:.4f} bits per byte ({100 * (bpb / ref - 1):+.2f}% vs fp32)", flush=True)
         del model
-    out = {"model": args.quality, "data": args.data, "threads": threads, "rows": rows, "lscpu": cpu_name()}
+    out = {"model": args.quality, "data": args.data, "threads": threads, "activations": args.activations,
+           "rows": rows, "lscpu": cpu_name()}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "quant_quality.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -233,7 +242,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"read bandwidth {bw / 1e9:.1f} GB/s (sum over 1 GiB, {threads} threads)", flush=True)
     rows = []
     for fmt in args.formats.split(","):
-        model = packed_copy(base, fmt)
+        model = set_activations(packed_copy(base, fmt), args.activations)
         for B in args.batch:
             per_token, bits = bytes_per_token(model, B)
             tps = decode_speed(model, tok, B, args.new_tokens, args.prompt_len, args.repeats)

@@ -21,6 +21,7 @@ from torch import nn
 
 from qiusuo.model.mla import MLA
 from qiusuo.model.moe import MLP, DenseMLP, Experts, MoE
+from qiusuo.quant import kernels
 from qiusuo.quant.formats import Format, parse
 from qiusuo.quant.modules import QuantExperts, QuantLinear
 
@@ -118,6 +119,22 @@ def quantize_modules(model: nn.Module, formats: dict[str, Format]) -> nn.Module:
         except ValueError:
             continue
         _swap(model, path, new)
+    return model
+
+
+def set_activations(model: nn.Module, act: str, kernel_rows: int | None = None) -> nn.Module:
+    """Every packed layer decodes with activation arithmetic `act`: "q8" (x quantised to int8 per block of 32, the
+    default where a format allows it; bf16, fp8 and int4 groups below 32 keep "fp32") or "fp32" (float32 x
+    everywhere, the exact sum of the stored weights times x). `kernel_rows`: calls of up to this many rows run
+    through the kernels (default: decoding-sized ones); a large value puts a whole evaluation through the
+    decoding arithmetic, to measure what it costs. Returns the model."""
+    if act not in kernels.ACTS:
+        raise ValueError(f"--activations {act!r}: one of {', '.join(kernels.ACTS)}")
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantExperts)):
+            m.act = kernels.default_act(m.fmt.name, m.fmt.group) if act == "q8" else "fp32"
+            if kernel_rows is not None:
+                m.kernel_rows = kernel_rows
     return model
 
 

@@ -1,9 +1,8 @@
-"""Weight-only quantised matmuls for CPU decoding: y = x @ dequantised(W).T, W read once in its packed form.
+"""Quantised matmuls for CPU decoding: y = x @ W.T with W read once in its packed form.
 
 At decode batch sizes (1-16 rows) a matmul should be memory-bound: its cost is reading the weight. torch 2.13's CPU
-kernels read packed weights slower than fp32 ones (1 thread, W 4096 x 7168: fp32 `x @ w.t()` 20 GB/s of weights;
-`_weight_int8pack_mm` 9 GB/s with bf16 x, 31 ms with fp32 x; `_weight_int4pack_mm_for_cpu` 2.6 GB/s of packed bytes
-with bf16 x), so kernels.c does it: compiled here on first use, loaded with ctypes, and exposed as torch custom ops
+kernels read packed weights slower than fp32 ones (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; figures in
+docs/quant.md), so kernels.c does it: compiled here on first use, loaded with ctypes, and exposed as torch custom ops
 that a compiled model calls without a graph break.
 
 Layouts (W is (N, K) = (out, in) features, row-major, K a multiple of 32; experts add a leading E dimension;
@@ -17,34 +16,33 @@ qiusuo/quant/formats.py writes them):
 - "fp8":   q uint8 / float8_e4m3fn (N, K); scale float32 (ceil(N/B), ceil(K/B)), B = `block`, edge blocks partial:
            w = e4m3(q) * scale[n // B, k // B].
 
-Arithmetic: weight-only. x stays float32; each weight is dequantised to its exact float32 value, bit for bit the one
-`dequantize` gives, and multiplied into float32 accumulators, so results equal x @ dequantize(W).T up to summation
-order. `dequantize` is the slow, obviously-correct twin; the fallback (no compiler, tensors off the CPU or not
-contiguous, an int4 group or fp8 block not a multiple of 16, or QIUSUO_KERNELS=0) is x @ dequantize(rows).T, BAND
-rows at a time. The alternative measured and left out: applying int4's scale once per group instead of per weight
-(sum of codes times x, then times the scale) ran the M = 1 inner loop 1.4x faster (2.35 against 3.25 cycles per 16
-weights of a row, in L1), but a product rounded before its scale is applied is not the dequantised weight's product.
+Arithmetic, chosen per call by `act`:
+- "fp32": x stays float32, the weight's codes (int8 q, int4 nibble - 8, fp8's e4m3 value) are converted exactly to
+  float32 and multiplied into float32 accumulators, and a scale multiplies the sum of its group once:
+  y = sum_g s_g (sum_{k in g} q_k x_k), g an int4 group of G inputs, the B inputs of an fp8 block in a row, or
+  (int8) the whole row. That is x @ W.T up to rounding: one more rounding per term than the dequantised weight
+  times x (the scale's), still within gamma_{K+1} (|x| @ |W|.T) of the exact sum (u = 2^-24; tests/quant/
+  test_kernels.py derives it). It saves the per-weight multiply, and int4's -8 moves from the FMA pipes to the
+  adders. mxfp4 keeps its scale in the 8-entry table it decodes through (exact: a power of two). bf16 has no scale.
+- "q8" (int8, int4 with G a multiple of 32, mxfp4), as llama.cpp decodes: each row of x is quantised to int8 per
+  block of 32 inputs (Q8_0: d = max|x| / 127 in float32, codes round(x / d), half to even; `quantize_q8`), the
+  block's dot product with the weight's integer codes (`q8_codes`: int8 q, int4 nibble - 8, mxfp4 2 e2m1 in
+  [-12, 12]) is an exact integer (AVX2 maddubs + madd, or vpdpbusd on AVX-VNNI / AVX512-VNNI targets), and the
+  block sums are scaled by d * s (s the weight's scale for the block, mxfp4's halved) in float32: within
+  gamma_{K/32+1} sum_b |d_b s_b P_b| of the same arithmetic done exactly. Why: with float32 x the 4-bit loop is
+  compute-bound (unpacking, converting and FMAs per weight) well below the memory's rate on a few cores, while
+  integer products of 32 codes at once keep up with it. What it changes is x (half a step of 1/127 of its block's
+  largest value); docs/quant.md gives what that costs in y and in bits per byte.
+
+`dequantize` (and `q8_codes`, `quantize_q8`) are the slow, obviously-correct twins; the fallback (no compiler,
+tensors off the CPU or not contiguous, an int4 group or fp8 block not a multiple of 16, or QIUSUO_KERNELS=0) is
+x @ dequantize(rows).T, BAND rows at a time, or for q8 the blocks' integer dot products in float64 (exact).
 
 Threads. kernels.c is built with -fopenmp and so links libgomp.so.1; torch's wheel has loaded its own libgomp.so.1
 (torch/lib) first, and the dynamic loader resolves ours to that one: one OpenMP runtime and one thread pool per
-calling thread for both (checked: one libgomp in /proc/self/maps; 3 threads in the process before and after mixing
-torch ops and these kernels at 1 and 2 threads; tests/quant/test_kernels.py checks the first). The thread count
-travels with each call, as torch.get_num_threads(): OpenMP's count is per calling thread, and a thread that has not
-run a torch op yet still has OpenMP's default of one per core (measured: main thread at 1, a new thread's
-omp_get_max_threads() was 2 until its first torch call). ctypes releases the GIL for the call.
-
-Measured: each call timed on a fresh copy of W (copies totalling 128 MB, beyond the 32 MB L3), best of 11, one thread,
-on a 2-core AMD EPYC (Zen 3) VM, AVX2, no AVX-512, with another process on the other core; W 4096 x 7168; GB/s of
-weight + scale bytes. Same run: 256 MB fp32 `big.sum()` 19.4 GB/s; fp32 `x @ w.t()` 22.0 GB/s (5.3 ms) at M = 1,
-19.7 ms at M = 8. Runs minutes apart on this VM differed up to 2x, compute-bound rows most; ratios within a run held.
-
-    M = 1, GB/s:  bf16 18.6   int8 11.3   int4 G32 5.5   int4 G128 5.9   mxfp4 4.1   fp8 8.1
-    M = 8, ms:    bf16  9.4   int8  8.1   int4 G32 8.6   int4 G128 7.9   mxfp4 10.2  fp8 9.7
-
-bf16 reads at the memory's rate. The others are compute-bound on one core (kernels.c counts their vector ops per
-weight: int4 at M = 1 is 9 per 16 weights, 3.25 cycles), so more threads add throughput up to the memory's rate. At
-M = 8 one dequantisation serves 8 rows and the time goes to the FMAs (int4 G128: 30 G weight-rows/s, 2/3 of this
-core's FMA peak).
+calling thread for both (tests/quant/test_kernels.py checks that one libgomp is mapped). The thread count travels
+with each call, as torch.get_num_threads(): OpenMP's count is per calling thread, and a thread that has not run a
+torch op yet still has OpenMP's default of one per core. ctypes releases the GIL for the call.
 """
 
 from __future__ import annotations
@@ -67,7 +65,10 @@ from qiusuo.hf.fp8 import decode_scale
 from qiusuo.runtime import cache_dir, cpu_flags
 
 FORMATS = ("bf16", "int8", "int4", "mxfp4", "fp8")
+ACTS = ("fp32", "q8")  # activation arithmetic: float32 x, or x quantised to int8 per block of Q8_BLOCK (Q8_0)
+Q8_FORMATS = ("int8", "int4", "mxfp4")  # the weight formats whose codes are small integers: the q8 path's
 MX_GROUP = 32  # mxfp4's inputs per scale, fixed by the format
+Q8_BLOCK = 32  # inputs per scale of quantised x
 BAND = 256  # rows the fallback dequantises at a time: 256 * K * 4 bytes of scratch, not N * K * 4
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
@@ -112,7 +113,23 @@ def _shape(fmt: str, q: Tensor, scale: Tensor | None, group: int, block: int, le
     return N, K
 
 
-# ---- the slow twin ----
+def default_act(fmt: str, group: int = 32) -> str:
+    """The activation arithmetic a packed layer decodes with unless told otherwise: "q8" where the format allows it
+    (its codes are small integers with one scale per 32 inputs or more), "fp32" elsewhere."""
+    return "q8" if fmt in Q8_FORMATS and (fmt != "int4" or (group or 32) % Q8_BLOCK == 0) else "fp32"
+
+
+def _check_act(act: str, fmt: str, group: int) -> None:
+    if act not in ACTS:
+        raise ValueError(f"unknown activation arithmetic act={act!r}: one of {ACTS}")
+    if act == "q8" and fmt not in Q8_FORMATS:
+        raise ValueError(f"act='q8' is for integer weight codes ({', '.join(Q8_FORMATS)}), not {fmt}")
+    if act == "q8" and fmt == "int4" and group % Q8_BLOCK:
+        raise ValueError(f"act='q8' needs int4 groups that are a multiple of {Q8_BLOCK} (one weight scale per block "
+                         f"of x), got group={group}")
+
+
+# ---- the slow twins ----
 
 def dequantize(fmt: str, q: Tensor, scale: Tensor | None, group: int = 32, block: int = 128,
                rows: slice | None = None) -> Tensor:
@@ -137,11 +154,46 @@ def dequantize(fmt: str, q: Tensor, scale: Tensor | None, group: int = 32, block
     return E2M1.to(q.device)[codes] * decode_scale(scale[..., n0:n1, :]).repeat_interleave(MX_GROUP, -1)
 
 
-def _mm_torch(x: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int, block: int) -> Tensor:
+def quantize_q8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (M, K) float32 -> (codes int8 (M, K), scales float32 (M, K / 32)), llama.cpp's Q8_0: per block of 32 inputs
+    d = max|x| / 127 and codes round(x / d), half to even (0 where d = 0): the C kernels' quantisation, bit for bit."""
+    xb = x.reshape(x.shape[0], -1, Q8_BLOCK)
+    d = xb.abs().amax(-1) / 127
+    codes = torch.where(d[..., None] > 0, torch.round(xb / d[..., None]), 0)
+    return codes.to(torch.int8).reshape(x.shape), d
+
+
+def q8_codes(fmt: str, q: Tensor, scale: Tensor, group: int = 32, rows: slice | None = None) -> tuple[Tensor, Tensor]:
+    """The integer codes (..., n, K) int8 and per-32-block scales (..., n, K / 32) float32 of a weight in one of
+    Q8_FORMATS, w = code * scale[k // 32]: int8 q and its row scale, int4 nibble - 8 and its group's scale, mxfp4
+    2 e2m1 (integers in [-12, 12]) and half its e8m0 scale (exact)."""
+    N, K = _shape(fmt, q, scale, group, 128, q.dim() - 2)
+    n0, n1, _ = (rows or slice(None)).indices(N)
+    qr, sr = q[..., n0:n1, :], scale[..., n0:n1] if fmt == "int8" else scale[..., n0:n1, :]
+    if fmt == "int8":
+        return qr, sr[..., None].expand(*sr.shape, K // Q8_BLOCK)
+    u = qr.view(torch.uint8)
+    nib = torch.stack((u & 15, u >> 4), -1).flatten(-2).long()
+    if fmt == "int4":
+        return (nib - 8).to(torch.int8), sr.view(torch.bfloat16).float().repeat_interleave(group // Q8_BLOCK, -1)
+    return (2 * E2M1.to(q.device)[nib]).to(torch.int8), decode_scale(sr) / 2
+
+
+def _mm_torch(x: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int, block: int, act: str) -> Tensor:
     N = q.shape[-2]
     y = x.new_empty(x.shape[0], N)
+    if act == "q8":  # block dot products of codes, exact in float64, then their scales, in float64
+        cx, dx = quantize_q8(x)
+        cx = cx.double().reshape(x.shape[0], -1, Q8_BLOCK).transpose(0, 1)  # (nb, M, 32)
     for n0 in range(0, N, BAND):
-        y[:, n0:n0 + BAND] = x @ dequantize(fmt, q, scale, group, block, slice(n0, n0 + BAND)).T
+        rows = slice(n0, n0 + BAND)
+        if act == "fp32":
+            y[:, rows] = x @ dequantize(fmt, q, scale, group, block, rows).T
+            continue
+        cw, sw = q8_codes(fmt, q, scale, group, rows)
+        cw = cw.double().reshape(cw.shape[0], -1, Q8_BLOCK).permute(1, 2, 0)  # (nb, 32, n)
+        dots = torch.bmm(cx, cw)  # (nb, M, n)
+        y[:, rows] = torch.einsum("bmn,mb,nb->mn", dots, dx.double(), sw.double()).float()
     return y
 
 
@@ -203,9 +255,11 @@ def _load(extra: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | None]:
     except OSError as e:
         return None, f"built but could not load: {e}"
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.qs_grouped_mm.argtypes = [ctypes.c_int, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int]
+    lib.qs_grouped_mm.argtypes = [ctypes.c_int, ctypes.c_int, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, i64, ptr,
+                                  ctypes.c_int]
     lib.qs_grouped_mm.restype = ctypes.c_int
     lib.qs_simd.restype = ctypes.c_int
+    lib.qs_vnni.restype = ctypes.c_int
     return lib, None
 
 
@@ -231,16 +285,18 @@ def _library(fmt: str, group: int, block: int, *tensors: Tensor | None) -> ctype
 
 
 def _run_c(lib: ctypes.CDLL, x: Tensor, counts: int, experts: int, fmt: str, q: Tensor, scale: Tensor | None,
-           group: int, block: int) -> Tensor:
+           group: int, block: int, act: str = "fp32") -> Tensor:
     """One call of kernels.c for `experts` experts whose row counts (int64) are at address `counts` (one expert for a
     plain matmul); ctypes releases the GIL for the call."""
     R, K = x.shape
     y = torch.empty(R, q.shape[-2], dtype=torch.float32)
-    rc = lib.qs_grouped_mm(FORMATS.index(fmt), x.data_ptr(), R, K, q.shape[-2], experts, counts, q.data_ptr(),
+    rc = lib.qs_grouped_mm(FORMATS.index(fmt), ACTS.index(act), x.data_ptr(), R, K, q.shape[-2], experts, counts,
+                           q.data_ptr(),
                            None if scale is None else scale.data_ptr(), group, block, y.data_ptr(),
                            torch.get_num_threads())
     if rc:
-        raise RuntimeError(f"qs_grouped_mm refused {fmt} x {tuple(x.shape)} q {tuple(q.shape)} (or ran out of memory)")
+        raise RuntimeError(f"qs_grouped_mm refused {fmt} act={act} x {tuple(x.shape)} q {tuple(q.shape)} (or ran out "
+                           "of memory)")
     return y
 
 
@@ -249,19 +305,21 @@ def _check_x(x: Tensor, K: int) -> None:
         raise ValueError(f"x must be float32 (rows, {K}), got {x.dtype} {tuple(x.shape)}")
 
 
-def _mm(x: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int, block: int) -> Tensor:
+def _mm(x: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int, block: int, act: str) -> Tensor:
     N, K = _shape(fmt, q, scale, group, block, 0)
+    _check_act(act, fmt, group)
     _check_x(x, K)
     lib = _library(fmt, group, block, x, q, scale)
     if lib is None:
-        return _mm_torch(x, fmt, q, scale, group, block)
+        return _mm_torch(x, fmt, q, scale, group, block, act)
     rows = ctypes.c_int64(x.shape[0])
-    return _run_c(lib, x, ctypes.addressof(rows), 1, fmt, q, scale, group, block)
+    return _run_c(lib, x, ctypes.addressof(rows), 1, fmt, q, scale, group, block, act)
 
 
 def _grouped_mm(xs: Tensor, counts: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int,
-                block: int) -> Tensor:
+                block: int, act: str) -> Tensor:
     N, K = _shape(fmt, q, scale, group, block, 1)
+    _check_act(act, fmt, group)
     _check_x(xs, K)
     if counts.dim() != 1 or counts.numel() != q.shape[0]:
         raise ValueError(f"counts {tuple(counts.shape)} must hold one row count per expert ({q.shape[0]})")
@@ -270,12 +328,12 @@ def _grouped_mm(xs: Tensor, counts: Tensor, fmt: str, q: Tensor, scale: Tensor |
         raise ValueError(f"counts {counts.tolist()} must be >= 0 and sum to the {xs.shape[0]} rows of xs")
     lib = _library(fmt, group, block, xs, q, scale)
     if lib is not None:
-        return _run_c(lib, xs, counts.data_ptr(), counts.numel(), fmt, q, scale, group, block)
+        return _run_c(lib, xs, counts.data_ptr(), counts.numel(), fmt, q, scale, group, block, act)
     y = xs.new_empty(xs.shape[0], N)
     r0 = 0
     for e, c in enumerate(counts.tolist()):
         if c:
-            y[r0:r0 + c] = _mm_torch(xs[r0:r0 + c], fmt, q[e], None if scale is None else scale[e], group, block)
+            y[r0:r0 + c] = _mm_torch(xs[r0:r0 + c], fmt, q[e], None if scale is None else scale[e], group, block, act)
         r0 += c
     return y
 
@@ -287,37 +345,39 @@ def _grouped_mm(xs: Tensor, counts: Tensor, fmt: str, q: Tensor, scale: Tensor |
 # calling its body), more than a decode-sized matmul's arithmetic on small layers.
 
 @torch.library.custom_op("qiusuo::quant_mm", mutates_args=())
-def _quant_mm(x: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int, block: int) -> Tensor:
-    return _mm(x, fmt, q, scale, group, block)
+def _quant_mm(x: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int, block: int, act: str) -> Tensor:
+    return _mm(x, fmt, q, scale, group, block, act)
 
 
 @_quant_mm.register_fake
-def _(x, fmt, q, scale, group, block):
+def _(x, fmt, q, scale, group, block, act):
     return x.new_empty(x.shape[0], q.shape[-2])
 
 
 @torch.library.custom_op("qiusuo::quant_grouped_mm", mutates_args=())
 def _quant_grouped_mm(xs: Tensor, counts: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int,
-                      block: int) -> Tensor:
-    return _grouped_mm(xs, counts, fmt, q, scale, group, block)
+                      block: int, act: str) -> Tensor:
+    return _grouped_mm(xs, counts, fmt, q, scale, group, block, act)
 
 
 @_quant_grouped_mm.register_fake
-def _(xs, counts, fmt, q, scale, group, block):
+def _(xs, counts, fmt, q, scale, group, block, act):
     return xs.new_empty(xs.shape[0], q.shape[-2])
 
 
-def mm(x: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int = 32, block: int = 128) -> Tensor:
-    """x (M, K) float32, W (N, K) in `fmt` -> x @ dequantize(W).T, (M, N) float32."""
+def mm(x: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int = 32, block: int = 128,
+       act: str = "fp32") -> Tensor:
+    """x (M, K) float32, W (N, K) in `fmt` -> x @ W.T, (M, N) float32; act="q8" (int8, int4, mxfp4) quantises x
+    to int8 per block of 32 first (see the module docstring)."""
     if torch.compiler.is_compiling():
-        return torch.ops.qiusuo.quant_mm(x, fmt, q, scale, group, block)
-    return _mm(x, fmt, q, scale, group, block)
+        return torch.ops.qiusuo.quant_mm(x, fmt, q, scale, group, block, act)
+    return _mm(x, fmt, q, scale, group, block, act)
 
 
 def grouped_mm(xs: Tensor, counts: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int = 32,
-               block: int = 128) -> Tensor:
+               block: int = 128, act: str = "fp32") -> Tensor:
     """xs (R, K) float32, rows sorted by expert, counts (E,) int64 rows per expert, q/scale with a leading E ->
     (R, N): each expert's rows times its weight. One C call for all experts; only experts with rows are read."""
     if torch.compiler.is_compiling():
-        return torch.ops.qiusuo.quant_grouped_mm(xs, counts, fmt, q, scale, group, block)
-    return _grouped_mm(xs, counts, fmt, q, scale, group, block)
+        return torch.ops.qiusuo.quant_grouped_mm(xs, counts, fmt, q, scale, group, block, act)
+    return _grouped_mm(xs, counts, fmt, q, scale, group, block, act)

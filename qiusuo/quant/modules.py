@@ -4,7 +4,11 @@
 
 Two matmuls, chosen by the number of rows (tokens) in the call:
 - few rows (decoding, speculative verification: <= `DECODE_ROWS`): the kernels of `qiusuo.quant.kernels`, which
-  read each packed byte once. A decoding step is memory-bound, so its speed is set by the bytes it reads;
+  read each packed byte once. A decoding step is memory-bound, so its speed is set by the bytes it reads. Each
+  module's `act` picks the kernels' activation arithmetic: "q8" (x quantised to int8 per block of 32, integer dot
+  products, as llama.cpp decodes its Q8_0/Q4_0) by default for int8, int4 and mxfp4, whose float32-activation
+  loop is compute-bound well below bandwidth on 2 cores; "fp32" (exact float32 activations) by choice
+  (`qiusuo.quant.apply.set_activations`, `--activations fp32`) and for bf16 and fp8;
 - many rows (prefill, evaluation): dequantise a band of output rows to the activation dtype and multiply with
   torch's GEMM, which is compute-bound and far faster per row than any matrix-vector loop. The band keeps the
   scratch small (a few MB), never a full float copy of the weight.
@@ -37,11 +41,14 @@ def _register(module: nn.Module, name: str, fmt: Format, N: int, K: int, lead: t
     module.register_buffer(sname, None if scale is None else torch.empty(*lead, *scale[0], dtype=scale[1], device=device))
 
 
-def packed_matmul(x: torch.Tensor, fmt: Format, q: torch.Tensor, scale: torch.Tensor | None, N: int) -> torch.Tensor:
-    """x (M, K) -> x W^T (M, N) in x's dtype, W (N, K) stored as (q, scale) in `fmt`."""
+def packed_matmul(x: torch.Tensor, fmt: Format, q: torch.Tensor, scale: torch.Tensor | None, N: int,
+                  act: str = "fp32", kernel_rows: int = DECODE_ROWS) -> torch.Tensor:
+    """x (M, K) -> x W^T (M, N) in x's dtype, W (N, K) stored as (q, scale) in `fmt`: through the kernels with
+    activation arithmetic `act` (`kernels.ACTS`) up to `kernel_rows` rows, dequantised bands above."""
     M = x.shape[0]
-    if M <= DECODE_ROWS and x.device.type == "cpu":
-        return kernels.mm(x.float().contiguous(), fmt.name, q, scale, fmt.group or 32, fmt.block or 128).to(x.dtype)
+    if M <= kernel_rows and x.device.type == "cpu":
+        return kernels.mm(x.float().contiguous(), fmt.name, q, scale, fmt.group or 32, fmt.block or 128,
+                          act).to(x.dtype)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     step = BAND if fmt.name != "fp8" else max(fmt.block, BAND // fmt.block * fmt.block)
     for r0 in range(0, N, step):
@@ -60,6 +67,8 @@ class QuantLinear(nn.Module):
         super().__init__()
         fmt.check(out_features, in_features, "a linear layer")
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.act = kernels.default_act(fmt.name, fmt.group)
+        self.kernel_rows = DECODE_ROWS  # rows up to which a call runs through the kernels (more: dequantised bands)
         _register(self, "weight", fmt, out_features, in_features, (), device)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
@@ -86,13 +95,14 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        y = packed_matmul(rows, self.fmt, self.weight, self.scale, self.out_features)
+        y = packed_matmul(rows, self.fmt, self.weight, self.scale, self.out_features, self.act,
+                          self.kernel_rows)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, act={self.act}"
 
 
 @torch.no_grad()
@@ -126,6 +136,8 @@ class QuantExperts(Experts):
             raise ValueError(f"fp8 experts need moe_intermediate_size ({width}) to be a multiple of the {fmt.block}"
                              f"-row block (gate and up are fused); keep the experts in another format")
         self.num_experts, self.hidden, self.width, self.fmt, self.limit = num_experts, hidden, width, fmt, limit
+        self.act = kernels.default_act(fmt.name, fmt.group)
+        self.kernel_rows = DECODE_ROWS  # an expert's rows up to which its calls run through the kernels
         self.weight_transform = None
         _register(self, "gate_up_proj", fmt, 2 * width, hidden, (num_experts,), device)
         _register(self, "down_proj", fmt, hidden, width, (num_experts,), device)
@@ -155,7 +167,8 @@ class QuantExperts(Experts):
 
     def _few(self, xs: torch.Tensor, counts: torch.Tensor) -> bool:
         """Whether these sorted rows run through the packed kernels (decoding) rather than dequantised bands."""
-        few = xs.shape[0] <= EXPERT_ROWS or torch.compiler.is_compiling() or int(counts.max()) <= DECODE_ROWS
+        few = xs.shape[0] <= max(EXPERT_ROWS, self.kernel_rows) or torch.compiler.is_compiling() or \
+            int(counts.max()) <= self.kernel_rows
         return few and xs.device.type == "cpu"
 
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -164,11 +177,11 @@ class QuantExperts(Experts):
         if self._few(xs, counts):
             xf = xs.float().contiguous()
             h = kernels.grouped_mm(xf, counts, f.name, self.gate_up_proj, self.gate_up_proj_scale, f.group or 32,
-                                   f.block or 128)  # (M, 2I)
+                                   f.block or 128, self.act)  # (M, 2I)
             g, u = h.chunk(2, dim=-1)
             a = swiglu(g, u, self.limit).contiguous()
             return kernels.grouped_mm(a, counts, f.name, self.down_proj, self.down_proj_scale, f.group or 32,
-                                      f.block or 128).to(xs.dtype)
+                                      f.block or 128, self.act).to(xs.dtype)
         return _expert_bands(xs, counts, self)
 
     def gate_up(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -184,7 +197,8 @@ class QuantExperts(Experts):
                 N: int) -> torch.Tensor:
         f = self.fmt
         if self._few(xs, counts):
-            return kernels.grouped_mm(xs.float().contiguous(), counts, f.name, q, scale, f.group or 32, f.block or 128)
+            return kernels.grouped_mm(xs.float().contiguous(), counts, f.name, q, scale, f.group or 32, f.block or 128,
+                                      self.act)
         return _packed_loop(xs, counts, f, q, scale, N)
 
 

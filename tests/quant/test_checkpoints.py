@@ -15,7 +15,7 @@ from qiusuo.config import get_config
 from qiusuo.hf import CheckpointError, load_model, save_hf
 from qiusuo.hf.packed import unpack_int
 from qiusuo.model.transformer import Transformer
-from qiusuo.quant.apply import formats_of, parse_spec, quantize_model
+from qiusuo.quant.apply import formats_of, parse_spec, quantize_model, set_activations
 from qiusuo.quant.modules import QuantExperts, QuantLinear
 
 V3 = dict(vocab_size=256, hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=2,
@@ -35,8 +35,10 @@ def model_of(preset: str, **kw) -> Transformer:
 
 
 def logits(model, ids) -> torch.Tensor:
+    """The model's logits with float32 activations in its packed layers (the stored weights' exact arithmetic; q8,
+    the decoding default, is held to its own reference in test_formats / test_kernels)."""
     with torch.no_grad():
-        return model(ids)
+        return set_activations(model, "fp32")(ids)
 
 
 def assert_same_arithmetic(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -1,18 +1,26 @@
 """Weight formats (`qiusuo.quant.formats`) and the packed layers (`qiusuo.quant.modules`, `apply`): each format's
 error bound and fixed point, each packed layer against the float layer holding its dequantised weights (the same
-arithmetic up to summation order), on the kernel path (few rows) and the GEMM path (many rows)."""
+arithmetic up to summation order), on the kernel path (few rows) and the GEMM path (many rows); with q8 activations
+(the decoding default for int8, int4, mxfp4) against the float layer given x as the kernels quantise it."""
 
 import pytest
 import torch
 
 from qiusuo.config import get_config
-from qiusuo.model.moe import Experts
+from qiusuo.model.moe import Experts, swiglu
+from qiusuo.quant import kernels
 from qiusuo.model.transformer import Transformer
-from qiusuo.quant.apply import families, formats_of, parse_spec, quantize_model
+from qiusuo.quant.apply import families, formats_of, parse_spec, quantize_model, set_activations
 from qiusuo.quant.formats import Format, parse
 from qiusuo.quant.modules import QuantExperts, QuantLinear
 
 FORMATS = ["bf16", "int8", "int4", "int4:64", "int4:128", "mxfp4", "fp8"]
+
+
+def q8(x: torch.Tensor) -> torch.Tensor:
+    """x as the q8 kernels see it: Q8_0 codes times their block scales (exact in float32)."""
+    codes, d = kernels.quantize_q8(x.reshape(-1, x.shape[-1]))
+    return (codes.float().reshape(d.shape[0], -1, 32) * d[..., None]).reshape(x.shape)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
@@ -51,26 +59,31 @@ def test_quantise_dequantise_error_and_fixed_point(spec):
         assert torch.equal(s2.view(torch.uint8), s.view(torch.uint8))
 
 
+@pytest.mark.parametrize("act", ["fp32", "q8"])
 @pytest.mark.parametrize("spec", FORMATS)
 @pytest.mark.parametrize("rows", [1, 5, 40])
-def test_quant_linear_equals_the_float_layer_with_its_dequantised_weight(spec, rows):
+def test_quant_linear_equals_the_float_layer_with_its_dequantised_weight(spec, rows, act):
     fmt = parse(spec)
     torch.manual_seed(0)
     lin = torch.nn.Linear(256, 200, bias=True)
     q = QuantLinear.from_linear(lin, fmt)
+    assert q.act == ("q8" if fmt.name in ("int8", "int4", "mxfp4") else "fp32")  # the decoding default
+    q.act = kernels.default_act(fmt.name, fmt.group) if act == "q8" else "fp32"
     ref = torch.nn.Linear(256, 200, bias=True)
     with torch.no_grad():
         ref.weight.copy_(q.dequantized())
         ref.bias.copy_(lin.bias)
     x = torch.randn(rows, 256)
-    close(q(x), ref(x), x, ref.weight)
+    seen = q8(x) if q.act == "q8" and rows <= q.kernel_rows else x  # many rows: dequantised bands, float x
+    close(q(x), ref(seen), x, ref.weight)
     y = q(x.view(1, rows, 256))
     assert y.shape == (1, rows, 200)
 
 
+@pytest.mark.parametrize("act", ["fp32", "q8"])
 @pytest.mark.parametrize("spec", ["int8", "int4", "mxfp4", "fp8", "bf16"])
 @pytest.mark.parametrize("tokens", [1, 3, 40])
-def test_quant_experts_equal_float_experts_with_dequantised_weights(spec, tokens):
+def test_quant_experts_equal_float_experts_with_dequantised_weights(spec, tokens, act):
     fmt = parse(spec)
     cfg = get_config("tiny", n_routed_experts=8, num_experts_per_tok=2, hidden_size=128, moe_intermediate_size=128)
     torch.manual_seed(0)
@@ -79,6 +92,7 @@ def test_quant_experts_equal_float_experts_with_dequantised_weights(spec, tokens
         experts.gate_up_proj.normal_(0, 0.05)
         experts.down_proj.normal_(0, 0.05)
     q = QuantExperts.from_experts(experts, fmt)
+    set_activations(q, act)
     ref = Experts(cfg)
     gu, d = q.dequantized()
     with torch.no_grad():
@@ -89,7 +103,16 @@ def test_quant_experts_equal_float_experts_with_dequantised_weights(spec, tokens
     idx[0] = torch.tensor([3, 5])
     w = torch.rand(tokens, 2)
     with torch.no_grad():
-        close(q(x, w, idx), ref(x, w, idx), x, gu)
+        if q.act == "fp32" or not q._few(x, torch.ones(1)):
+            close(q(x, w, idx), ref(x, w, idx), x, gu)
+        else:  # each token's expert in turn, x and the SwiGLU output quantised as the kernels do
+            want = torch.zeros(tokens, 128)
+            for t in range(tokens):
+                for k in range(2):
+                    e = int(idx[t, k])
+                    g, u = (q8(x[t:t + 1]) @ gu[e].T).chunk(2, -1)
+                    want[t] += w[t, k] * (q8(swiglu(g, u, None)) @ d[e].T)[0]
+            close(q(x, w, idx), want, x, gu)
 
 
 def test_families_and_quantize_model_forward_equals_the_dequantised_twin():
@@ -105,7 +128,7 @@ def test_families_and_quantize_model_forward_equals_the_dequantised_twin():
     twin = Transformer(cfg).eval()
     twin.load_state_dict(model.state_dict())
     spec = parse_spec("experts=int4,shared=int8,dense=fp8,attention=int8,head=int8")
-    quantize_model(model, spec)
+    set_activations(quantize_model(model, spec), "fp32")  # the stored weights' exact arithmetic
     assert formats_of(model) == {"experts": "int4", "shared": "int8", "dense": "fp8", "attention": "int8",
                                  "head": "int8"}
     sd = twin.state_dict()
