@@ -1,4 +1,11 @@
-"""qiusuo: DeepSeek-V2/V3-architecture models (MLA + DeepSeekMoE + MTP), defined, trained, interoperated, served.
+"""qiusuo: DeepSeek-architecture models, defined, trained, interoperated and served on small machines.
+
+The architectures: V2/V3 (MLA, DeepSeekMoE with aux-loss-free balancing, MTP), V3.2 (sparse attention over a
+lightning indexer), V4 (sliding / CSA / HCA attention, mHC residual streams, hash-routed experts), and the families
+built on them (Kimi-K2 / K2.5, GLM-4.7-Flash / GLM-5, Moonlight, ...: `qiusuo.families`). From a toy to the
+published shapes: pretraining (AdamW or Muon, FP4 quantisation-aware training), SFT and GRPO, Hugging Face
+checkpoints in and out (FP8, FP4 and int4 experts), quantised weights kept packed, and an OpenAI-compatible server
+over paged caches with MTP speculative decoding.
 
 This is the package face for users; qiusuo's own modules never import it (they import where things are defined).
 Its names are imported on first use (PEP 562): every `qiusuo.*` import runs this file first, and importing torch

@@ -569,7 +569,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.0, max_position_embeddings=512,
         num_nextn_predict_layers=1,
     ),
-    # the configuration every benchmark runs on (`qiusuo bench`; README "Performance")
+    # the configuration every benchmark runs on (`qiusuo bench`; docs/performance.md)
     "bench": _BENCH,
     # `qiusuo demo`: the lowest held-out bits per byte in 5 minutes on 2 CPU cores (sweep in presets/pretrain-demo.toml)
     "demo": dict(

@@ -178,6 +178,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "qiusuo"
 
 
+def max_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux's VmHWM; 0 where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
+
+
 def seed_everything(seed: int) -> None:
     """Python's, torch's (CPU and every CUDA device) random streams from one seed."""
     random.seed(seed)

@@ -8,6 +8,7 @@
     context   long context: V3 vs V4 decode speed and cache size     qiusuo/bench/context.py
     speculative  MTP speculative decoding vs plain decoding          qiusuo/bench/speculative.py
     quant     packed-weight decoding vs the roofline and llama.cpp   qiusuo/bench/quant.py
+    structured  constrained decoding's mask cost per step, free vs JSON  qiusuo/bench/structured.py
 
 Shared flags live in `common.py`. This module only dispatches; a benchmark's exit code is the command's.
 """
@@ -33,6 +34,8 @@ BENCHES: dict[str, tuple[str, str, str, str]] = {
                     "MTP speculative decoding vs plain: tokens/s and acceptance"),
     "quant": ("qiusuo.bench.quant", "add_args", "run",
               "packed weights (int4, int8, fp8, mxfp4, bf16) decoding vs the bandwidth roofline and llama.cpp"),
+    "structured": ("qiusuo.bench.structured", "add_args", "run",
+                   "constrained decoding: mask time per step as a share of the step, free vs a JSON schema"),
 }
 
 

@@ -22,7 +22,7 @@ from qiusuo.model.count import cache_bytes_per_token
 from qiusuo.model.transformer import Transformer
 
 # arm -> (preset, overrides). V3 with the query LoRA V3.2 needs is V3.2's dense twin (the same model minus the
-# indexer); `bench` itself (no query LoRA) was the V3 side of the first long-context table (README)
+# indexer); `bench` itself (no query LoRA) was the V3 side of the first long-context table (docs/models.md)
 PRESETS = {"V3": ("bench", {"q_lora_rank": 64}), "V3.2": ("v32-bench", {}), "V4": ("v4-bench", {})}
 PUBLISHED = {"DeepSeek-V3": "deepseek-v3", "DeepSeek-V3.2": "deepseek-v3.2", "DeepSeek-V4-Flash": "deepseek-v4-flash",
              "DeepSeek-V4-Pro": "deepseek-v4-pro"}

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from qiusuo.bench.common import bench_tokenizer
-from qiusuo.config import get_config
+from qiusuo.config import PRESETS, get_config
 from qiusuo.model.moe import Experts
 from qiusuo.model.transformer import Transformer
 from qiusuo.quant.apply import families, parse_spec, quantize_model, set_activations
@@ -39,7 +39,7 @@ from qiusuo.runtime import set_threads
 
 SHAPES = {
     "v3": ("deepseek-v3", dict(num_hidden_layers=2, first_k_dense_replace=0, n_group=1, topk_group=1)),
-    "v4-flash": ("deepseek-v4-flash", dict(num_hidden_layers=2, num_hash_layers=0)),
+    "v4-flash": ("deepseek-v4-flash", dict(num_hidden_layers=2)),
     "760m": ("deepseek-v3", dict(hidden_size=1024, num_hidden_layers=8, first_k_dense_replace=2, intermediate_size=2816,
                                  num_attention_heads=8, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=64,
                                  qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=64, num_experts_per_tok=6,
@@ -80,11 +80,11 @@ def config_of(args: argparse.Namespace):
             over["rope_scaling"] = None
     if args.layers:
         over["num_hidden_layers"] = args.layers
-    cfg = get_config(preset, **over)
-    if cfg.is_v4:
-        cfg = cfg.replace(layer_types=cfg.layer_types[: cfg.num_hidden_layers],
-                          mlp_layer_types=cfg.mlp_layer_types[: cfg.num_hidden_layers] if cfg.mlp_layer_types else None)
-    return cfg
+    if args.shape == "v4-flash":  # the compressed layers' kinds (CSA, HCA, ...: past the two sliding-window ones),
+        # every MLP a routed MoE (a hash layer reads as many bytes per token)
+        n = over["num_hidden_layers"]
+        over.update(layer_types=PRESETS[preset]["layer_types"][2: 2 + n], mlp_layer_types=["moe"] * n)
+    return get_config(preset, **over)
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ Scenarios (`--scenario`, `all` runs each in turn):
 
 Runs on the `bench` preset with random weights unless given `--model DIR` (speed does not depend on the weights'
 values). Prompts are random token ids, different per request, so the prefix cache cannot turn one into a hit.
-The clients speak HTTP only, so this file also measures an older server (the "before" figures in the README).
+The clients speak HTTP only, so this file also measures an older server (the "before" figures in docs/performance.md and docs/serving.md).
 """
 
 from __future__ import annotations

@@ -565,6 +565,10 @@ class TiktokenTokenizer(ChatTokenizer):
             return self._names[i]
         return self._enc.decode_single_token_bytes(i).decode("utf-8", "replace") if 0 <= i < len(self._ranks) else None
 
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes of id `i` (a special token's: its name), what a grammar engine matches text against."""
+        return self._names[i].encode("utf-8") if i in self._names else self._enc.decode_single_token_bytes(i)
+
     def encode_batch(self, texts: Sequence[str], add_bos: bool | None = None,
                      parse_special: bool = True) -> list[list[int]]:
         """Long texts are cut as Moonshot's tokenizer cuts them (400k characters, runs of 25k spaces or non-spaces:

@@ -1,5 +1,9 @@
 """`qiusuo convert SRC DST`: re-save a checkpoint in Hugging Face layout with another dtype, FP8 blocks or shard size.
 
+`--merge-lora DIR` bakes a peft adapter (one `qiusuo sft --lora.*` wrote, or peft) into the weights first: the base
+is read in float, W + scale B A added, and only then quantised when `--quantize`/`--fp8` asks, so the merged model
+is rounded once, not twice.
+
 SRC is a Hugging Face folder (config.json + safetensors, FP8 or not), a folder written by `save_hf`, a training
 checkpoint (`RUN/checkpoints/step_N`, qiusuo's own tensor names) or a run folder (its latest checkpoint). DST is
 always the hub layout, which transformers, vLLM, SGLang and `qiusuo.load_model` all read.
@@ -48,6 +52,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    "experts=int4,attention=int8 (families: experts, shared, dense, attention, head); written as "
                    "compressed-tensors pack-quantized, which vLLM and transformers read")
     p.add_argument("--group", type=int, default=None, help="with --quantize int4: inputs per scale (32, 64, 128)")
+    p.add_argument("--merge-lora", default=None, metavar="DIR",
+                   help="bake this LoRA adapter (peft folder: adapter_config.json + adapter_model.safetensors) into "
+                        "the weights; with --quantize or --fp8 the merged weights are quantised")
     p.add_argument("--no-mtp", action="store_true", help="drop the multi-token-prediction layers")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
 
@@ -89,7 +96,16 @@ def main(args: argparse.Namespace) -> int:
     check_flags(cfg, args)
     scale_fmt = args.scale_fmt or scale_format(raw)  # the source's own (V3.1: ue8m0) unless told
     spec = quantize_spec(args) if args.quantize else None
-    model = load_model(src, dtype=args.dtype, load_mtp=not args.no_mtp, progress=not args.no_progress, quantize=spec)
+    # merging adds to float weights: the base loads unpacked and is quantised after
+    model = load_model(src, dtype=args.dtype, load_mtp=not args.no_mtp, progress=not args.no_progress,
+                       quantize=None if args.merge_lora else spec)
+    if args.merge_lora:
+        from qiusuo.lora.peft import merge_adapter
+        from qiusuo.quant.apply import quantize_model
+
+        merge_adapter(model, args.merge_lora)
+        if spec:
+            quantize_model(model, spec)
     has_tokenizer = any((src / f).is_file() for f in ("tokenizer.json", "tiktoken.model"))
     tokenizer = load_tokenizer(src) if has_tokenizer else None
     out = save_hf(model, args.dst, tokenizer=tokenizer, fp8=args.fp8, max_shard_bytes=int(args.max_shard_gb * 2**30),
@@ -99,5 +115,6 @@ def main(args: argparse.Namespace) -> int:
         from qiusuo.quant.apply import formats_of
 
         quant = " (" + ", ".join(f"{fam} {fmt}" for fam, fmt in formats_of(model).items()) + ")"
-    print(f"wrote {out} from {src}{quant}")
+    merged = f" with the adapter {args.merge_lora} merged" if args.merge_lora else ""
+    print(f"wrote {out} from {src}{merged}{quant}")
     return 0

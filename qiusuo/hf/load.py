@@ -16,7 +16,7 @@ inspect` reports: float32, float8_e8m0fnu and uint8 (e8m0 bytes) scales all deco
 INT4 "compressed-tensors", stores tensors this loader would misread), `scale_fmt` "ue8m0" or absent (float32).
 Tensors that carry no weights (`rotary_emb.inv_freq`: Kimi-K2 and older exports save the rotary table, which is
 rebuilt from config.json) and those of parts qiusuo does not run (the family row's `skip`: Kimi-K2.5's vision tower and
-projector) are skipped with a logged line. `read_generation_config` reads generation_config.json.
+projector) are skipped with a logged line.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -168,50 +167,6 @@ def scale_format(raw: dict) -> str | None:
     what an export of this checkpoint writes unless told otherwise."""
     qc = raw.get("quantization_config") or {}
     return (qc.get("scale_fmt") or "float") if qc.get("quant_method") == "fp8" else None
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """A checkpoint's generation_config.json, the parts a server honours, as vLLM's `--generation-config auto`:
-    sampling defaults (`temperature`, `top_p`, `top_k`, `min_p`, and `max_new_tokens` as `max_tokens`) that a request's
-    own values override, and the end-of-sequence ids (an int or a list) that end every reply. `do_sample` is not read
-    (nor by vLLM): a checkpoint that ships a temperature means it."""
-
-    sampling: dict = field(default_factory=dict)
-    eos_token_ids: tuple[int, ...] = ()
-
-
-GENERATION_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                   "max_new_tokens": "max_tokens"}
-
-
-def read_generation_config(path: str | Path) -> GenerationConfig:
-    """The folder's generation_config.json (an empty `GenerationConfig` when there is none), checked: a value out of
-    range raises `CheckpointError` naming the file and the field."""
-    from qiusuo.infer.sampling import SamplingParams
-
-    file = Path(path) / "generation_config.json"
-    if not file.is_file():
-        return GenerationConfig()
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{file}: must be a JSON object")
-    sampling = {ours: raw[k] for k, ours in GENERATION_KEYS.items() if raw.get(k) is not None}
-    for k, v in sampling.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise CheckpointError(f"{file}: {k} must be a number, got {v!r}")
-    try:
-        SamplingParams(**sampling)
-    except ValueError as e:
-        raise CheckpointError(f"{file}: {e}") from None
-    eos = raw.get("eos_token_id")
-    eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
-    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in eos):
-        raise CheckpointError(f"{file}: eos_token_id must be a token id or a list of them, got {raw['eos_token_id']!r}")
-    return GenerationConfig(sampling, tuple(eos))
 
 
 def read_entries(path: str | Path) -> dict[str, Entry]:

@@ -3,7 +3,7 @@
 Why not `safetensors.safe_open`: it memory-maps the file, and every page read through a mapping stays in the
 process's resident set until the mapping closes, so loading a single-file model into freshly allocated parameters
 peaks at about 2x the model's size. Reading each tensor with `readinto` straight into its destination leaves the
-page cache to the kernel (not our RSS) and peaks at ~1x (figure in tests/hf/test_memory.py and the README).
+page cache to the kernel (not our RSS) and peaks at ~1x (figure in tests/hf/test_memory.py and docs/checkpoints.md).
 The format is 8 bytes of little-endian header length, a JSON header `{name: {dtype, shape, data_offsets}}`, then
 the data; both sides are checked here so a truncated or corrupt file names itself and the tensor.
 """

@@ -28,14 +28,15 @@ from typing import AsyncIterator, Callable, Iterator
 
 import torch
 
-from qiusuo.hf.load import GenerationConfig
-from qiusuo.infer.output import Completion, Delta, PromptLogprobs, RequestOutput, Usage, close, completions, process
+from qiusuo.infer.generation_config import GenerationConfig
+from qiusuo.infer.constraint import Grammars
+from qiusuo.infer.output import Completion, Delta, PromptLogprobs, RequestOutput, Usage, completions
 from qiusuo.infer.paged import BlockPool, block_bytes, check_servable, state_bytes
 from qiusuo.infer.paged_window import window_block_size
 from qiusuo.infer.runner import ModelRunner
 from qiusuo.infer.sampling import Sampled, SamplingParams
 from qiusuo.infer.scheduler import Scheduler, pool_blocks
-from qiusuo.infer.sequence import Request, Sequence
+from qiusuo.infer.sequence import Request, Sequence, close, process
 
 __all__ = ["Completion", "Delta", "Engine", "PromptLogprobs", "RequestOutput", "Usage"]
 
@@ -94,13 +95,16 @@ class Engine:
     `GenerationConfig` (generation_config.json: sampling defaults the server and the commands apply under a request's
     own values, eos ids that end every reply). speculative="mtp": draft `draft_tokens` tokens per step with the
     checkpoint's MTP module and verify them in one forward (`speculative.py`; the same outputs, greedy token for
-    token, sampled in distribution)."""
+    token, sampled in distribution). adapters: the names of the LoRA adapters the model's layers hold, in bank
+    order (`qiusuo.lora.peft.attach`); a request names one (`submit(adapter=...)`) or runs the base. Without
+    names, a model carrying adapters runs as it is (a training run's one adapter: GRPO's rollouts)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, block_size: int = 16, cache_memory: int | None = None,
                  max_model_len: int | None = None, cache_dtype: torch.dtype | None = None,
                  max_prefill_tokens: int = 4096, compile: bool = False, generation=None,
-                 speculative: str | None = None, draft_tokens: int = 1):
+                 speculative: str | None = None, draft_tokens: int = 1, adapters: list[str] | tuple = ()):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.adapters = {name: i for i, name in enumerate(adapters)}  # LoRA adapter name -> its index in the banks
         self.generation = generation or GenerationConfig()  # the checkpoint's sampling defaults and eos ids
         cfg = model.cfg
         p = next(model.parameters())
@@ -133,6 +137,7 @@ class Engine:
         # template's end-of-turn token (`tokenizer.stop_ids`), unless a request turns that off (`stop_at_turn_end`)
         self.eos_ids = {tokenizer.eos_id} - {None} | set(self.generation.eos_token_ids)
         self.stop_ids = set(tokenizer.stop_ids) | self.eos_ids
+        self.grammars = Grammars(tokenizer, cfg.vocab_size, self.eos_ids)  # structured output (`constraint.py`)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", Request) | ("abort", request id)
         self.scoring: list[Request] = []  # taken in, their prompt logprobs not yet computed
         self._wake = threading.Event()
@@ -171,14 +176,24 @@ class Engine:
                              f"and max_tokens is {params.max_tokens}; shorten the prompt or lower max_tokens")
 
     def submit(self, prompt: str | list[int], params: SamplingParams,
-               sink: Callable[[PromptLogprobs | Delta | Usage], None], request_id: str | None = None) -> str:
+               sink: Callable[[PromptLogprobs | Delta | Usage], None], request_id: str | None = None,
+               adapter: str | None = None) -> str:
         """Queue a request; `sink` gets its PromptLogprobs (when asked), each Delta and finally a Usage (called
-        from the engine's thread)."""
+        from the engine's thread). `adapter`: the LoRA adapter it runs (None: the base model)."""
+        if adapter is not None and adapter not in self.adapters:
+            raise ValueError(f"no LoRA adapter named {adapter!r}; this engine serves "
+                             f"{', '.join(self.adapters) or 'none'}")
         ids = self.encode_prompt(prompt)
         self.check_fits(len(ids), params)
         rid = request_id or f"req-{next(self._ids)}"
         stop_ids = self.stop_ids if params.stop_at_turn_end else self.eos_ids
-        self._inbox.put(("add", Request(rid, ids, params, stop_ids, sink, self.tokenizer)))
+        index = self.adapters[adapter] if adapter is not None else -1 if self.adapters else None
+        req = Request(rid, ids, params, stop_ids, sink, self.tokenizer, index)
+        if params.grammar is not None:  # each sample its own matcher; constrained rows never draft
+            compiled = self.grammars.compile(params.grammar)
+            for s in req.seqs:
+                s.constraint, s.drafting = compiled.start(), False
+        self._inbox.put(("add", req))
         self._wake.set()
         return rid
 
@@ -239,7 +254,8 @@ class Engine:
         """Score the prompts taken in (`ModelRunner.score`), hand each its PromptLogprobs, then schedule it, or end
         it when it asked for no tokens. They leave `scoring` only once scored: a step that fails fails them too."""
         live = [r for r in self.scoring if r.unfinished]  # an aborted one is finished already
-        scored = self.runner.score([r.prompt for r in live], [r.params.prompt_logprobs for r in live])
+        scored = self.runner.score([r.prompt for r in live], [r.params.prompt_logprobs for r in live],
+                                   [r.adapter for r in live])
         self.scoring = []
         for r, p in zip(live, scored):
             r.sink(p)
@@ -294,8 +310,10 @@ class Engine:
     # ---- front ends ----
 
     def generate(self, prompts: list[str | list[int]] | str, params: SamplingParams | list[SamplingParams] | None = None,
-                 progress: Callable[[Delta], None] | None = None) -> list[RequestOutput]:
-        """Run prompts to completion together (continuous batching); blocking. Ctrl-C (KeyboardInterrupt) aborts
+                 progress: Callable[[Delta], None] | None = None,
+                 adapters: list[str | None] | None = None) -> list[RequestOutput]:
+        """Run prompts to completion together (continuous batching), prompt i with LoRA adapter `adapters[i]`
+        (default: the base model); blocking. Ctrl-C (KeyboardInterrupt) aborts
         these requests, their blocks freed, and is raised on to the caller (`qiusuo chat` goes back to its prompt)."""
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -323,7 +341,11 @@ class Engine:
             return sink
 
         ids = [self.encode_prompt(p) for p in prompts]
-        rids = [self.submit(x, p, make_sink(r)) for r, (x, p) in enumerate(zip(ids, plist))]
+        for p in plist:  # a grammar that does not compile fails the call before any prompt is queued
+            if p.grammar is not None:
+                self.grammars.compile(p.grammar)
+        names = adapters or [None] * len(prompts)
+        rids = [self.submit(x, p, make_sink(r), adapter=names[r]) for r, (x, p) in enumerate(zip(ids, plist))]
         try:
             if self._thread is None:
                 with interrupt_between_steps() as interrupted:
@@ -337,8 +359,8 @@ class Engine:
         return [RequestOutput(rid, x, completions(store), u, p)
                 for rid, x, store, u, p in zip(rids, ids, stores, usages, scores)]
 
-    async def stream(self, prompt: str | list[int], params: SamplingParams,
-                     request_id: str | None = None) -> AsyncIterator[PromptLogprobs | Delta | Usage]:
+    async def stream(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                     adapter: str | None = None) -> AsyncIterator[PromptLogprobs | Delta | Usage]:
         """The PromptLogprobs of one request (when asked), its Deltas as they are produced, then its Usage (needs
         `start()`); closing the iterator early aborts the request and frees its blocks."""
         loop = asyncio.get_running_loop()
@@ -350,7 +372,7 @@ class Engine:
             except RuntimeError:  # the client's event loop is gone; abort() below cleans up
                 pass
 
-        rid = self.submit(prompt, params, sink, request_id)
+        rid = self.submit(prompt, params, sink, request_id, adapter)
         finished = False
         try:
             while True:

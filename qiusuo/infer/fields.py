@@ -7,9 +7,9 @@ OpenAI API says, and an answer computed without the field looks exactly like a r
 - honoured: the server does what the field asks (the request models in `server.py` declare exactly these);
 - accepted: the field cannot change the answer (`user`, `metadata`, `store`, ...): it is removed before validation;
 - refused: a 400 naming the field and saying why, unless its value asks for nothing (`best_of: 1`,
-  `logit_bias: {}`, `response_format: {"type": "text"}`, penalties 0, null), which is accepted.
-A field in no table (a typo, another server's extension) is refused too. The README's "Request fields" table says
-the same for people; a test holds the two together.
+  `logit_bias: {}`, penalties 0, null), which is accepted.
+A field in no table (a typo, another server's extension) is refused too. The "Request fields" table of
+docs/serving.md says the same for people; a test holds the two together.
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ COMMON = {
     "presence_penalty": refused("not implemented; send 0 or leave it out", _ZERO),
     "logit_bias": refused("not implemented; send {} or leave it out", _none_or({})),
     "user": accepted(_NO_EFFECT),
+    "response_format": honoured("text, json_object, json_schema (strict or not), and qiusuo's regex and grammar "
+                                "(Lark or GBNF): the reply is held to it by constrained decoding, after the "
+                                "reasoning"),
     # qiusuo's extensions, as vLLM names them
     "top_k": honoured("extension: keep the k most likely tokens (0 or -1: all)"),
     "min_p": honoured("extension: drop tokens less likely than min_p x the most likely"),
@@ -103,12 +106,10 @@ CHAT = {
     "top_logprobs": honoured("with logprobs: the k most likely at each token (0 to 20)"),
     "tools": honoured("function tools, rendered by the chat template or DeepSeek-V3.2/V4's encoding (or "
                       "DeepSeek-V3.1's block)"),
-    "tool_choice": honoured("auto, none, required, or a named function (the reply is started with the call)"),
+    "tool_choice": honoured("auto, none, required, or a named function (the reply is started with the call and "
+                            "held to one valid call by constrained decoding)"),
     "parallel_tool_calls": refused("false is not supported: a reply may call several tools; send true or "
                                    "leave it out", _none_or(True)),
-    "response_format": refused("JSON mode and JSON schemas are not supported yet (structured output is not "
-                               "built); send {\"type\": \"text\"} or leave it out",
-                               _none_or({"type": "text"})),
     "functions": refused("deprecated and not supported; send tools"),
     "function_call": refused("deprecated and not supported; send tool_choice"),
     "audio": refused("audio output is not supported"),
@@ -137,8 +138,8 @@ def check(body: dict, rules: dict[str, Rule], route: str) -> dict:
     for name, value in body.items():
         rule = rules.get(name)
         if rule is None:
-            raise FieldError(name, f"{name}: not a field of {route} that qiusuo knows; see the README's table "
-                                   "'Request fields' for what each OpenAI field does here")
+            raise FieldError(name, f"{name}: not a field of {route} that qiusuo knows; see the table "
+                                   "'Request fields' in qiusuo's docs/serving.md for what each OpenAI field does here")
         if rule.what == HONOURED:
             out[name] = value
         elif rule.what == REFUSED and not rule.asks_nothing(value):

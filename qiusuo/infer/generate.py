@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from qiusuo.hf.load import read_generation_config
+from qiusuo.infer.generation_config import read_generation_config
 from qiusuo.infer.load import add_engine_args, engine_from_args
 from qiusuo.infer.output import Delta
 from qiusuo.infer.sampling import SamplingParams
@@ -51,13 +52,46 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--template", action="store_true", help="wrap the prompt as one user turn of the chat template")
     add_sampling_args(p, temperature=0.0, top_p=1.0)
+    p.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="hold the output to this JSON schema (a .json file) by constrained decoding")
+    p.add_argument("--regex", default=None, help="hold the output to this regular expression")
+
+
+def output_grammar(args: argparse.Namespace):
+    """The constraint `--json-schema` / `--regex` ask for (None: free text); ValueError says what is wrong."""
+    from qiusuo.infer import constraint
+
+    if args.json_schema and args.regex:
+        raise ValueError("--json-schema and --regex: give one")
+    if args.regex:
+        return constraint.regex(args.regex, "--regex")
+    if not args.json_schema:
+        return None
+    try:
+        with open(args.json_schema, encoding="utf-8") as f:
+            schema = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--json-schema {args.json_schema}: cannot read a JSON schema from it ({e})") from None
+    return constraint.json_schema(schema, f"--json-schema {args.json_schema}")
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        grammar = output_grammar(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     started = start(args)
     if started is None:
         return 2
     params, engine = started
+    params.grammar = grammar
+    if grammar is not None:
+        try:
+            engine.grammars.compile(grammar)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     prompt = args.prompt
     if args.template:  # the prompt is the user's text: encode_chat never turns markers typed in it into control ids
         prompt = engine.tokenizer.encode_chat([{"role": "user", "content": prompt}])

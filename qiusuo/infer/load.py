@@ -8,9 +8,9 @@ import argparse
 
 import torch
 
-from qiusuo.hf.load import (check_model_folder, dtype_arg, load_model, load_tokenizer, parse_dtype,
-                            read_generation_config)
+from qiusuo.hf.load import check_model_folder, dtype_arg, load_model, load_tokenizer, parse_dtype
 from qiusuo.infer.engine import Engine
+from qiusuo.infer.generation_config import read_generation_config
 from qiusuo.quant.apply import set_activations
 from qiusuo.runtime import resolve_device, set_threads
 
@@ -61,7 +61,7 @@ def load_engine(path: str, *, device: str | None = None, dtype: str | None = Non
                 compile: bool = False, threads: int = 0, speculative: str | None = None,
                 draft_tokens: int = 1, quantize: str | dict | None = "native", experts_device: str | None = None,
                 gpu_experts: int = 0, calibration: str | None = None, mmap: bool = False,
-                activations: str = "q8") -> Engine:
+                activations: str = "q8", lora: dict[str, str] | None = None) -> Engine:
     """The model in folder `path` with its tokenizer and generation_config.json, served by an Engine (`engine.model`,
     `engine.tokenizer`, `engine.generation`).
     device: unset = cuda when available; dtype (weights and cache): unset = bfloat16 on CUDA, float32 on CPU
@@ -70,16 +70,26 @@ def load_engine(path: str, *, device: str | None = None, dtype: str | None = Non
     loading (which then runs at that width too). quantize: which weights stay packed (`qiusuo.quant.apply`);
     "native" keeps a published FP8 / FP4 / int4 checkpoint packed, so no float copy of it ever exists.
     experts_device / gpu_experts / calibration: experts placed apart from the rest (`qiusuo.quant.placement`).
-    activations: the packed layers' decoding arithmetic (`qiusuo.quant.apply.set_activations`)."""
+    activations: the packed layers' decoding arithmetic (`qiusuo.quant.apply.set_activations`).
+    lora: {name: peft adapter folder}: every adapter over the one base, in banks (`qiusuo.lora.peft.attach`), a
+    request choosing its own (`Engine.submit(adapter=name)`)."""
     dev = resolve_device(device)
     set_threads(dev, threads)
     dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if lora and experts_device is not None:
+        raise ValueError("--lora with --experts-device: adapters on experts placed apart are not supported; serve "
+                         "adapters with the experts on --device")
     if gpu_experts and experts_device is None:
         raise ValueError("--gpu-experts keeps some experts on --device beside the rest on --experts-device: give "
                          "--experts-device (e.g. cpu) as well")
     model = set_activations(load_model(path, dtype=dt, device=dev, quantize=quantize, experts_device=experts_device,
                                        mmap=mmap), activations)
     tokenizer = load_tokenizer(path)
+    adapters = []
+    if lora:
+        from qiusuo.lora.peft import attach
+
+        adapters = attach(model, lora)
     if gpu_experts:
         from qiusuo.quant.placement import CALIBRATION, place_experts, routing_counts
 
@@ -88,11 +98,11 @@ def load_engine(path: str, *, device: str | None = None, dtype: str | None = Non
         place_experts(model, experts_device, gpu_experts, routing_counts(model, ids))
     return Engine(model, tokenizer, max_batch=max_batch, block_size=block_size, cache_memory=cache_memory,
                   max_model_len=max_model_len, compile=compile, generation=read_generation_config(path),
-                  speculative=speculative, draft_tokens=draft_tokens)
+                  speculative=speculative, draft_tokens=draft_tokens, adapters=adapters)
 
 
-def engine_from_args(args: argparse.Namespace, max_batch: int) -> Engine:
-    """`load_engine` with the options of `add_engine_args`."""
+def engine_from_args(args: argparse.Namespace, max_batch: int, lora: dict[str, str] | None = None) -> Engine:
+    """`load_engine` with the options of `add_engine_args` (and `qiusuo serve`'s adapters)."""
     check_model_folder(args.model, "--model")
     mem = args.cache_memory_mb * 2**20 if args.cache_memory_mb else None
     return load_engine(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch,
@@ -100,4 +110,4 @@ def engine_from_args(args: argparse.Namespace, max_batch: int) -> Engine:
                        compile=args.compile, threads=args.threads, speculative=args.speculative,
                        draft_tokens=args.draft_tokens, quantize=args.quantize, experts_device=args.experts_device,
                        gpu_experts=args.gpu_experts, calibration=args.calibration, mmap=args.mmap,
-                       activations=args.activations)
+                       activations=args.activations, lora=lora)

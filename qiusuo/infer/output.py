@@ -1,4 +1,5 @@
-"""Output processing: from each step's sampled tokens to the text a request's sink receives.
+"""Output text and results: what a request's sink receives, and how a sequence's tokens become it. Applying a step's
+tokens to the sequences (`process`, `close`) is `sequence.py`'s; this file imports nothing of the engine.
 
 Per sequence: stop tokens end it (they are not output); other tokens are detokenised incrementally
 (`Detokenizer`: a window of the last few tokens is decoded, never the whole output), and only text that is final
@@ -20,14 +21,7 @@ else.
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
-
-if TYPE_CHECKING:
-    from qiusuo.infer.sampling import Sampled
-    from qiusuo.infer.speculative import Emitted
-    from qiusuo.infer.sequence import Sequence
 
 
 @dataclass
@@ -172,62 +166,6 @@ class TextOutput:
     def rest(self) -> str:
         """The text held back so far (released when a stop token or an error ends the sequence)."""
         return self.detok.text[self.emitted:]
-
-
-def process(seqs: list[Sequence], sampled: Sampled | Emitted, stats: dict) -> Iterator[tuple[Sequence, str]]:
-    """The tokens of one step per sequence (row r of `sampled` is `seqs[r]`'s: one sampled token, or a
-    speculative step's accepted drafts and bonus), in order: counted; a stop token ends the sequence; any other
-    becomes its pending token and its final text goes to the request's sink (one Delta per token); a token
-    followed by another of the same step is in the cache already and joins the output. Yields (sequence, finish
-    reason) as each one finishes, dropping the rest of its step: the caller frees its blocks and calls `close`
-    before the next sequence is processed, so sinks see every sequence's last Delta and Usage in step order."""
-    now = time.perf_counter()
-    for r, s in enumerate(seqs):
-        req = s.req
-        if r in sampled.errors:  # this row alone could not be sampled
-            s.error = f"sampling failed: {sampled.errors[r]}"
-            yield s, "error"
-            continue
-        if req.first_token is None:
-            req.first_token = now
-            stats["ttft_sum"] += now - req.arrival
-            stats["ttft_count"] += 1
-        toks, lps, tops = _row(sampled, r)
-        for i, tok in enumerate(toks):
-            req.completion_tokens += 1
-            stats["generation_tokens"] += 1
-            if tok in req.stop_ids:
-                s.stop = StopToken(tok, lps[i] if lps else None, tops[i] if tops else [])
-                yield s, "stop"
-                break
-            s.pending = tok
-            piece, reason = s.text.push(tok, final=len(s.out) + 1 >= req.params.max_tokens)
-            req.sink(Delta(s.index, piece, [tok], lps[i: i + 1], tops[i: i + 1], reason))
-            if reason is not None or i + 1 < len(toks):
-                s.out.append(s.pending)  # a final token is output, never fed back; a drafted one is cached
-                s.pending = None
-            if reason is not None:
-                yield s, reason
-                break
-
-
-def _row(sampled: Sampled | Emitted, r: int) -> tuple[list[int], list[float], list]:
-    """Row r's tokens, logprobs and top logprobs as lists (a plain step has one token per row)."""
-    tok, lp, top = sampled.tokens[r], sampled.logprobs, sampled.top
-    if isinstance(tok, int):
-        return [tok], [lp[r]] if lp is not None else [], [top[r]] if top is not None else []
-    return tok, lp[r] if lp is not None else [], top[r] if top is not None else []
-
-
-def close(s: Sequence, reason: str) -> None:
-    """A finished sequence's last words: the text it held back (unless its last piece went out already or it
-    was aborted), then the request's Usage once every sample has finished."""
-    req = s.req
-    if not s.text.done and reason != "abort":
-        req.sink(Delta(s.index, s.text.rest(), [], [], [], reason, s.error, s.stop))
-    req.unfinished -= 1
-    if req.unfinished == 0:
-        req.sink(Usage(len(req.prompt), req.completion_tokens, req.cached_tokens))
 
 
 def completions(deltas: dict[int, list[Delta]]) -> list[Completion]:

@@ -41,6 +41,7 @@ class BlockTable:
     num_cached: int = 0  # tokens whose latents are in the cache
     num_shared: int = 0  # prompt tokens found in the prefix cache at allocation
     num_hashed: int = 0  # leading blocks already named (registering is incremental)
+    root: int | None = None  # where its prefix-hash chain starts: the LoRA adapter that computed its blocks
     state: int | None = None  # the sequence state (V4's windows), for kinds that keep one
 
 
@@ -148,9 +149,10 @@ class BlockPool:
     def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
         return hash((parent, tokens))
 
-    def _match(self, tokens: list[int], num_blocks: int) -> list[int]:
-        """Cached blocks holding the longest prefix of `tokens` of at most `num_blocks` full blocks (read-only)."""
-        bs, out, parent = self.block_size, [], None
+    def _match(self, tokens: list[int], num_blocks: int, root: int | None = None) -> list[int]:
+        """Cached blocks holding the longest prefix of `tokens` of at most `num_blocks` full blocks (read-only),
+        computed under the same adapter (`root`)."""
+        bs, out, parent = self.block_size, [], root
         for i in range(num_blocks):
             chunk = tuple(tokens[i * bs:(i + 1) * bs + self.lookahead])
             h = self.chain_hash(parent, chunk)
@@ -167,16 +169,19 @@ class BlockPool:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate(self, prompt: list[int], total_tokens: int) -> BlockTable | None:
+    def allocate(self, prompt: list[int], total_tokens: int, root: int | None = None) -> BlockTable | None:
         """Blocks for a sequence that will hold up to `total_tokens`, reusing cached blocks of `prompt`'s prefix.
         At least the last prompt token is always recomputed (its logits start decoding). None if the pool
-        cannot hold it now (the caller waits for running sequences to finish)."""
-        shared = self._match(prompt, max(len(prompt) - 1, 0) // self.block_size)
+        cannot hold it now (the caller waits for running sequences to finish).
+
+        `root` starts the hash chain: a LoRA adapter on the attention changes every cached latent, so blocks are
+        shared only between sequences of the same adapter (None: the base model), never across adapters."""
+        shared = self._match(prompt, max(len(prompt) - 1, 0) // self.block_size, root)
         fresh = self.blocks_for(total_tokens) - len(shared)
         revived = sum(1 for b in shared if self.refcount[b] == 0)
         if fresh > len(self.free) + len(self.lru) - revived or (self.num_states and not self.free_states):
             return None
-        table = BlockTable()
+        table = BlockTable(root=root)
         if self.num_states:
             table.state = self.free_states.pop()
             snap = self.snapshots.get(self.block_hash[shared[-1]]) if shared else None
@@ -216,7 +221,7 @@ class BlockPool:
         bs = self.block_size
         filled = min(table.num_cached, len(tokens) - self.lookahead) // bs
         for i in range(table.num_hashed, filled):
-            parent = table.hashes[i - 1] if i else None
+            parent = table.hashes[i - 1] if i else table.root
             chunk = tuple(tokens[i * bs:(i + 1) * bs + self.lookahead])
             h = self.chain_hash(parent, chunk)
             table.hashes[i] = h

@@ -13,17 +13,25 @@ pending token and its drafts (1 + k <= 1 + K tokens per row, absorbed attention)
 its accepted length, and runs the MTP drafter over the same positions; prefill runs the drafter over the prompt.
 
 Prompt scoring (`score`: echo's prompt logprobs, lm-eval's loglikelihood) is a forward of its own, outside both.
+
+LoRA adapters (a model whose layers carry a bank of them: `qiusuo.lora.peft.attach`): every forward runs each row
+with its request's adapter (`Request.adapter`), so requests for different adapters share one batch; the adapter
+layers gather each row's A and B (punica's BGMV), and a batch whose rows all use one adapter runs plain matmuls.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from qiusuo.infer import constraint
 from qiusuo.infer.output import PromptLogprobs
 from qiusuo.infer.paged import BlockPool, PagedBatch
 from qiusuo.infer.sampling import Sampled, sample, scored_tokens
 from qiusuo.infer.sequence import Sequence
 from qiusuo.infer.speculative import Counters, Emitted, accept, propose
+from qiusuo.lora.layers import adapter_rows, lora_layers
 from qiusuo.model.cache import ContiguousCache
 
 
@@ -45,6 +53,11 @@ class ModelRunner:
         self.max_prefill_tokens = max(1, max_prefill_tokens)
         self.K = draft_tokens
         self.counters = Counters(draft_tokens)
+        self.masker = constraint.Masker()  # structured output: each step's masks computed while the model runs
+        self.lora = lora_layers(model)  # adapter layers: each row runs its request's adapter
+        if compile and self.lora:
+            raise ValueError("compiled decoding freezes the weights it sees, and LoRA adapters change per row: "
+                             "serve adapters without --compile")
         self._compiled = self._compile() if compile else None
 
     def _compile(self):
@@ -59,6 +72,16 @@ class ModelRunner:
         return (torch.compile(self.model.verify_logits, options=options),
                 torch.compile(self.model.draft_states, options=options),
                 torch.compile(self.model.decode_logits, options=options))  # steps where no row drafts
+
+    def _adapters(self, adapters: list[int], rows: int | None = None):
+        """The context of a forward whose row r serves adapter `adapters[r]` (-1: the base; padding rows up to
+        `rows`: the base too); None: the model as it is (an engine given no adapter names)."""
+        if not self.lora or adapters[0] is None:
+            return contextlib.nullcontext()
+        a = adapters + [-1] * ((rows or len(adapters)) - len(adapters))
+        if len(set(a)) == 1:  # one adapter for the whole batch: plain matmuls, no gather
+            return adapter_rows(self.lora, a[0])
+        return adapter_rows(self.lora, torch.tensor(a, device=self.device))
 
     # ---- prefill ----
 
@@ -86,6 +109,7 @@ class ModelRunner:
                 longest = 0
             chunks[-1].append(s)
             longest = max(longest, n)
+        self.masker.start(seqs, self.model.cfg.vocab_size)  # structured output: masks while the model runs
         passes = [self._prefill_forward(c) for c in chunks]
         rows = [(state, torch.tensor([len(n) - 1 for n in news], device=self.device)) for state, _, news in passes]
         h = torch.cat([self.model.collapse(st)[torch.arange(len(i), device=self.device), i] for st, i in rows])
@@ -116,11 +140,13 @@ class ModelRunner:
         T = max(len(n) for n in news)
         ids = torch.tensor([n + [0] * (T - len(n)) for n in news], device=self.device)  # (B, T) right-padded
         batch = PagedBatch(self.pool, [s.table for s in seqs], [len(n) for n in news])
-        return self.model.states(ids, cache=batch, absorb=False), batch, news
+        with self._adapters([s.req.adapter for s in seqs]):
+            state = self.model.states(ids, cache=batch, absorb=False)
+        return state, batch, news
 
     # ---- prompt scoring ----
 
-    def score(self, prompts: list[list[int]], k: list[int]) -> list[PromptLogprobs]:
+    def score(self, prompts: list[list[int]], k: list[int], adapters: list[int] | None = None) -> list[PromptLogprobs]:
         """Each prompt's `PromptLogprobs` with `k[i]` top entries per position, from a scoring forward over the
         whole prompt through a contiguous cache of its own: the paged pool and the prefix cache are not touched.
 
@@ -132,7 +158,8 @@ class ModelRunner:
         does not). Prompts are batched as in prefill (right-padded rows, rows x longest <= max_prefill_tokens,
         similar lengths together); a longer prompt runs alone in pieces of that many positions, the cache
         carrying the context; logits are taken LOGIT_ROWS positions at a time, so a long prompt over a large
-        vocabulary never holds (T, V) logits at once."""
+        vocabulary never holds (T, V) logits at once. `adapters`: each prompt's LoRA adapter (default: none)."""
+        adapters = adapters or [-1] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         groups: list[list[int]] = [[]] if prompts else []
         longest = 0
@@ -145,7 +172,9 @@ class ModelRunner:
             longest = max(longest, n)
         out: list[PromptLogprobs | None] = [None] * len(prompts)
         for g in groups:
-            for i, scored in zip(g, self._score_rows([prompts[i] for i in g], [k[i] for i in g])):
+            with self._adapters([adapters[i] for i in g]):
+                scored_rows = self._score_rows([prompts[i] for i in g], [k[i] for i in g])
+            for i, scored in zip(g, scored_rows):
                 out[i] = scored
         return out
 
@@ -184,7 +213,9 @@ class ModelRunner:
         batch = self._batch(tables, 1)
         ids = torch.tensor([[s.pending] for s in seqs] + [[0]] * (len(batch.starts) - len(seqs)),
                            device=self.device)  # (rows, 1)
-        logits = self.model.decode_step(ids, batch, compiled=self._compiled)[: len(seqs)]  # (B, V)
+        with self._adapters([s.req.adapter for s in seqs], len(batch.starts)):
+            self.masker.start(seqs, self.model.cfg.vocab_size)
+            logits = self.model.decode_step(ids, batch, compiled=self._compiled)[: len(seqs)]  # (B, V)
         for s in seqs:
             s.out.append(s.pending)
             s.pending = None
@@ -213,13 +244,17 @@ class ModelRunner:
         rows = len(batch.starts)
         ids = torch.tensor([[s.pending] + d + [0] * (T - 1 - len(d)) for s, d in zip(seqs, drafts)]
                            + [[0] * T] * (rows - n), device=self.device)  # (rows, T)
+        self.masker.start(seqs, self.model.cfg.vocab_size)
         if self._compiled and not widest and not any(s.drafting for s in seqs):  # all gave up: a plain step
             state, logits = None, self._compiled[2](ids, batch)[:, None]
         else:
             verify = self._compiled[0] if self._compiled else self.model.verify_logits
-            state, logits = verify(ids, batch)  # (rows, T, ...), (rows, T, V)
+            with self._adapters([s.req.adapter for s in seqs], rows):  # drafts come from the base's MTP module
+                state, logits = verify(ids, batch)  # (rows, T, ...), (rows, T, V)
         emitted = accept(logits[:n], drafts, [s.draft_q[: len(d)] for s, d in zip(seqs, drafts)],
-                         [s.req.params for s in seqs], [s.gen for s in seqs])
+                         [s.req.params for s in seqs], [s.gen for s in seqs],
+                         self.masker.allowed(seqs, logits.shape[-1]))  # constrained rows never draft
+        constraint.advance(seqs, [toks[0] if toks else None for toks in emitted.tokens], emitted.errors)
         for s, d, toks in zip(seqs, drafts, emitted.tokens):
             self.counters.add(len(d), len(toks))
             self._give_up(s, d, toks)
@@ -276,7 +311,8 @@ class ModelRunner:
             return
         for s in seqs:
             s.drafts, s.draft_q = [], []
-        want = [max(0, min(self.K, s.req.params.max_tokens - n - 2)) for s, n in zip(seqs, out_lens)]
+        want = [max(0, min(self.K, s.req.params.max_tokens - n - 2)) if s.drafting else 0
+                for s, n in zip(seqs, out_lens)]
         live = [r for r in range(len(seqs)) if want[r]]
         if not live:  # every row is at its last tokens: nothing to draft
             return
@@ -297,6 +333,9 @@ class ModelRunner:
             g = self.model.draft_states(g[keep], torch.tensor([[toks[i]] for i in keep], device=self.device), step)
             logits = self.model.draft_logits(g)[:, -1]
 
-    @staticmethod
-    def _sample(seqs: list[Sequence], logits: torch.Tensor) -> Sampled:
-        return sample(logits, [s.req.params for s in seqs], [s.gen for s in seqs])
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> Sampled:
+        """One token per row; constrained rows drawn from what their grammar allows, then fed what they drew."""
+        sampled = sample(logits, [s.req.params for s in seqs], [s.gen for s in seqs],
+                         self.masker.allowed(seqs, logits.shape[-1]))
+        constraint.advance(seqs, sampled.tokens, sampled.errors)
+        return sampled

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qiusuo.infer.constraint import Grammar, masked
+
 MIN_TEMPERATURE = 1e-5
 
 
@@ -54,6 +56,8 @@ class SamplingParams:
     # None: none; k >= 0: every prompt token's logprob given the tokens before it, plus the k most likely at each
     # position (a scoring forward of its own: `ModelRunner.score`); with it, max_tokens may be 0 (score only)
     prompt_logprobs: int | None = None
+    # structured output: the reply must match this grammar (`qiusuo.infer.constraint`: json_schema, regex, ...)
+    grammar: Grammar | None = None
 
     def __post_init__(self) -> None:
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -116,19 +120,29 @@ def filter_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     return probs / probs.sum(-1, keepdim=True), ids
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None]) -> Sampled:
+def sample(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator | None],
+           allowed: tuple[list[int], torch.Tensor] | None = None) -> Sampled:
     """Next token per row of logits (B, V). Greedy rows (temperature 0) share one argmax; sampled rows are
     filtered together and each draws from its own generator. A row with NaN or +inf logits, or with nothing left
-    to draw from, goes to `errors` without touching the others."""
+    to draw from, goes to `errors` without touching the others. `allowed`: (rows, mask (R, V) bool), the tokens a
+    constraint leaves those rows (`constraint.allowed`); the others are drawn as without it, and logprobs stay the
+    model's own."""
     logits = logits.float()
     V = logits.shape[-1]
-    tokens = logits.argmax(-1)  # (B,)
     bad = (~logits.amax(-1).isfinite()).tolist()  # amax is NaN when any logit is, +-inf for +inf or all -inf
     errors = {r: "the model's logits for this sequence are not finite (NaN or inf)" for r, b in enumerate(bad) if b}
+    draw = logits
+    if allowed is not None:
+        held, mask = allowed
+        draw = masked(logits, held, mask)
+        for r, ok in zip(held, mask.any(-1).tolist()):
+            if not ok:
+                errors.setdefault(r, "the constraint allows no token here")
+    tokens = draw.argmax(-1)  # (B,)
     rows = [r for r, p in enumerate(params) if p.temperature > 0 and r not in errors]
     if rows:
         ps = [params[r] for r in rows]
-        probs, ids = filter_probs(logits[rows], torch.tensor([p.temperature for p in ps]),
+        probs, ids = filter_probs(draw[rows], torch.tensor([p.temperature for p in ps]),
                                   torch.tensor([min(p.top_k, V) for p in ps]), torch.tensor([p.top_p for p in ps]),
                                   torch.tensor([p.min_p for p in ps]))
         ok = (probs.isfinite().all(-1) & (probs.sum(-1) > 0)).tolist()

@@ -78,14 +78,16 @@ class Scheduler:
         before a sequence that shares its first block with one in it (see the module docstring). Prefill each
         group before taking the next: the next allocation looks for the blocks that prefill registers."""
         group: list[Sequence] = []
-        heads: set[tuple[int, ...]] = set()  # the group's first blocks
+        heads: set[tuple] = set()  # the group's first blocks, with their adapter
         bs = self.pool.block_size
         while len(self.running) < self.max_batch and (s := self.next_waiting()) is not None:
-            head = tuple(s.req.prompt[:bs])
+            head = (s.req.adapter, tuple(s.req.prompt[:bs]))
             if head in heads and len(s.req.prompt) > bs:
                 yield group
                 group, heads = [], set()
-            table = self.pool.allocate(s.req.prompt, len(s.req.prompt) + s.req.params.max_tokens)
+            a = s.req.adapter
+            root = None if a is None or a < 0 else hash(("lora", a))  # a prefix cache per adapter
+            table = self.pool.allocate(s.req.prompt, len(s.req.prompt) + s.req.params.max_tokens, root)
             if table is None:
                 break  # wait for running sequences to free blocks
             self.waiting.remove(s)

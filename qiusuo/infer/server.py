@@ -5,13 +5,14 @@ Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both st
 loads), GET /metrics (Prometheus text). Chat requests may carry `tools` / `tool_choice` and `role: "tool"` results, and
 replies carry `tool_calls` (`finish_reason: "tool_calls"`), parsed from the model's markup by `qiusuo.infer.tools`;
 sampling values a request leaves unset come from the checkpoint's generation_config.json (`Engine.generation`).
-The engine runs in its own thread. Binds 127.0.0.1 unless told otherwise.
+The engine runs in its own thread. Binds 127.0.0.1 unless told otherwise. `--lora NAME=DIR` serves a LoRA adapter
+as a model of its own (`/v1/models`), requests for different adapters sharing one batch (`qiusuo.infer.runner`).
 
 Every request field is honoured, accepted without effect, or refused with a 400 naming it (`qiusuo.infer.fields`).
 /v1/completions takes the prompt forms of OpenAI's legacy API (a string, strings, token ids, lists of token ids:
 one engine request per prompt, run together, choices indexed prompt x n + sample; a stream takes one prompt, which
 keeps each stream one engine request) and `echo`, whose prompt logprobs come from the engine's scoring forward
-(`ModelRunner.score`): what lm-evaluation-harness's `local-completions` needs (README "Evaluating with
+(`ModelRunner.score`): what lm-evaluation-harness's `local-completions` needs (docs/serving.md, "Evaluating with
 lm-evaluation-harness").
 
 Built for careless and hostile clients as much as for good ones: one bad request never hurts another.
@@ -59,7 +60,7 @@ from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from qiusuo.hf.load import check_model_folder
-from qiusuo.infer import fields, tools
+from qiusuo.infer import constraint, fields, tools
 from qiusuo.infer.engine import Delta, Engine, PromptLogprobs, Usage
 from qiusuo.infer.load import add_engine_args, engine_from_args
 from qiusuo.infer.output import Completion, StopToken, ThinkSplitter
@@ -115,6 +116,7 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: dict | None = None  # checked by `constraint.response_format`, so errors name the field
 
     @property
     def include_usage(self) -> bool:
@@ -372,10 +374,15 @@ class ServerState:
         except ClientDisconnect:
             raise ClientGone() from None
         req = await self.in_worker(decode_body, bytes(body), kind)
-        if req.model != self.model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
+        if req.model != self.model_name and req.model not in self.engine.adapters:
+            served = ", ".join(repr(n) for n in [self.model_name, *self.engine.adapters])
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {served}",
                            param="model", code="model_not_found")
         return req
+
+    def adapter(self, model: str) -> str | None:
+        """The LoRA adapter a request's `model` names (`qiusuo serve --lora NAME=DIR`); None: the base model."""
+        return None if model == self.model_name else model
 
     def begin_drain(self) -> None:
         """Shutting down (on the event loop's thread): refuse new requests; stop the in-flight ones after
@@ -385,7 +392,7 @@ class ServerState:
             asyncio.get_running_loop().call_later(self.shutdown_timeout, self.stopping.set)
 
     async def run(self, request: Request, engine: Engine, ids: list[int], params: SamplingParams,
-                  watch_disconnect: bool):
+                  watch_disconnect: bool, adapter: str | None = None):
         """Deltas then the Usage of one request. Ends early (aborting it in the engine) when the client
         disconnects (`watch_disconnect`: streams are watched by Starlette), `request_timeout` seconds after it
         was handed to the engine, or when the drain time is over; those, and a sample that failed in the engine,
@@ -394,7 +401,7 @@ class ServerState:
         watcher = asyncio.create_task(self._watch(request if watch_disconnect else None, engine, rid, why))
         failed = None
         try:
-            async for d in engine.stream(ids, params, request_id=rid):
+            async for d in engine.stream(ids, params, request_id=rid, adapter=adapter):
                 if isinstance(d, Usage):
                     watcher.cancel()
                     if why == ["disconnect"]:
@@ -427,13 +434,13 @@ class ServerState:
             for t in waits:
                 t.cancel()
 
-    async def collect(self, request: Request, engine: Engine, ids: list[int],
-                      params: SamplingParams) -> tuple[list[Completion], Usage, PromptLogprobs | None]:
+    async def collect(self, request: Request, engine: Engine, ids: list[int], params: SamplingParams,
+                      adapter: str | None = None) -> tuple[list[Completion], Usage, PromptLogprobs | None]:
         """A whole request: each sample's `Completion` (joined as `Engine.generate` joins them), the Usage, and
         the prompt's logprobs when `params` asked for them."""
         pieces: dict[int, list[Delta]] = {}
         usage = scores = None
-        async for d in self.run(request, engine, ids, params, watch_disconnect=True):
+        async for d in self.run(request, engine, ids, params, watch_disconnect=True, adapter=adapter):
             if isinstance(d, Usage):
                 usage = d
             elif isinstance(d, PromptLogprobs):
@@ -531,8 +538,11 @@ async def health(request: Request):
 async def models(request: Request):
     st = _state(request)
     engine = st.ready(request)
-    return {"object": "list", "data": [{"id": st.model_name, "object": "model", "created": st.created,
-                                        "owned_by": "qiusuo", "max_model_len": engine.max_model_len}]}
+    base = {"id": st.model_name, "object": "model", "created": st.created, "owned_by": "qiusuo",
+            "max_model_len": engine.max_model_len}
+    # each LoRA adapter is a model of its own, named as vLLM names them (`parent`: the base it adapts)
+    return {"object": "list", "data": [base, *({**base, "id": name, "root": name, "parent": st.model_name}
+                                               for name in engine.adapters)]}
 
 
 async def metrics(request: Request):
@@ -602,6 +612,19 @@ def _params(req: _Common, max_tokens: int | None, prompt_len: int, engine: Engin
     except ValueError as e:
         raise APIError(400, str(e), param=prompt_param, code="context_length_exceeded") from None
     return p
+
+
+def _grammar(engine: Engine, req: _Common, chat: tools.ChatPrompt | None) -> constraint.Grammar | None:
+    """The constraint a request asks for (`constraint.request_grammar`), compiled here (worker thread) so that a bad
+    schema, regex or grammar is a 400 naming its field."""
+    try:
+        g = constraint.request_grammar(engine.tokenizer, req.response_format, chat, getattr(req, "tools", None),
+                                       getattr(req, "tool_choice", None))
+        if g is not None:
+            engine.grammars.compile(g)
+    except constraint.ConstraintError as e:
+        raise APIError(400, str(e), param=e.param, code="invalid_value") from None
+    return g
 
 
 def _encode(engine: Engine, prompt, param: str) -> list[int]:
@@ -727,6 +750,7 @@ async def completions(request: Request):
             raise APIError(400, "max_tokens: 0 generates nothing; send it with echo (the prompt and its logprobs) "
                            "or prompt_logprobs", param="max_tokens", code="invalid_value")
         ids, texts = await st.in_worker(_encode_prompts, engine, req.prompt)
+        grammar = await st.in_worker(_grammar, engine, req, None)
         # the scoring forward's top entries serve both echo's logprobs and prompt_logprobs; echo with max_tokens 0
         # and no logprobs scores too (k 0): it is the engine's one way of running a request that generates nothing
         asked = [k for k in (req.logprobs if req.echo else None, req.prompt_logprobs) if k is not None]
@@ -735,12 +759,13 @@ async def completions(request: Request):
         # end of turn; its text leaves out control tokens unless asked (vLLM's default): lm-eval's `hf` model then
         # gives the same text
         params = [_params(req, max_tokens, len(x), engine, req.logprobs, "prompt", prompt_logprobs=scoring,
-                          stop_at_turn_end=False, skip_special_tokens=req.skip_special_tokens) for x in ids]
+                          stop_at_turn_end=False, skip_special_tokens=req.skip_special_tokens, grammar=grammar)
+                  for x in ids]
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": st.model_name}
+                "model": req.model}
         if req.stream:
             return slot.stream(_completion_events(st, request, engine, ids[0], texts[0], params[0], head, req))
-        results = await _all(st.collect(request, engine, x, p) for x, p in zip(ids, params))
+        results = await _all(st.collect(request, engine, x, p, st.adapter(req.model)) for x, p in zip(ids, params))
         choices = [_completion_choice(engine, req, i * req.n + c.index, x, text, scores, c)
                    for i, (x, text, (outs, _, scores)) in enumerate(zip(ids, texts, results)) for c in outs]
         usage = Usage(*(sum(getattr(u, f) for _, u, _ in results)
@@ -766,7 +791,7 @@ async def _completion_events(st: ServerState, request: Request, engine: Engine, 
     if req.echo and params.prompt_logprobs is None:  # nothing to wait for
         for chunk in firsts(None):
             yield chunk
-    async for d in st.run(request, engine, ids, params, watch_disconnect=False):
+    async for d in st.run(request, engine, ids, params, watch_disconnect=False, adapter=st.adapter(req.model)):
         if isinstance(d, PromptLogprobs):
             for chunk in firsts(d):
                 yield chunk
@@ -804,14 +829,17 @@ async def chat_completions(request: Request):
         chat = await st.in_worker(_chat_prompt, engine, req)
         ids = chat.ids
         want_lp = (req.top_logprobs or 0) if req.logprobs else None
-        params = _params(req, req.max_completion_tokens or req.max_tokens, len(ids), engine, want_lp, "messages")
+        grammar = await st.in_worker(_grammar, engine, req, chat)
+        params = _params(req, req.max_completion_tokens or req.max_tokens, len(ids), engine, want_lp, "messages",
+                         grammar=grammar)
         thinking = chat.thinking  # templates that open the reasoning themselves
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": st.model_name}
+                "model": req.model}
+        adapter = st.adapter(req.model)
         if req.stream:
             return slot.stream(_chat_events(st, request, engine, ids, params, head, thinking, chat,
-                                            req.include_usage))
-        outs, usage, _ = await st.collect(request, engine, ids, params)
+                                            req.include_usage, adapter))
+        outs, usage, _ = await st.collect(request, engine, ids, params, adapter)
         choices = []
         for c in outs:
             reasoning, content = ThinkSplitter(thinking, chat.reasoning_ends).feed(c.text, final=True)
@@ -833,13 +861,14 @@ def _tool_stream(chat: tools.ChatPrompt) -> tools.ToolCallStream | None:
 
 
 async def _chat_events(st: ServerState, request: Request, engine: Engine, ids: list[int], params: SamplingParams,
-                       head: dict, thinking: bool, chat: tools.ChatPrompt, include_usage: bool):
+                       head: dict, thinking: bool, chat: tools.ChatPrompt, include_usage: bool,
+                       adapter: str | None = None):
     split = [ThinkSplitter(thinking, chat.reasoning_ends) for _ in range(params.n)]
     parsers = [_tool_stream(chat) for _ in range(params.n)]
     for i in range(params.n):
         yield _sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]})
-    async for d in st.run(request, engine, ids, params, watch_disconnect=False):
+    async for d in st.run(request, engine, ids, params, watch_disconnect=False, adapter=adapter):
         if isinstance(d, Usage):
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": _usage(d)})
@@ -978,6 +1007,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--served-model-name", default=None, help="name clients pass as `model`; unset: the folder name")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a LoRA adapter (peft folder) over the model as the model NAME; repeat for more: "
+                   "requests for different adapters share one batch, each adapter keeps its own prefix cache")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-concurrency", type=int, default=32, help="sequences decoded together")
     p.add_argument("--max-queue", type=int, default=64,
@@ -994,9 +1026,26 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, seconds in-flight requests get to finish before they are stopped")
 
 
+def lora_args(specs: list[str], base: str) -> dict[str, str]:
+    """`--lora NAME=DIR ...` -> {NAME: DIR}, checked before anything loads: the form, names unique and not the
+    base's, each folder an adapter."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, eq, folder = spec.partition("=")
+        if not eq or not name or not folder:
+            raise ValueError(f"--lora {spec!r}: give NAME=DIR (the model name clients pass, the peft adapter folder)")
+        if name == base or name in out:
+            raise ValueError(f"--lora {spec!r}: the model name {name!r} is taken; each adapter needs its own")
+        if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            raise ValueError(f"--lora {spec!r}: {folder} holds no adapter_config.json (a peft adapter folder)")
+        out[name] = folder
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     check_model_folder(args.model, "--model")  # before the server starts: a run folder named as such, at once
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    lora = lora_args(args.lora, name)
     body = int(args.max_body_mb * 2**20) if args.max_body_mb else None
     app = create_app(None, name, args.api_key, args.max_concurrency, args.max_queue, max_body_bytes=body,
                      body_timeout=args.body_timeout, request_timeout=args.request_timeout,
@@ -1006,7 +1055,7 @@ def main(args: argparse.Namespace) -> int:
 
     def load() -> None:
         try:
-            engine = engine_from_args(args, max_batch=args.max_concurrency)
+            engine = engine_from_args(args, max_batch=args.max_concurrency, lora=lora)
         except Exception as e:  # stop the server: answering 503 "loading" forever would hide it
             failed.append(e)
             server.should_exit = True

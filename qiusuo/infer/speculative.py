@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qiusuo.infer.constraint import masked
 from qiusuo.infer.sampling import SamplingParams, filter_probs, logprobs_of
 
 
@@ -83,14 +84,23 @@ def propose(logits: torch.Tensor, params: list[SamplingParams],
 
 
 def accept(logits: torch.Tensor, drafts: list[list[int]], qs: list[list[torch.Tensor | None]],
-           params: list[SamplingParams], gens: list[torch.Generator | None]) -> Emitted:
+           params: list[SamplingParams], gens: list[torch.Generator | None],
+           allowed: tuple[list[int], torch.Tensor] | None = None) -> Emitted:
     """Target logits (B, T, V) at each row's pending token and its drafts (row r's first len(drafts[r]) + 1
-    positions are real) -> the tokens each row emits (the accepted drafts, then one from the target)."""
+    positions are real) -> the tokens each row emits (the accepted drafts, then one from the target). `allowed`:
+    (rows, mask (R, V) bool) of constrained rows, which draft nothing: their one position is drawn from the tokens
+    their grammar allows (`constraint.allowed`); logprobs stay the model's own."""
     logits = logits.float()
-    finite, argmax = logits.isfinite().all(-1).tolist(), logits.argmax(-1).tolist()  # (B, T) each, one sync
+    finite = logits.isfinite().all(-1).tolist()  # (B, T)
+    draw = logits
+    if allowed is not None:
+        held, mask = allowed
+        draw = logits.clone()
+        draw[held, 0] = masked(logits[held, 0], list(range(len(held))), mask)
+    argmax = draw.argmax(-1).tolist()  # (B, T)
     out, errors = [], {}
     for r, (ds, p) in enumerate(zip(drafts, params)):
-        lg = logits[r, : len(ds) + 1]  # (k + 1, V)
+        lg = draw[r, : len(ds) + 1]  # (k + 1, V)
         if not all(finite[r][: len(ds) + 1]):
             errors[r] = "the model's logits for this sequence are not finite (NaN or inf)"
             out.append([0])

@@ -24,8 +24,8 @@ descriptions and schemas inside it, like every message, are user text (`Trusted`
 
 `tool_choice`: "auto" (default with tools), "none" (tools neither shown nor parsed), a named function (the reply is
 started with that function's call markup, so the model writes its arguments) or "required" (the reply is started
-with the call section up to the function's name, so the model must name one of the tools; a name that is not one
-comes back as content). With DeepSeek's V3.2 / V4 encodings a forced call is prompted in chat mode: its reasoning
+with the call section up to the function's name). Both hold the rest of the reply to one valid call of the offered
+tools by constrained decoding (`constraint.tool_call_grammar`), so the parser always reads it. With DeepSeek's V3.2 / V4 encodings a forced call is prompted in chat mode: its reasoning
 would have to come before the call markup the reply is started with.
 
 Markup the parser cannot read (an unknown function, arguments that are not a JSON object, text left in the section,
@@ -50,6 +50,7 @@ _MARKUP = {
     "deepseek_v3": dict(_DS, call=re.compile(
         r"<｜tool▁call▁begin｜>(?P<type>[^<\n]*)<｜tool▁sep｜>(?P<name>[^\n]*)\n```json\n(?P<args>.*?)\n```\s*"
         r"<｜tool▁call▁end｜>", re.S), start="<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\n```json\n",
+        open="<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>",
         usage="<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>tool_call_name\n```json\ntool_call_arguments"
               "\n```<｜tool▁call▁end｜>{additional_tool_calls}<｜tool▁calls▁end｜>",
         chain="chain them with a newline as separator"),

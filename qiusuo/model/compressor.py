@@ -22,10 +22,10 @@ where L are the tokens each row held before, counts its real new tokens (the res
 row b is entry number first_b + k of its sequence.
 
 The indexer (CSA only) is a compressor at `index_head_dim` with its own queries (from the attention's query
-latent) and per-head weights: score(t, s) = sum_h w_{t,h} * ReLU(q_{t,h} . k_s), and each query keeps the
-`index_topk` best visible entries. Ties are broken towards the lower (older) entry on every path
-(`topk_lowest_index`); DeepSeek's inference code and transformers call `torch.topk`, which leaves ties to the
-kernel, so on inputs without ties all three agree.
+latent) and per-head weights: score(t, s) = sum_h w_{t,h} / sqrt(Hi) ReLU(q_{t,h} . k_s) / sqrt(Dk) (`index_scores`,
+the one implementation, V3.2's `dsa.py` calls it too), and each query keeps the `index_topk` best visible entries.
+Ties are broken towards the lower (older) entry on every path (`topk_lowest_index`); DeepSeek's inference code and
+transformers call `torch.topk`, which leaves ties to the kernel, so on inputs without ties all three agree.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qiusuo.config import CSA, ModelConfig
@@ -55,6 +54,30 @@ def topk_lowest_index(scores: torch.Tensor, k: int) -> torch.Tensor:
     key = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # monotone in the float value
     key = key * n + (n - 1 - torch.arange(n, device=scores.device))
     return key.topk(k, dim=-1).indices
+
+
+def index_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The lightning indexer's formula, one implementation for V3.2's (`dsa.py`) and V4's (`Indexer`): q (B, T, Hi, Dk)
+    rotated queries, w (B, T, Hi) the `weights_proj` output, keys (B, S, Dk) -> (B, T, S) fp32 scores
+    sum_h w_{t,h} / sqrt(Hi) ReLU(q_{t,h} . k_s) / sqrt(Dk).
+
+    Queries in pieces of at most 2^24 / (Hi S) (decoding: one piece): every head of a piece in one matmul, ReLU
+    in place, then the heads' weighted sum as a second (batched 1 x Hi by Hi x S) matmul, so each score is
+    written and read once. The whole (B, T, Hi, S) at once would be 2 GB for a 2,048-token chunk over 32k
+    tokens with 8 heads; head by head into one sum (`addcmul_`) passed over (T, S) five times per head and
+    was 1.7x slower at T = 2,048, S = 8,192 (V3.2, the 2-core Xeon VM, 2026-12-01: docs/models.md)."""
+    B, T, H, Dk = q.shape
+    w = w.float() * (H**-0.5 * Dk**-0.5)
+    k = keys.float().transpose(1, 2)  # (B, Dk, S)
+    q = q.float()
+    S = k.shape[-1]
+    step = max(1, (1 << 24) // (H * max(S, 1)))
+    pieces = []
+    for t0 in range(0, max(T, 1), step):  # T = 0 still gives one (empty) piece
+        t = min(step, T - t0)
+        s = torch.bmm(q[:, t0: t0 + t].reshape(B, t * H, Dk), k).relu_().view(B * t, H, S)
+        pieces.append(torch.bmm(w[:, t0: t0 + t].reshape(B * t, 1, H), s).view(B, t, S))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
 
 def visible_entries(positions: torch.Tensor, n: int, ratio: int) -> torch.Tensor:
@@ -144,9 +167,7 @@ class Indexer(Compressor):
         keys = self(x, rope, pool)  # (B, n, w)
         n = keys.shape[1]
         q = rotate_tail(self.q_b_proj(q_lat).view(B, T, self.heads, self.width), *rope["compress"])
-        scores = F.relu(torch.einsum("bthd,bnd->bthn", q.float(), keys.float())) * self.width**-0.5
-        weights = self.scorer.weights_proj(x).float() * self.heads**-0.5  # (B, T, Hi)
-        score = (scores * weights[..., None]).sum(2)  # (B, T, n)
+        score = index_scores(q, self.scorer.weights_proj(x), keys)  # (B, T, n)
         score = score.masked_fill(~visible_entries(positions, n, self.ratio), float("-inf"))
         idx = topk_lowest_index(score, min(self.topk, n))  # (B, T, k)
         chosen = score.gather(-1, idx)

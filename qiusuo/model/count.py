@@ -52,7 +52,7 @@ def cache_bytes_per_token(cfg: ModelConfig, itemsize: int = 2, context: int | No
 
 def cache_bytes_by_kind(cfg: ModelConfig, itemsize: int = 2, context: int | None = None) -> dict[str, dict]:
     """Per attention kind: how many layers, and the cache bytes per token of one such layer at `context`
-    (what `inspect` and the README's long-context table show)."""
+    (what `inspect` and docs/models.md's long-context table show)."""
     from qiusuo.model.block import attention_kind, layer_cache_specs
 
     out: dict[str, dict] = {}

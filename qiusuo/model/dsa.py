@@ -39,7 +39,7 @@ from torch import nn
 
 from qiusuo.config import ModelConfig
 from qiusuo.model.cache import LayerCacheSpec, SparseContext
-from qiusuo.model.compressor import indexer_loss, topk_lowest_index
+from qiusuo.model.compressor import index_scores, indexer_loss, topk_lowest_index
 from qiusuo.model.mla import MLA
 from qiusuo.model.rope import apply_rotary
 
@@ -65,26 +65,10 @@ class DSAIndexer(nn.Module):
         return self.rotate(self.k_norm(self.wk(x))[:, :, None], *rope["main"])[:, :, 0]
 
     def scores(self, x: torch.Tensor, q_lat: torch.Tensor, keys: torch.Tensor, rope) -> torch.Tensor:
-        """(B, T, S) fp32 index scores of the T queries against S keys.
-
-        Queries in pieces of at most 2^24 / (Hi S) (decoding: one piece): every head of a piece in one matmul, ReLU
-        in place, then the heads' weighted sum as a second (batched 1 x Hi by Hi x S) matmul, so each score is
-        written and read once. The whole (B, T, Hi, S) at once would be 2 GB for a 2,048-token chunk over 32k
-        tokens with 8 heads; head by head into one sum (`addcmul_`) passed over (T, S) five times per head and
-        was 1.7x slower at T = 2,048, S = 8,192 here."""
+        """(B, T, S) fp32 index scores of the T queries against S keys (`compressor.index_scores`, V4's formula)."""
         B, T, _ = x.shape
-        H, Dk = self.heads, self.dim
-        q = self.rotate(self.wq_b(q_lat).view(B, T, H, Dk), *rope["main"]).float()
-        w = self.weights_proj(x).float() * (H**-0.5 * Dk**-0.5)  # (B, T, Hi)
-        k = keys.float().transpose(1, 2)  # (B, Dk, S)
-        S = k.shape[-1]
-        step = max(1, (1 << 24) // (H * S))
-        pieces = []
-        for t0 in range(0, T, step):
-            t = min(step, T - t0)
-            s = torch.bmm(q[:, t0: t0 + t].reshape(B, t * H, Dk), k).relu_().view(B * t, H, S)
-            pieces.append(torch.bmm(w[:, t0: t0 + t].reshape(B * t, 1, H), s).view(B, t, S))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+        q = self.rotate(self.wq_b(q_lat).view(B, T, self.heads, self.dim), *rope["main"])
+        return index_scores(q, self.weights_proj(x), keys)
 
 
 TOPK = "dsa_topk"  # the key of the last full layer's selection in `RopeAt.shared`

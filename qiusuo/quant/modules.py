@@ -12,6 +12,10 @@ Two matmuls, chosen by the number of rows (tokens) in the call:
 - many rows (prefill, evaluation): dequantise a band of output rows to the activation dtype and multiply with
   torch's GEMM, which is compute-bound and far faster per row than any matrix-vector loop. The band keeps the
   scratch small (a few MB), never a full float copy of the weight.
+- a gradient to flow back to x (QLoRA: adapters train before and after frozen packed layers): the GEMM path at any
+  row count, exact in float, through `_PackedMatmul`, whose backward dequantises the same bands again for
+  dx = dy W. Autograd keeping each band's float copy for the backward would hold a float copy of the whole frozen
+  base through every step; and the kernels have no backward at all (a gradient would silently stop there).
 
 Codes and scales are buffers, not parameters: nothing here trains (adapters train next to them) and `Transformer
 .cast` leaves them alone. State-dict names: `weight` (codes) and `scale` for a linear layer; `gate_up_proj`,
@@ -44,19 +48,52 @@ def _register(module: nn.Module, name: str, fmt: Format, N: int, K: int, lead: t
 def packed_matmul(x: torch.Tensor, fmt: Format, q: torch.Tensor, scale: torch.Tensor | None, N: int,
                   act: str = "fp32", kernel_rows: int = DECODE_ROWS) -> torch.Tensor:
     """x (M, K) -> x W^T (M, N) in x's dtype, W (N, K) stored as (q, scale) in `fmt`: through the kernels with
-    activation arithmetic `act` (`kernels.ACTS`) up to `kernel_rows` rows, dequantised bands above."""
+    activation arithmetic `act` (`kernels.ACTS`) up to `kernel_rows` rows, dequantised bands above, and always
+    bands when x needs a gradient (`_PackedMatmul`)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _PackedMatmul.apply(x, fmt, q, scale, N)
     M = x.shape[0]
     if M <= kernel_rows and x.device.type == "cpu":
         return kernels.mm(x.float().contiguous(), fmt.name, q, scale, fmt.group or 32, fmt.block or 128,
                           act).to(x.dtype)
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    return _band_matmul(x, fmt, q, scale, N)
+
+
+def _band_matmul(x: torch.Tensor, fmt: Format, q: torch.Tensor, scale: torch.Tensor | None, N: int) -> torch.Tensor:
+    """x (M, K) -> x W^T (M, N), W dequantised a band of output rows at a time."""
+    out = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
+    for r0, r1, w in _bands(fmt, q, scale, N, x.dtype):
+        out[:, r0:r1] = x @ w.t()
+    return out
+
+
+def _bands(fmt: Format, q: torch.Tensor, scale: torch.Tensor | None, N: int, dtype: torch.dtype):
+    """(r0, r1, W[r0:r1] (band, K) dequantised to `dtype`) band by band."""
     step = BAND if fmt.name != "fp8" else max(fmt.block, BAND // fmt.block * fmt.block)
     for r0 in range(0, N, step):
         r1 = min(N, r0 + step)
         s0, s1 = fmt.scale_rows(r0, r1)
-        w = fmt.dequantize(q[r0:r1], None if scale is None else scale[s0:s1]).to(x.dtype)  # (band, K)
-        out[:, r0:r1] = x @ w.t()
-    return out
+        yield r0, r1, fmt.dequantize(q[r0:r1], None if scale is None else scale[s0:s1]).to(dtype)
+
+
+class _PackedMatmul(torch.autograd.Function):
+    """y = x W^T with a gradient for x only (W is frozen), each band of W dequantised in the forward and again in
+    the backward (dx = dy W, summed band by band): nothing of W's float form outlives its band."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fmt: Format, q: torch.Tensor, scale: torch.Tensor | None, N: int):
+        ctx.fmt, ctx.N = fmt, N
+        ctx.save_for_backward(q, scale)
+        return _band_matmul(x, fmt, q, scale, N)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        q, scale = ctx.saved_tensors
+        dx = None
+        for r0, r1, w in _bands(ctx.fmt, q, scale, ctx.N, dy.dtype):
+            part = dy[:, r0:r1] @ w  # (M, K)
+            dx = part if dx is None else dx + part
+        return dx, None, None, None, None
 
 
 class QuantLinear(nn.Module):
@@ -167,6 +204,8 @@ class QuantExperts(Experts):
 
     def _few(self, xs: torch.Tensor, counts: torch.Tensor) -> bool:
         """Whether these sorted rows run through the packed kernels (decoding) rather than dequantised bands."""
+        if xs.requires_grad and torch.is_grad_enabled():  # the kernels have no backward (module docstring)
+            return False
         few = xs.shape[0] <= max(EXPERT_ROWS, self.kernel_rows) or torch.compiler.is_compiling() or \
             int(counts.max()) <= self.kernel_rows
         return few and xs.device.type == "cpu"

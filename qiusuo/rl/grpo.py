@@ -24,7 +24,7 @@ in the `grpo` run preset; `qiusuo grpo --help` lists every key).
 Learning rate: Adam moves every weight by about lr per step whatever the size of its gradient, and a small SFT'd
 policy is sharp (on the `tiny` preset a step of L2 norm 0.01 along the raw policy gradient already lowers the
 reward, and so does the opposite step), so lr must stay well below the SFT one. Measured on `tiny` (P=16, G=8,
-warmup 10, greedy test accuracy): on the README demo's SFT model lr 1e-4 went 65 -> 86 -> 82 -> 90% in 60 steps
+warmup 10, greedy test accuracy): on docs/reasoning.md's SFT model lr 1e-4 went 65 -> 86 -> 82 -> 90% in 60 steps
 while 3e-4 fell to 26-43%; on a model SFT'd on worked traces only 1e-3 fell to 6-10% and 1e-4 and 3e-5 stayed
 flat within noise over 60-120 steps. Hence the default 1e-4 with a short warmup (Adam's first steps are
 sign-sized for every weight).
@@ -33,6 +33,9 @@ Logged per step (metrics.jsonl, kind `grpo`): reward (total and per function), a
 response length, the share of groups whose rewards are all equal (they give no gradient), seconds in rollout, in
 the no-grad reference / old-policy log-prob passes and in training, and rollout tokens/s; periodically test
 accuracy (kind `eval`). Plots: reward.png and grpo.png.
+
+LoRA (`[lora]`, as in `qiusuo sft`): only adapters over the frozen (optionally packed) policy train; the reference
+policy is then the same model with its adapters off, not a copy; the run exports RUN/adapter.
 """
 
 from __future__ import annotations
@@ -113,18 +116,27 @@ class GRPO:
 
             if not g.model:
                 raise ValueError("pass --model DIR (a model folder with its tokenizer, e.g. the output of qiusuo sft)")
-            model, tokenizer = load_model(g.model, device=self.device, progress=False), load_tokenizer(g.model)
+            quantize = cfg.lora.quantize if cfg.lora.rank else ""  # QLoRA: the base loads packed
+            model = load_model(g.model, device=self.device, progress=False, quantize=quantize or None)
+            tokenizer = load_tokenizer(g.model)
         self.model, self.tok = model, tokenizer
         self.task = get_task(g.task)
         self.rewards: list[RewardSpec] = [load_reward(s) for s in g.rewards]
         names = [r.name for r in self.rewards]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"--reward: need at least one, each name once; got {names}")
+        lo = cfg.lora
+        # the reference: with adapters alone training, the policy with its adapters off (no copy of the model)
         self.ref = None
-        if g.beta > 0:
+        if g.beta > 0 and not (lo.rank and not lo.router and not lo.norms):
             self.ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if lo.rank:
+            from qiusuo.lora.train import prepare
+
+            prepare(model, lo, cfg.run.seed)
         self.opt = build_optimizer(model, cfg.optim)
-        self.train_step = TrainStep(model, self.opt, grad_clip=cfg.train.grad_clip, gamma=cfg.balance.gamma,
+        gamma = cfg.balance.gamma if not lo.rank or lo.router else 0.0  # a frozen router's bias is the base's
+        self.train_step = TrainStep(model, self.opt, grad_clip=cfg.train.grad_clip, gamma=gamma,
                                     autocast=resolve_precision(cfg.run.precision, self.device),
                                     on_diverged=lambda: "; lower --optim.lr")
         self.problems = self.task.problems("train", g.prompts_per_step * cfg.train.steps, seed=cfg.run.seed)
@@ -134,6 +146,24 @@ class GRPO:
     def _forward_logprobs(self, model, ids):
         with self.train_step.autocast_context():
             return token_logprobs(model, ids, self.cfg.grpo.temperature)
+
+    def _ref_logprobs(self, ids):
+        if self.ref is not None:
+            return self._forward_logprobs(self.ref, ids)
+        from qiusuo.lora.train import base_only
+
+        with base_only(self.model):
+            return self._forward_logprobs(self.model, ids)
+
+    def save(self, out: Path) -> Path:
+        """The policy: the whole model as RUN/model, or a run training adapters its adapter as RUN/adapter."""
+        from qiusuo.hf.save import save_hf
+
+        if self.cfg.lora.rank:
+            from qiusuo.lora.train import export
+
+            return export(self.model, out / "adapter", base=self.cfg.grpo.model or None)
+        return save_hf(self.model, out / "model", tokenizer=self.tok, progress=False)
 
     def prompt_ids(self, problems) -> list[list[int]]:
         tok = self.tok
@@ -164,7 +194,7 @@ class GRPO:
         skip = g.beta == 0 and not bool(adv.abs().max() > 0)
         with torch.no_grad():
             old = [self._forward_logprobs(model, ids[c]) for c in chunks] if g.mu > 1 and not skip else None
-            ref = [self._forward_logprobs(self.ref, ids[c]) for c in chunks] if self.ref is not None else None
+            ref = [self._ref_logprobs(ids[c]) for c in chunks] if g.beta > 0 else None
         t_ref = time.perf_counter() - t1  # no-grad passes: the reference (beta > 0) and the old policy (mu > 1)
         denom = float(mask.sum().clamp(min=1)) if g.loss_norm == "token" else float(n)
         sums = {"kl_sum": 0.0, "clipped_sum": 0.0, "tokens": 0.0, "loss": 0.0}
@@ -211,8 +241,6 @@ class GRPO:
     def train(self) -> dict:
         from qiusuo.train.metrics import MetricsLog
 
-        from qiusuo.hf.save import save_hf
-
         cfg, g = self.cfg, self.cfg.grpo
         cfg.absolute_paths()
         out = rundir.claim(cfg.run.out_dir, self.overwrite)
@@ -236,14 +264,14 @@ class GRPO:
         if stop.requested and self.step_no < cfg.train.steps:  # GRPO keeps no optimizer checkpoints: the policy
             log.close()
             plot_grpo(out)
-            final = save_hf(self.model, out / "model", tokenizer=self.tok, progress=False)
+            final = self.save(out)
             raise Interrupted(f"interrupted at step {self.step_no}; the policy so far is saved in {final} (GRPO runs "
                               f"have no --resume: start another from it with --model {final})")
         after = self.evaluate()
         log.log("eval", self.step_no, **after)
         log.close()
         plots = plot_grpo(out)
-        final = save_hf(self.model, out / "model", tokenizer=self.tok, progress=False)
+        final = self.save(out)
         roll = sum(x["rollout_s"] for x in recs)
         ref = sum(x["ref_s"] for x in recs)
         train = sum(x["train_s"] for x in recs)
@@ -314,6 +342,7 @@ def plot_grpo(run_dir: str | Path) -> list[Path]:
 
 ALIASES = {
     "--model": ("grpo.model", {"help": "model folder with its tokenizer (e.g. RUN/model from qiusuo sft)"}),
+    "--quantize": ("lora.quantize", {"help": "QLoRA: the frozen base's formats (int4, experts=int4,...)"}),
     "--task": ("grpo.task", {}),
     "--out-dir": ("run.out_dir", {}),
     "--steps": ("train.steps", {}),

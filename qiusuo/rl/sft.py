@@ -15,6 +15,10 @@ The run is the pretraining trainer (`qiusuo.train.trainer.Trainer`) fed by `Chat
 device selection (bf16 autocast on CUDA), checkpoints, exact resume (`qiusuo sft --resume RUN` reads the run's
 own run.toml), metrics and plots. Settings are the run config's (`[sft]` plus the shared sections; defaults in
 the `sft` run preset); `qiusuo sft --help` lists every key.
+
+LoRA (`--lora.rank=16 --lora.targets=attention,experts`, `[lora]`): the `--model` folder is the frozen base (packed
+with `--quantize int4`: QLoRA), only adapters train and are checkpointed, and the run exports RUN/adapter, a peft
+folder (`qiusuo.lora.train`, docs/lora.md).
 """
 
 from __future__ import annotations
@@ -174,6 +178,7 @@ class ChatSource:
             texts = [re.sub(r"[0-9]", " ", m["content"]) for _, msgs in self.chats for m in msgs]
             self.tokenizer = Tokenizer.train(texts, sft.vocab_size)
         self.init = sft.init
+        self.quantize = cfg.lora.quantize if cfg.lora.rank else ""  # QLoRA: the base loads packed, never in float
         examples = []
         for line, msgs in self.chats:
             try:
@@ -204,7 +209,9 @@ class ChatSource:
         from qiusuo.hf.load import load_model
         from qiusuo.train.trainer import random_model
 
-        return load_model(self.init, progress=False) if self.init else random_model(model_cfg, seed)
+        if self.init:
+            return load_model(self.init, progress=False, quantize=self.quantize or None)
+        return random_model(model_cfg, seed)
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
         N, B = self.rows, self.batch_size
@@ -249,6 +256,7 @@ ALIASES = {
     "--lr": ("optim.lr", {}),
     "--seed": ("run.seed", {}),
     "--threads": ("run.threads", {}),
+    "--quantize": ("lora.quantize", {"help": "QLoRA: the frozen base's formats (int4, experts=int4,...)"}),
     "--no-pack": ("sft.pack", {"action": "store_const", "const": False, "help": "one chat per row"}),
     "--no-progress": ("run.progress", {"action": "store_const", "const": False, "help": "no progress bar"}),
 }

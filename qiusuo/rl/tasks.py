@@ -65,7 +65,7 @@ class Arithmetic:
 
     `direct_percent` of the SFT traces skip the worked steps (`<think></think><answer>N</answer>`): a model
     fine-tuned on the mix answers some questions at once and works others out, and GRPO can discover which pays
-    (the README demo). It changes only the traces, never the questions or answers."""
+    (the demo in docs/reasoning.md). It changes only the traces, never the questions or answers."""
 
     digits: int = 1
     terms: int = 2

@@ -1,7 +1,9 @@
 """Training checkpoints: atomic, verifiable, and enough to continue a run bit for bit.
 
 Layout: `RUN/checkpoints/step_000500/`
-    model.safetensors    weights in the Hugging Face layout, with config.json beside them (a loadable model folder)
+    model.safetensors    weights in the Hugging Face layout, with config.json beside them (a loadable model folder);
+                         a run training adapters (`[lora]`) holds them instead, in peft's format
+                         (adapter_config.json + adapter_model.safetensors): the frozen base is the run's input folder
     optimizer.pt         AdamW state (tensors and numbers only: loads with `weights_only=True`)
     trainer.pt           step, elapsed seconds, data-loader position, RNG states
     run.toml             the exact run config
@@ -38,6 +40,7 @@ __all__ = ["CheckpointError", "code_version", "complete_checkpoints", "load", "l
            "save_weights", "verify"]
 
 META = "meta.json"
+ADAPTER = "adapter_config.json"
 PREFIX = "step_"
 PACKAGE = Path(__file__).resolve().parent.parent  # the qiusuo package folder
 
@@ -85,6 +88,11 @@ def save_weights(model: nn.Module, path: Path, tokenizer=None) -> Path:
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Inverse of `save_weights` into an existing model (routing biases included: they are persistent buffers)."""
+    if (path / ADAPTER).is_file():  # a run training adapters over a frozen base (qiusuo.lora.train)
+        from qiusuo.lora.peft import load_adapter
+
+        load_adapter(model, path)
+        return
     device = str(next(model.parameters()).device)
     tensors = {}
     for f in sorted(path.glob("*.safetensors")):
@@ -106,7 +114,7 @@ def save(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: tor
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
     with atomic_dir(final, tmp_name=f".tmp-{final.name}-{os.getpid()}", keep_on_error=True) as tmp:
-        write_hf(model, tmp, progress=False)
+        _write_weights(model, tmp)
         torch.save(optimizer if isinstance(optimizer, dict) else optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(trainer_state, tmp / "trainer.pt")
         (tmp / "run.toml").write_text(run_toml)
@@ -116,6 +124,16 @@ def save(run_dir: str | os.PathLike, step: int, model: nn.Module, optimizer: tor
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def _write_weights(model: nn.Module, folder: Path) -> None:
+    """What trains: the whole model, or with adapters only them (the base never changes, so it is not copied)."""
+    from qiusuo.lora import train as lora
+
+    if lora.has_adapters(model):
+        lora.write(model, folder)
+    else:
+        write_hf(model, folder, progress=False)
 
 
 def _written(path: Path) -> tuple[float, int]:

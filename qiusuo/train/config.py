@@ -165,6 +165,18 @@ class GRPOSection:
 
 
 @dataclass
+class LoraSection:
+    rank: int = 0  # adapter rank r on every adapted matrix (2r on the experts' fused gate_up); 0: full fine-tuning
+    alpha: float = 16.0  # the adapter's output is scaled by alpha / r (peft's lora_alpha)
+    targets: str = "attention,experts,shared,dense"  # tensor families that get adapters (qiusuo.lora.apply)
+    dropout: float = 0.0  # dropout on the adapters' input while training
+    rslora: bool = False  # scale alpha / sqrt(r) instead (rank-stabilised LoRA)
+    router: bool = False  # also train the routers' weights in full (saved as peft's modules_to_save)
+    norms: bool = False  # also train the RMSNorm gains in full
+    quantize: str = ""  # the frozen base's weight formats (QLoRA), as --quantize: int4, int8, experts=int4,attention=int8, native; empty: the model dtype
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -178,6 +190,7 @@ class RunConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     sft: SFTSection = field(default_factory=SFTSection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def validate(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -232,7 +245,34 @@ class RunConfig:
                         ("grpo.loss_norm", g.loss_norm in ("token", "sequence"))):
             if not ok:
                 raise bad(key, "is out of range")
+        self._validate_lora(bad)
         self.model.build()  # raises ValueError naming a bad model field or preset
+
+    def _validate_lora(self, bad) -> None:
+        """Adapters train in one process with AdamW over a frozen base; what would change the base is refused."""
+        lo = self.lora
+        if lo.rank < 0:
+            raise bad("lora.rank", "must be >= 0 (0: full fine-tuning)")
+        if lo.rank == 0:
+            if lo.quantize:
+                raise bad("lora.quantize", "a packed base trains only through adapters: set lora.rank too")
+            return
+        from qiusuo.lora.apply import parse_targets
+        from qiusuo.quant.apply import parse_spec
+
+        parse_targets(lo.targets)
+        parse_spec(lo.quantize or None)
+        if lo.alpha <= 0:
+            raise bad("lora.alpha", "must be > 0")
+        if not 0 <= lo.dropout < 1:
+            raise bad("lora.dropout", "must be in [0, 1)")
+        if self.optim.name != "adamw":
+            raise bad("optim.name", "adapters train with AdamW (Muon orthogonalises whole matrices, not r-row ones)")
+        if self.parallel.dp != "none" or self.parallel.ep != 1:
+            raise bad("parallel.dp" if self.parallel.dp != "none" else "parallel.ep",
+                      "adapters train in one process (parallel.dp = 'none', parallel.ep = 1)")
+        if self.train.fp4_qat:
+            raise bad("train.fp4_qat", "fake-quantises the routed experts, which LoRA keeps frozen")
 
     def absolute_paths(self) -> None:
         """Folder and file settings made absolute (those that exist, and the output folder), so the run.toml a run

@@ -9,7 +9,8 @@ Which parameter gets what (`split_params`):
 - Muon on 3D expert weights (`ExpertMuon`): `gate_up_proj` (E, 2I, D) and `down_proj` (E, D, I) of routed experts,
   each expert's matrix orthogonalised separately, all E in one batched Newton-Schulz (`zeropower_batched`).
 - AdamW: embeddings, the output head, norms, biases, routers (`gate.weight`), mHC's parameters (`attn_hc`,
-  `ffn_hc`, `hc_head`: raw parameters, not `nn.Linear`), attention sinks and position biases.
+  `ffn_hc`, `hc_head`: raw parameters, not `nn.Linear`), attention sinks and position biases; built by
+  `optim.adamw`, the run's one AdamW builder (`muon_parts` returns these parameters to it).
 
 Learning-rate matching: Muon's orthogonalised update has RMS ~ 1/sqrt(max(A, B)) for an (A, B) matrix; scaling the
 lr by 0.2 * sqrt(max(A, B)) (Moonlight, "Muon is Scalable for LLM Training", `adjust_lr_fn="match_rms_adamw"`) gives
@@ -188,10 +189,9 @@ class MuonAdamW:
         return "MuonAdamW(" + ", ".join(type(o).__name__ for o in self.parts) + ")"
 
 
-def build_muon(model: nn.Module, cfg) -> MuonAdamW:
-    """Muon (2D), ExpertMuon (3D experts) and AdamW (the rest, with optim.py's decay groups) from an OptimSection."""
-    from qiusuo.train.optim import adamw_groups
-
+def muon_parts(model: nn.Module, cfg) -> tuple[list[torch.optim.Optimizer], list]:
+    """Muon (2D) and ExpertMuon (3D experts) from an OptimSection, and the parameters left for AdamW, which
+    `optim.build_optimizer` builds (one AdamW builder; this file imports nothing of optim.py)."""
     muon, expert, rest = split_params(model)
     common = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
                   ns_steps=cfg.ns_steps)
@@ -203,7 +203,4 @@ def build_muon(model: nn.Module, cfg) -> MuonAdamW:
         parts.append(ExpertMuon([{"params": muon, "name": "muon"}], dtype=dtype, **common))
     if expert:
         parts.append(ExpertMuon([{"params": expert, "name": "muon_experts"}], dtype=dtype, **common))
-    fused = all(p.is_cuda for p in model.parameters())
-    parts.append(torch.optim.AdamW(adamw_groups(model, rest, cfg.weight_decay), lr=cfg.lr,
-                                   betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None))
-    return MuonAdamW(parts)
+    return parts, rest

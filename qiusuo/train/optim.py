@@ -20,19 +20,21 @@ from torch import nn
 from qiusuo.train.config import OptimSection, ScheduleSection
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: `decay` (2D+ weights of Linear layers and experts) and `no_decay` (norm gains, biases,
-    embeddings). Tied weights appear once (in the embedding's no-decay group)."""
+def trainable(model: nn.Module) -> list:
+    """The parameters that train, in `parameters()` order, tied weights once."""
     params, seen = [], set()
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
             params.append(p)
-    return adamw_groups(model, params, weight_decay)
+    return params
 
 
-def adamw_groups(model: nn.Module, params: list, weight_decay: float) -> list[dict]:
-    """`params` (some of the model's) split into the `decay` and `no_decay` groups of `param_groups`."""
+def param_groups(model: nn.Module, weight_decay: float, params: list | None = None) -> list[dict]:
+    """Two AdamW groups of `params` (default: every trainable parameter): `decay` (2D+ weights of Linear layers and
+    experts) and `no_decay` (norm gains, biases, embeddings). Tied weights appear once (in the embedding's no-decay
+    group)."""
+    params = trainable(model) if params is None else params
     embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay = [p for p in params if not (p.dim() < 2 or id(p) in embed_ids)]
     no_decay = [p for p in params if p.dim() < 2 or id(p) in embed_ids]
@@ -42,15 +44,23 @@ def adamw_groups(model: nn.Module, params: list, weight_decay: float) -> list[di
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimSection):
-    """`optim.name`: "adamw" (torch.optim.AdamW) or "muon" (`qiusuo.train.muon.MuonAdamW`: the same interface)."""
-    if cfg.name == "muon":
-        from qiusuo.train.muon import build_muon
-
-        return build_muon(model, cfg)
-    fused = all(p.is_cuda for p in model.parameters())  # the fused kernel exists on CUDA only
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+def adamw(model: nn.Module, params: list, cfg: OptimSection) -> torch.optim.AdamW:
+    """THE AdamW of a run, over `params` in `param_groups`' two groups; fused where every parameter is on CUDA
+    (the fused kernel exists there only)."""
+    fused = all(p.is_cuda for p in model.parameters())
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, params), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, fused=fused or None)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimSection):
+    """`optim.name`: "adamw" (torch.optim.AdamW) or "muon" (`qiusuo.train.muon`'s Muon parts plus this file's AdamW
+    for the rest, as one `MuonAdamW`: the same interface). optim.py imports muon.py, never the other way."""
+    if cfg.name == "muon":
+        from qiusuo.train.muon import MuonAdamW, muon_parts
+
+        parts, rest = muon_parts(model, cfg)
+        return MuonAdamW(parts + [adamw(model, rest, cfg)])
+    return adamw(model, trainable(model), cfg)
 
 
 def lr_factor(cfg: ScheduleSection, step: int, progress: float, position: float = 0.0, end: float = 1.0) -> float:

@@ -2,7 +2,8 @@
 the run folder a `--resume` path belongs to.
 
 Layout (`qiusuo train`, `sft`, `grpo`, `demo`): run.toml (the exact config, every path absolute), metrics.jsonl,
-plots (*.png), tensorboard/, checkpoints/step_N/ (`qiusuo.train.checkpoint`), model/ (the exported final model).
+plots (*.png), tensorboard/, checkpoints/step_N/ (`qiusuo.train.checkpoint`), model/ (the exported final model;
+adapter/ instead for a run that trains LoRA adapters).
 
 Why refuse rather than overwrite: a second `qiusuo train` into the demo's folder used to replace its model,
 metrics and plots silently (the plots then joined two runs in one line). A new run into a folder that holds
@@ -18,7 +19,7 @@ import shutil
 from pathlib import Path
 
 # what a run writes at the top of its folder: the names `--overwrite` removes (nothing else is touched)
-RUN_FILES = ("run.toml", "metrics.jsonl", "checkpoints", "model", "tensorboard", "loss.png", "lr.png",
+RUN_FILES = ("run.toml", "metrics.jsonl", "checkpoints", "model", "adapter", "tensorboard", "loss.png", "lr.png",
              "throughput.png", "expert_load.png", "reward.png", "grpo.png")
 MARKERS = ("run.toml", "metrics.jsonl", "checkpoints", "model")  # any of these: the folder holds a run
 

@@ -40,12 +40,12 @@ from qiusuo.data.shards import BatchLoader, TokenShards, unigram_bits_per_byte
 from qiusuo.data.tokenizer import Tokenizer
 from qiusuo.model.count import count_params, train_flops_per_token
 from qiusuo.model.transformer import Transformer
-from qiusuo.runtime import Interrupted, matmul_peak, resolve_device, resolve_precision, set_threads, stop_on_interrupt
+from qiusuo.runtime import Interrupted, matmul_peak, max_rss_bytes, resolve_device, resolve_precision, set_threads, stop_on_interrupt
 from qiusuo.train import checkpoint as ckpt
 from qiusuo.train import rundir
 from qiusuo.train.config import DataSection, ModelSection, RunConfig
 from qiusuo.train.metrics import MetricsLog, plot_run
-from qiusuo.train.optim import build_optimizer, lr_factor
+from qiusuo.train.optim import build_optimizer, lr_factor, trainable
 from qiusuo.train.qat import set_fp4_qat
 from qiusuo.train.step import TrainingDiverged, TrainStep
 
@@ -132,12 +132,15 @@ class Trainer:
         self.model_cfg = self.source.model_config(cfg.model)
         self.model = self.source.init_model(self.model_cfg, cfg.run.seed)
         self.model.to(self.device).train()
+        self.lora_base = self._add_adapters() if cfg.lora.rank else None
         # before the optimizer: wrapping swaps parameters; MTP modules get no gradient when their loss is off
         unused = [] if cfg.train.mtp_weight > 0 else [n for n, _ in self.model.named_parameters() if n.startswith("mtp.")]
         wrapped = dist.wrap(self.model, unused=unused) if dist else self.model
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.forward = torch.compile(wrapped) if cfg.run.compile else wrapped
-        self.step_fn = TrainStep(self.model, self.optimizer, grad_clip=cfg.train.grad_clip, gamma=cfg.balance.gamma,
+        # a frozen router's bias is the base's: it moves only when the router trains (and is saved with it)
+        gamma = cfg.balance.gamma if not cfg.lora.rank or cfg.lora.router else 0.0
+        self.step_fn = TrainStep(self.model, self.optimizer, grad_clip=cfg.train.grad_clip, gamma=gamma,
                                  dist=dist, autocast=self.autocast_dtype, on_diverged=self._advice)
         self.elapsed = 0.0
         self._fp4_qat = False
@@ -150,6 +153,18 @@ class Trainer:
         with_mtp = cfg.train.mtp_weight > 0 and self.model_cfg.num_nextn_predict_layers > 0
         active = count_params(self.model_cfg, include_mtp=with_mtp)["active"]
         self.flops_per_token = train_flops_per_token(self.model_cfg, cfg.data.seq_len, active)
+
+    def _add_adapters(self) -> str:
+        """`[lora]`: adapters over the source's model folder, frozen in the format it was loaded in. Returns that
+        folder (the base an adapter names)."""
+        from qiusuo.lora.train import prepare
+
+        base = getattr(self.source, "init", "")
+        if not base:
+            raise ValueError(f"lora.rank={self.cfg.lora.rank}: adapters adapt a trained model; pass its folder "
+                             f"(--model DIR: sft.init)")
+        prepare(self.model, self.cfg.lora, self.cfg.run.seed)
+        return str(base)
 
     def _resume(self, resume: str | Path) -> None:
         if self.dist is None:
@@ -339,7 +354,13 @@ class Trainer:
 
     def export(self, model: torch.nn.Module | None = None) -> Path:
         """The final model (`model`: a gathered copy under `dist`) as a self-contained Hugging Face folder
-        (weights, config.json, tokenizer) for `qiusuo generate/chat/serve` and transformers."""
+        (weights, config.json, tokenizer) for `qiusuo generate/chat/serve` and transformers; a run training
+        adapters writes them alone as a peft folder, RUN/adapter (`qiusuo serve --lora`, `qiusuo convert
+        --merge-lora`, peft)."""
+        if self.lora_base is not None:
+            from qiusuo.lora.train import export
+
+            return export(self.model, self.out_dir / "adapter", base=self.lora_base)
         return ckpt.save_weights(model if model is not None else self.model, self.out_dir / "model", tokenizer=self.tokenizer)
 
     def mfu(self, tokens_per_s: float) -> float:
@@ -443,7 +464,8 @@ class Trainer:
         """Final evaluation (the whole validation split), samples, checkpoint, export and plots."""
         final = self.evaluate(None)
         summary = {"steps": self.step, "stopped_by": stopped, "tokens": self.step * self.tokens_per_step,
-                   "train_seconds": self.elapsed}
+                   "train_seconds": self.elapsed, "trainable_params": sum(p.numel() for p in trainable(self.model)),
+                   "max_rss_mb": round(max_rss_bytes() / 2**20)}
         if final is not None:
             summary.update(val_loss=final.loss, val_bpb=final.bpb, val_tokens=final.tokens, unigram_bpb=unigram)
         gathered = self.gathered()  # collective under dist

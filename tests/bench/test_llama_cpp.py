@@ -245,3 +245,18 @@ def test_failures_are_one_line_with_the_command(fake, tmp_path, monkeypatch):
     monkeypatch.setenv("HANG", "llama-quantize")
     with pytest.raises(RuntimeError, match=r"llama-quantize .*timed out after 0.5 s"):
         llama.quantize("a", "b", "Q8_0", timeout=0.5)
+
+
+@pytest.mark.parametrize("shape", ["v3", "v4-flash", "760m"])
+def test_bench_quant_shapes_are_valid_configs(shape):
+    """Each `bench quant --shape` is a model config that validates, with the layers asked for."""
+    import argparse
+
+    from qiusuo.bench.quant import add_args, config_of
+
+    p = argparse.ArgumentParser()
+    add_args(p)
+    cfg = config_of(p.parse_args(["--shape", shape, "--layers", "3", "--experts", "8"]))
+    assert cfg.num_hidden_layers == 3 and (shape == "760m" or cfg.n_routed_experts == 8)
+    if cfg.is_v4:
+        assert len(cfg.layer_types) == 3 and cfg.mlp_layer_types == ["moe"] * 3

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import qiusuo
 from qiusuo.cli import main as cli
-from qiusuo.hf.load import read_generation_config
+from qiusuo.infer.generation_config import read_generation_config
 from qiusuo.infer import Engine
 
 # DeepSeek-V3's FP8 tensors, as its inference/model.py (deepseek-ai/DeepSeek-V3 @ 9b4e978) builds them: every

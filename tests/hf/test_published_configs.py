@@ -12,7 +12,8 @@ from published_checkpoints import FIXTURES
 from qiusuo.cli import main as cli
 from qiusuo.config import ModelConfig, config_from_json
 from qiusuo.hf.inspect import parse_bytes
-from qiusuo.hf.load import read_config, read_generation_config
+from qiusuo.hf.load import read_config
+from qiusuo.infer.generation_config import read_generation_config
 from qiusuo.io import CheckpointError
 from qiusuo.model.count import count_params
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qiusuo import cli
-from qiusuo.hf.load import GenerationConfig, read_generation_config
+from qiusuo.infer.generation_config import GenerationConfig, read_generation_config
 from qiusuo.infer import Engine
 from qiusuo.infer.generate import add_sampling_args, sampling_params
 from qiusuo.io import CheckpointError

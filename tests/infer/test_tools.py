@@ -13,7 +13,7 @@ from published_checkpoints import FIXTURES, deepseek_style_folder, kimi_folder
 
 from qiusuo.config import get_config
 from qiusuo.data.tokenizer import CHAT_TEMPLATE, Tokenizer
-from qiusuo.hf.load import GenerationConfig
+from qiusuo.infer.generation_config import GenerationConfig
 from qiusuo.infer import Engine
 from qiusuo.infer.server import create_app, serve_in_thread
 from qiusuo.infer.tools import (REQUIRED, ToolCallStream, ToolError, check_tools, detect_format, forced_name,

@@ -1,0 +1,1 @@
+"""Low-rank adapters (LoRA, QLoRA): layer kinds over a frozen base, their targets, peft's file format."""
