@@ -474,6 +474,9 @@ class ModelConfig:
         d = {k: getattr(self, k) for k in keys}
         d.update(model_type=self.model_type, num_key_value_heads=1,  # mHC implied
                  partial_rotary_factor=self.qk_rope_head_dim / self.head_dim)
+        h = self.mlp_layer_types.count("hash_moe")
+        if self.mlp_layer_types == ["hash_moe"] * h + ["moe"] * (self.num_hidden_layers - h):
+            d["num_hash_layers"] = h  # DeepSeek's own spelling, which llama.cpp's converter reads
         return d
 
     def replace(self, **changes: Any) -> "ModelConfig":

@@ -217,7 +217,8 @@ def quality(args: argparse.Namespace) -> dict:
             bpb = val_bpb(model, args.data, min(256, model.cfg.max_position_embeddings))
             ref = ref if ref is not None else bpb
             rows.append({"format": fmt, "path": path, "bpb": bpb, "relative": bpb / ref - 1})
-            what = "" if fmt == "fp32" else f" {path}" + (f" ({args.activations})" if path == "decode" else "")
+            acts = ",".join(sorted({m.act for m in model.modules() if isinstance(m, (QuantLinear, QuantExperts))}))
+            what = "" if fmt == "fp32" else f" {path}" + (f" ({acts})" if path == "decode" else "")
             print(f"{fmt:9s}{what:16s} {bpb:.4f} bits per byte ({100 * (bpb / ref - 1):+.2f}% vs fp32)", flush=True)
         del model
     out = {"model": args.quality, "data": args.data, "threads": threads, "activations": args.activations,

@@ -458,3 +458,16 @@ def test_peak_memory_of_a_v4_load(tmp_path, quant):
     r = measure_load(tmp_path / "big", tmp_path / "small", "bfloat16")
     print(f"V4 load, {quant or 'bf16'}: peak RSS {r['peak_over_model']:.3f}x of the {r['model_mib']:.1f} MiB model")
     assert r["peak_over_model"] < 1.3
+
+
+def test_config_json_names_the_hash_layers_as_deepseek_does():
+    """`num_hash_layers` beside `mlp_layer_types` when the hash layers come first (DeepSeek's spelling, what
+    llama.cpp's converter reads); left out when they do not, and read back the same either way."""
+    from qiusuo.config import ModelConfig
+
+    cfg = qiusuo.get_config("v4-tiny")
+    d = cfg.to_hf()
+    assert d["num_hash_layers"] == cfg.mlp_layer_types.count("hash_moe") >= 1
+    assert ModelConfig.from_hf(d) == cfg
+    odd = cfg.replace(mlp_layer_types=["moe", "hash_moe"] + ["moe"] * (cfg.num_hidden_layers - 2))
+    assert "num_hash_layers" not in odd.to_hf() and ModelConfig.from_hf(odd.to_hf()) == odd
