@@ -14,6 +14,7 @@ from qiusuo.io import CheckpointError
 from qiusuo.lora.apply import add_lora, extra_trainable, freeze_base, merge_lora
 from qiusuo.lora.layers import lora_layers
 from qiusuo.lora.peft import attach, load_adapter, read_adapter, save_adapter
+from test_layers import randomise  # tests/lora/test_layers.py
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -49,19 +50,12 @@ def tokens(n=24):
     return torch.randint(0, BASE["vocab_size"], (3, n), generator=torch.Generator().manual_seed(1))
 
 
-def randomise(model, std=0.1, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in lora_layers(model):
-            for _, A, B, _ in m.pairs():
-                A.copy_(torch.randn(A.shape, generator=g) * std)
-                B.copy_(torch.randn(B.shape, generator=g) * std)
 
 
 def test_peft_loads_our_adapter_with_our_logits(base_dir, tmp_path):
     ours = qiusuo.load_model(base_dir)
     add_lora(ours, rank=4, alpha=8, targets="attention,experts")
-    randomise(ours)
+    randomise(ours, seed=2, std=0.1)
     freeze_base(ours, router=True, norms=True)
     extras = extra_trainable(ours, router=True, norms=True)
     with torch.no_grad():
@@ -141,7 +135,7 @@ def test_per_expert_adapters_of_transformers_4_are_fused(base_dir, tmp_path):
 def test_resume_reads_back_exactly(base_dir, tmp_path):
     a = qiusuo.load_model(base_dir)
     add_lora(a, rank=3, alpha=7, targets="attention,experts")
-    randomise(a)
+    randomise(a, seed=2, std=0.1)
     save_adapter(a, tmp_path / "ad")
     b = qiusuo.load_model(base_dir)
     add_lora(b, rank=3, alpha=7, targets="attention,experts")
