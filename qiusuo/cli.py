@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "grpo": ("qiusuo.rl.grpo", "R1-style GRPO with rule-based rewards on a built-in task, rollouts on the engine"),
     "eval": ("qiusuo.rl.eval", "accuracy of a model on a built-in task's test split"),
     "convert": ("qiusuo.hf.convert", "re-save a checkpoint in Hugging Face layout (dtype, FP8 blocks, shards)"),
-    "inspect": ("qiusuo.hf.inspect", "what a checkpoint holds: architecture, parameters, dtype, MTP, FP8, shards"),
+    "inspect": ("qiusuo.inspect_cmd", "what a checkpoint holds: architecture, parameters, dtype, MTP, FP8, shards"),
     "generate": ("qiusuo.infer.generate", "continue a prompt, streaming tokens to the terminal"),
     "chat": ("qiusuo.infer.chat", "interactive chat with the tokenizer's chat template (keeps the cached prefix)"),
     "serve": ("qiusuo.infer.server", "OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)"),

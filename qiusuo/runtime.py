@@ -31,15 +31,45 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. "auto": bf16 on CUDA; on a CPU `auto_cpu_precision`, the
-    measured faster of fp32 and bf16 (fp32 without native bf16)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else auto_cpu_precision()
-    return torch.bfloat16 if name == "bf16" else None
+    """The training compute dtype (bf16), or None for plain fp32 (`precision_choice` without its record)."""
+    return precision_choice(name, device)[0]
+
+
+def precision_choice(name: str, device: torch.device) -> tuple[torch.dtype | None, dict]:
+    """(bf16 or None for fp32, a record of the choice for the run's log: `setting`, `precision`, `why`, and on a
+    CPU under "auto" `native_bf16` and the measured `peak_fp32` / `peak_bf16` in GFLOP/s, None where not measured).
+    "auto": bf16 on CUDA; on a CPU the measured faster of fp32 and bf16 (`pick_precision`; fp32 without native
+    bf16, unmeasured)."""
+    record = {"setting": name}
+    if name != "auto":
+        dtype = torch.bfloat16 if name == "bf16" else None
+        why = f"run.precision={name}"
+    elif device.type == "cuda":
+        dtype, why = torch.bfloat16, "auto on CUDA"
+    else:
+        native = any(f in cpu_flags() for f in NATIVE_BF16_FLAGS)
+        peaks = {}
+
+        def peak(dt: torch.dtype) -> float:
+            peaks[dt] = matmul_peak(torch.device("cpu"), dt, n=1024, repeats=3)
+            return peaks[dt]
+
+        dtype = pick_precision(native, peak)
+        gflops = {k: round(peaks[dt] / 1e9, 1) if dt in peaks else None
+                  for k, dt in (("peak_fp32", torch.float32), ("peak_bf16", torch.bfloat16))}
+        record.update(native_bf16=native, **gflops)
+        why = ("auto: no avx512_bf16/amx_bf16 flag, bf16 matmuls are emulated" if not native else
+               f"auto: bf16 matmuls {gflops['peak_bf16']} vs fp32 {gflops['peak_fp32']} GFLOP/s "
+               f"(bf16 needs {BF16_MIN_SPEEDUP}x)")
+    record.update(precision="bf16" if dtype is not None else "fp32", why=why)
+    return dtype, record
 
 
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with bf16 dot-product instructions
-BF16_MIN_SPEEDUP = 1.1  # bf16 must beat fp32 matmuls by this much: autocast adds casts a bare matmul does not pay
+# bf16 must beat fp32 matmuls by this much: only the matmuls speed up (on the demo ~60% of a step; norms, softmax,
+# dispatch and the optimizer do not), so a matmul speedup s gives a step 1 / (0.4 + 0.6 / s): 1.25x at s = 1.5,
+# 1.06x at 1.1, which the casts bf16 training still makes can eat
+BF16_MIN_SPEEDUP = 1.5
 
 
 def cpu_flags() -> set[str]:
@@ -55,21 +85,14 @@ def cpu_flags() -> set[str]:
 
 
 def pick_precision(native_bf16: bool, peak) -> torch.dtype | None:
-    """bf16 (autocast) when the CPU has native bf16 and its measured bf16 matmul peak beats fp32's by
-    `BF16_MIN_SPEEDUP`; else None (fp32). `peak(dtype)` -> FLOP/s is only called when the flags allow bf16: an
-    AVX2-only CPU keeps fp32 without measuring (its bf16 matmuls are emulated, ~50x slower). The flags alone are
-    not enough: on this project's 2-core Xeon with avx512_bf16, a 1024^3 matmul ran at 151 GFLOP/s in fp32 and
-    82 in bf16 (one thread)."""
+    """bf16 when the CPU has native bf16 and its measured bf16 matmul peak beats fp32's by `BF16_MIN_SPEEDUP`; else
+    None (fp32). `peak(dtype)` -> FLOP/s is only called when the flags allow bf16: an AVX2-only CPU keeps fp32
+    without measuring (its bf16 matmuls are emulated, ~50x slower). The flags alone are not enough: on this
+    project's 2-core Xeon with avx512_bf16, a 1024^3 matmul ran at 151 GFLOP/s in fp32 and 82 in bf16 (one
+    thread)."""
     if not native_bf16:
         return None
     return torch.bfloat16 if peak(torch.bfloat16) >= BF16_MIN_SPEEDUP * peak(torch.float32) else None
-
-
-def auto_cpu_precision() -> torch.dtype | None:
-    """`run.precision = "auto"` on a CPU: `pick_precision` from this CPU's flags and its measured matmul peaks at
-    the current thread count (n = 1024, cached per process)."""
-    native = any(f in cpu_flags() for f in NATIVE_BF16_FLAGS)
-    return pick_precision(native, lambda dt: matmul_peak(torch.device("cpu"), dt, n=1024, repeats=3))
 
 
 def proc_stat() -> dict[int, list[int]]:

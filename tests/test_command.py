@@ -45,12 +45,12 @@ def test_an_unknown_option_is_answered_with_the_closest(argv, hint, capsys):
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     """Every command: a KeyboardInterrupt out of its `main` is one line naming the command, exit code 130.
     (Real SIGINTs: tests/infer/test_commands.py for generate, tests/infer/test_faults.py for serve.)"""
-    from qiusuo.hf import inspect
+    from qiusuo import inspect_cmd
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(inspect, "main", interrupted)
+    monkeypatch.setattr(inspect_cmd, "main", interrupted)
     try:
         assert cli.main(["inspect", "anything"]) == 130
     except KeyboardInterrupt:  # a failure of this test, not a reason to stop the whole session

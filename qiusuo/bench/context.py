@@ -6,7 +6,8 @@ parameters, 7.3M active), random weights, in the serving engine.
 For each context length: a prompt of that length prefilled in chunks (`--chunk` tokens per forward), then
 `--new-tokens` greedy tokens at batch 1; prints prefill tokens/s, decode tokens/s and the cache bytes the
 sequence holds (blocks plus, for V4, its window state), the V4 / V3 ratios, the formula table of the published
-shapes, and a plot (`--plot`, PNG) of decode cost and cache size against context length.
+shapes, and a plot (`--plot`, PNG) of decode cost and cache size against context length. `--kv-cache-dtype`
+chooses the cache's precision (`fp8`: keys in FP8, rotary parts in bf16; run it beside `auto` to compare).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 import torch
 
 from qiusuo.bench.common import add_device_args, bench_tokenizer, setup
+from qiusuo.cache.precision import KV_CACHE_DTYPES
 from qiusuo.config import get_config
 from qiusuo.model.count import cache_bytes_per_token
 from qiusuo.model.transformer import Transformer
@@ -34,17 +36,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens decoded after each prompt")
     p.add_argument("--chunk", type=int, default=2048, help="prefill tokens per forward")
     p.add_argument("--models", nargs="+", default=list(PRESETS), choices=list(PRESETS), help="which arms to run")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="cache precision: auto (the model's fp32), bf16, fp8")
     p.add_argument("--plot", default=None, help="write the plot to this PNG")
 
 
-def measure(model: Transformer, tok, context: int, new: int, chunk: int) -> dict[str, float]:
+def measure(model: Transformer, tok, context: int, new: int, chunk: int,
+            kv_cache_dtype: str = "auto") -> dict[str, float]:
     """Prefill `context` random tokens, decode `new`: seconds of each, and the sequence's cache bytes."""
     from qiusuo.infer.engine import Engine
-    from qiusuo.infer.paged import state_bytes
     from qiusuo.infer.sampling import SamplingParams
 
     engine = Engine(model, tok, max_batch=1, max_model_len=context + new + 1, max_prefill_tokens=chunk,
-                    cache_memory=1 << 34)
+                    cache_memory=1 << 34, kv_cache_dtype=kv_cache_dtype)
     prompt = torch.randint(0, model.cfg.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
     times: list[float] = []
     engine.submit(prompt, SamplingParams(max_tokens=new + 1, temperature=0, ignore_eos=True),
@@ -55,8 +59,7 @@ def measure(model: Transformer, tok, context: int, new: int, chunk: int) -> dict
         engine.step()
         held = max(held, engine.pool.used_blocks)
     pool = engine.pool
-    cache = held * pool.block_size * pool.bytes_per_token + (state_bytes(pool.specs, pool.dtype.itemsize)
-                                                               if pool.num_states else 0)
+    cache = held * pool.block_size * pool.bytes_per_token + pool.state_bytes
     first = times[0]  # the first token's delta comes right after prefill
     return {"prefill_s": first - start, "decode_s": times[-2] - first, "cache_bytes": cache}
 
@@ -65,8 +68,8 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     device = setup(args)
     tok = bench_tokenizer()
     longest = max(args.contexts) + args.new_tokens + 1
-    print(f"device {device}, threads {torch.get_num_threads()}, fp32, batch 1, {args.new_tokens} new tokens, "
-          f"prefill in chunks of {args.chunk}", flush=True)
+    print(f"device {device}, threads {torch.get_num_threads()}, fp32 weights, cache {args.kv_cache_dtype}, batch 1, "
+          f"{args.new_tokens} new tokens, prefill in chunks of {args.chunk}", flush=True)
     results: dict[str, float] = {}
     for name in args.models:
         preset, over = PRESETS[name]
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         cfg = get_config(preset, **over, num_nextn_predict_layers=0, max_position_embeddings=longest)
         model = Transformer(cfg).to(device).eval()
         for ctx in args.contexts:
-            r = measure(model, tok, ctx, args.new_tokens, args.chunk)
+            r = measure(model, tok, ctx, args.new_tokens, args.chunk, args.kv_cache_dtype)
             results |= {f"{name}/{ctx}/prefill_tok_s": ctx / r["prefill_s"],
                         f"{name}/{ctx}/decode_tok_s": args.new_tokens / r["decode_s"],
                         f"{name}/{ctx}/cache_bytes": r["cache_bytes"]}
@@ -90,18 +93,20 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         k = min(v32.index_topk, ctx)
         print(f"reads per decoding step and layer at {ctx}: V3 {ctx} latents of {v32.latent_dim}; V3.2 {k} latents "
               f"+ {ctx} indexer keys of {v32.index_head_dim} ({(k * v32.latent_dim + ctx * v32.index_head_dim) / (ctx * v32.latent_dim):.2f}x the values)", flush=True)
-    print("published shapes, cache bytes per token in bf16 (formula, `qiusuo.model.count`):", flush=True)
-    for label, per_token in published_cache_bytes().items():
-        print(f"  {label:18s} 128k {per_token[0]:10,.0f}   1M {per_token[1]:10,.0f}", flush=True)
+    print("published shapes, cache bytes per token (formula, `qiusuo.model.count`):", flush=True)
+    for dtype in ("bf16", "fp8"):
+        for label, per_token in published_cache_bytes(dtype).items():
+            print(f"  {label:18s} {dtype:4s} 128k {per_token[0]:10,.0f}   1M {per_token[1]:10,.0f}", flush=True)
     if args.plot:
         plot(results, args.contexts, args.plot, args.models)
     return results
 
 
-def published_cache_bytes() -> dict[str, tuple[float, float]]:
-    """Cache bytes per token in bf16 at 128k and 1M for the published shapes, from each model's layer cache
-    specs (DeepSeek-V3.2: V3's latent plus its 128-wide indexer key, 85,888 bytes per token at any length)."""
-    return {label: tuple(cache_bytes_per_token(get_config(preset), 2, n) for n in (1 << 17, 1 << 20))
+def published_cache_bytes(dtype: str = "bf16") -> dict[str, tuple[float, float]]:
+    """Cache bytes per token in `dtype` at 128k and 1M for the published shapes, from each model's layer cache
+    specs (DeepSeek-V3.2 in bf16: V3's latent plus its 128-wide indexer key, 85,888 bytes per token at any
+    length)."""
+    return {label: tuple(cache_bytes_per_token(get_config(preset), dtype, n) for n in (1 << 17, 1 << 20))
             for label, preset in PUBLISHED.items()}
 
 

@@ -20,7 +20,6 @@ import torch
 
 from qiusuo.bench.common import (DTYPES, add_device_args, add_model_args, load_model, load_tokenizer, setup,
                                  transformers_twin)
-from qiusuo.model.cache import compilable
 from qiusuo.model.count import cache_bytes_per_token
 from qiusuo.runtime import device_sync, median_time
 
@@ -90,13 +89,13 @@ def run_decode(args: argparse.Namespace) -> dict[str, float]:
     device, model, twin, how = _model_and_twin(args)
     cfg, new, L = model.cfg, args.new_tokens, args.prompt_len
     print(f"device {device}, {args.dtype}, config {args.model or args.preset}: prompt {L} + {new} new tokens, "
-          f"cache {cache_bytes_per_token(cfg, DTYPES[args.dtype].itemsize, L + new):.0f} bytes/token; reference: "
+          f"cache {cache_bytes_per_token(cfg, DTYPES[args.dtype], L + new):.0f} bytes/token; reference: "
           f"transformers generate, {how}", flush=True)
     results: dict[str, float] = {}
     for B in args.batch:
         x = torch.randint(0, cfg.vocab_size, (B, L), device=device)  # (B, L) prompt ids, the same for both sides
         runs = {"qiusuo": lambda: model.generate(x, new)}
-        if not args.no_compile and compilable(model.cache_specs()):
+        if not args.no_compile:
             model.generate(x, new, compile=True)  # compile outside the timing
             runs["qiusuo+compile"] = lambda: model.generate(x, new, compile=True)
         if twin is not None:
@@ -119,7 +118,7 @@ def run_engine(args: argparse.Namespace) -> dict[str, float]:
         engines["qiusuo compiled"] = make(compile=True)
     print(f"device {device}, {args.dtype}, {args.model or args.preset}: prompt {L} + {new} new tokens; "
           f"latent cache {engines['qiusuo engine'].pool.bytes_per_token:.0f} bytes/token (formula "
-          f"{cache_bytes_per_token(cfg, DTYPES[args.dtype].itemsize, L + new):.0f}); reference: transformers "
+          f"{cache_bytes_per_token(cfg, DTYPES[args.dtype], L + new):.0f}); reference: transformers "
           f"generate, {how}",
           flush=True)
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)

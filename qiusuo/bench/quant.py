@@ -61,6 +61,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="decode through torch.compile (serve --compile) "
+                   "instead of eagerly; compiling costs a minute or more per format")
     p.add_argument("--activations", default="q8", choices=["q8", "fp32"], help="the packed layers' decoding "
                    "arithmetic, as serve's --activations (q8: the default engine path)")
     p.add_argument("--llama-cpp", default=None, metavar="DIR", help="a llama.cpp build (setup_llama_cpp.sh DIR): "
@@ -159,8 +161,9 @@ def read_bandwidth(threads: int) -> float:
     return best
 
 
-def decode_speed(model: Transformer, tok, batch: int, new: int, prompt_len: int, repeats: int) -> float:
-    """Decoding tokens/s of the serving engine (eager): (time to generate `new` tokens - time to generate 1) per
+def decode_speed(model: Transformer, tok, batch: int, new: int, prompt_len: int, repeats: int,
+                 compile: bool = False) -> float:
+    """Decoding tokens/s of the serving engine (eager, or compiled: `serve --compile`): (time to generate `new` tokens - time to generate 1) per
     token after the first, so the prompt's prefill is not counted (llama-bench's `-n` measures generation alone
     too). Median of `repeats` after a warm-up; fresh prompts each run (no prefix-cache hits)."""
     import statistics
@@ -168,7 +171,7 @@ def decode_speed(model: Transformer, tok, batch: int, new: int, prompt_len: int,
     from qiusuo.infer.engine import Engine
     from qiusuo.infer.sampling import SamplingParams
 
-    engine = Engine(model, tok, max_batch=batch, block_size=16, max_model_len=prompt_len + new)
+    engine = Engine(model, tok, max_batch=batch, block_size=16, max_model_len=prompt_len + new, compile=compile)
     g = torch.Generator().manual_seed(0)
 
     def timed(n: int) -> float:
@@ -177,7 +180,7 @@ def decode_speed(model: Transformer, tok, batch: int, new: int, prompt_len: int,
         engine.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
         return time.perf_counter() - t
 
-    timed(new)  # warm-up
+    timed(new)  # warm-up (compiled: the one shape both runs take, rows and context padded)
     runs = [timed(new) - timed(1) for _ in range(repeats)]
     return batch * (new - 1) / statistics.median(runs)
 
@@ -242,15 +245,16 @@ def run(args: argparse.Namespace) -> dict:
     bw = read_bandwidth(threads)
     print(f"read bandwidth {bw / 1e9:.1f} GB/s (sum over 1 GiB, {threads} threads)", flush=True)
     rows = []
+    who = "qiusuo-compiled" if args.compile else "qiusuo"
     for fmt in args.formats.split(","):
         model = set_activations(packed_copy(base, fmt), args.activations)
         for B in args.batch:
             per_token, bits = bytes_per_token(model, B)
-            tps = decode_speed(model, tok, B, args.new_tokens, args.prompt_len, args.repeats)
+            tps = decode_speed(model, tok, B, args.new_tokens, args.prompt_len, args.repeats, args.compile)
             roof = bw / per_token
-            rows.append({"who": "qiusuo", "format": fmt, "batch": B, "tokens_per_s": tps, "bits": bits,
+            rows.append({"who": who, "format": fmt, "batch": B, "tokens_per_s": tps, "bits": bits,
                          "bytes_per_token": per_token, "roofline": roof, "fraction": tps / roof})
-            print(f"qiusuo     {fmt:9s} batch {B:2d}: {tps:8.1f} tokens/s  {per_token / 1e6:8.1f} MB/token  "
+            print(f"{who:10s} {fmt:9s} batch {B:2d}: {tps:8.1f} tokens/s  {per_token / 1e6:8.1f} MB/token  "
                   f"{bits:5.2f} bits/weight  {100 * tps / roof:5.1f}% of the roofline", flush=True)
         del model
     if args.llama_cpp:
@@ -310,8 +314,10 @@ def plot(out: dict, path: Path) -> None:
     bits = {"bf16": 16, "Q8_0": 8.5, "Q4_0": 4.5}
     fig, axes = plt.subplots(1, len({r["batch"] for r in out["rows"]}), figsize=(11, 4), squeeze=False)
     for ax, B in zip(axes[0], sorted({r["batch"] for r in out["rows"]})):
-        for who, marker in (("qiusuo", "o"), ("llama.cpp", "s")):
+        for who, marker in (("qiusuo", "o"), ("qiusuo-compiled", "^"), ("llama.cpp", "s")):
             rs = [r for r in out["rows"] if r["who"] == who and r["batch"] == B]
+            if not rs:
+                continue
             xs = [r.get("bits", bits.get(r["format"], 0)) for r in rs]
             ax.scatter(xs, [r["tokens_per_s"] for r in rs], marker=marker, label=who)
             for x, r in zip(xs, rs):

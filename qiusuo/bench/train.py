@@ -1,6 +1,6 @@
-"""`qiusuo bench train`: training tokens/s and MFU on the `bench` model size, fp32 and bf16 autocast, against
-transformers' `DeepseekV3ForCausalLM` with the same config, weights, inputs, optimizer and dtype policy in the same
-run.
+"""`qiusuo bench train`: training tokens/s and MFU on the `bench` model size, fp32 and bf16 (ours: a bf16 copy with
+fp32 master weights; transformers: autocast), against transformers' `DeepseekV3ForCausalLM` with the same config,
+weights, inputs and optimizer in the same run.
 
 Settings are the one run config every command that trains reads (`--config`, default the `pretrain-bench` run
 preset, then `--section.key=value`; `--batch`, `--seq-len`, `--preset`, `--device`, `--threads` are aliases of
@@ -24,9 +24,10 @@ from qiusuo.model.transformer import Transformer
 from qiusuo.runtime import device_sync, matmul_peak, median_time, resolve_device, set_threads
 from qiusuo.train.config import RunConfig, add_config_args, load_run_config, overrides
 from qiusuo.train.optim import build_optimizer
+from qiusuo.train.precision import ComputeCopy
 from qiusuo.train.step import TrainStep
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # name -> autocast dtype
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # name -> compute dtype (transformers: autocast)
 ALIASES = {"--batch": ("data.batch_size", {}), "--seq-len": ("data.seq_len", {}), "--preset": ("model.preset", {}),
            "--device": ("run.device", {}), "--threads": ("run.threads", {"help": "0: the idle cores"})}
 
@@ -35,18 +36,22 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median reported)")
     p.add_argument("--no-reference", action="store_true", help="skip the transformers reference")
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS),
-                   help="precisions to measure (bf16 = autocast; slow on CPUs without native bf16)")
+                   help="precisions to measure (bf16: ours a bf16 copy with fp32 masters, transformers autocast; "
+                        "slow on CPUs without native bf16)")
     add_config_args(p, "pretrain-bench", ALIASES)
 
 
-def qiusuo_step(model: Transformer, x: torch.Tensor, y: torch.Tensor, autocast: torch.dtype | None,
+def qiusuo_step(model: Transformer, x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype | None,
                 cfg: RunConfig | None = None) -> Callable:
     """One optimizer step of `model` on (x, y) (B, T) through `TrainStep`, optimizer and balancing from `cfg`
-    (default: the `pretrain-bench` run preset)."""
+    (default: the `pretrain-bench` run preset). `dtype` bf16: as `qiusuo train` runs it in one process, on a bf16
+    copy with `model` as the fp32 master weights (`qiusuo.train.precision`)."""
     cfg = cfg or load_run_config("pretrain-bench")
+    compute = ComputeCopy(model, dtype) if dtype is not None else None
+    net = compute.module if compute is not None else model
     step = TrainStep(model, build_optimizer(model, cfg.optim), grad_clip=None, gamma=cfg.balance.gamma,
-                     autocast=autocast)
-    return lambda: step([(x, y)], lambda b: model(b[0], labels=b[1], mtp_weight=0.0), lr=cfg.optim.lr)
+                     compute=compute)
+    return lambda: step([(x, y)], lambda b: net(b[0], labels=b[1], mtp_weight=0.0), lr=cfg.optim.lr)
 
 
 def reference_step(twin, x: torch.Tensor, y: torch.Tensor, autocast: torch.dtype | None, cfg: RunConfig) -> Callable:

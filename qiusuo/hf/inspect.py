@@ -1,8 +1,8 @@
-"""`qiusuo inspect PATH`: what a checkpoint holds, and whether it fits, from config.json and the safetensors headers
-alone (no weights are read, so it is instant even for DeepSeek-V3's 163 shards): architecture, V4's per-layer
-attention kinds and hash-routed layers, parameters, dtypes, MTP, quantisation (FP8 blocks, FP4 experts, the scales'
-format), shards; the bytes the weights take in each format DeepSeek ships, the cache per token and for a context and
-batch, and which of those fit a memory (`--memory 24GB`).
+"""What `qiusuo inspect PATH` reports: what a checkpoint holds, and whether it fits, from config.json and the
+safetensors headers alone (no weights are read, so it is instant even for DeepSeek-V3's 163 shards): architecture,
+V4's per-layer attention kinds and hash-routed layers, parameters, dtypes, MTP, quantisation (FP8 blocks, FP4
+experts, the scales' format), shards; the bytes the weights take in each format DeepSeek ships, the cache per token
+and for a context and batch, and which of those fit a memory (`--memory 24GB`).
 
 PATH may be a folder with weights, a folder with only config.json (decide before downloading 700 GB), or a config
 file itself, DeepSeek's inference configs (`inference/configs/config_671B.json`) included.
@@ -13,12 +13,15 @@ stored as float8_e8m0fnu or uint8 are ue8m0), the way the loader reads it; confi
 
 Weight bytes per format are what `save_hf` writes for this config (the same plan, on the meta device): bf16; FP8
 (DeepSeek's choice of FP8 tensors, a float32 scale per 128x128 block, V4: one ue8m0 byte); FP8 with FP4 routed experts
-(V4-Flash's format: e2m1 two per byte, a ue8m0 byte per 32 inputs). The memory check adds the bf16 cache for the
-context and batch asked; activations and framework overhead are not counted."""
+(V4-Flash's format: e2m1 two per byte, a ue8m0 byte per 32 inputs). The memory check adds the cache for the
+context and batch asked (bf16, or `--kv-cache-dtype fp8`); activations and framework overhead are not counted.
+
+The command itself (`qiusuo/inspect_cmd.py`) sits above this module: its `--load` loads the folder as `qiusuo serve`
+does (`qiusuo.infer.load.measure_load`), and checkpoint code imports nothing of the engine.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from collections import Counter
@@ -64,7 +67,7 @@ def _json(file: Path):
 
 
 def _from_file(file: Path):
-    from qiusuo.config import config_from_json
+    from qiusuo.hf.config_json import config_from_json
 
     raw = _json(file)
     try:
@@ -101,7 +104,7 @@ def weight_bytes(cfg, include_mtp: bool = True, dtype=None) -> dict[str, int]:
 
 
 def describe(path: str | Path, context: int | None = None, batch: int = 1, memory: int | None = None,
-             dtype=None) -> dict:
+             dtype=None, kv_cache_dtype: str = "bf16") -> dict:
     import torch
 
     from qiusuo.hf.load import INDEX, SINGLE, read_entries, scaled_weight
@@ -127,7 +130,7 @@ def describe(path: str | Path, context: int | None = None, batch: int = 1, memor
     counts = count_params(cfg)
     asked = context
     context = min(context or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    per_token = cache_bytes_per_token(cfg, 2, context)
+    per_token = cache_bytes_per_token(cfg, kv_cache_dtype, context)
     cache = int(per_token * context * batch)
     from qiusuo.hf.load import parse_dtype
 
@@ -166,6 +169,7 @@ def describe(path: str | Path, context: int | None = None, batch: int = 1, memor
         "weight_bytes": weights,
         "run_dtype": str(run_dtype).removeprefix("torch."),
         "cache_bytes_per_token": per_token,
+        "kv_cache_dtype": kv_cache_dtype,
         "context": context,
         "context_asked": asked,  # --context as given (None: the model's); above max_position_embeddings, capped
         "max_position_embeddings": cfg.max_position_embeddings,
@@ -189,40 +193,6 @@ def predicted_bytes(path: Path, quantize, dtype) -> int:
     return sum(t.numel() * t.element_size() for t in seen.values())
 
 
-def measure_load(path: Path, quantize: str, dtype, batch: int, context: int | None) -> dict:
-    """Load the folder as `qiusuo serve` does (`load_engine`, CPU) and measure: seconds, the peak resident memory
-    of the load over what the process held before, the resident memory after it, and their prediction
-    (`predicted_bytes` + the engine's cache pool). Linux (/proc/self)."""
-    import os
-    import time
-
-    import torch
-
-    from qiusuo.hf.load import parse_dtype
-    from qiusuo.infer.load import load_engine
-
-    dtype = parse_dtype(dtype) or torch.float32
-    page = os.sysconf("SC_PAGE_SIZE")
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page  # noqa: E731
-    predicted = predicted_bytes(path, quantize, dtype)
-    with open("/proc/self/clear_refs", "w") as f:  # peak from here on, not the imports'
-        f.write("5")
-    before, t = rss(), time.perf_counter()
-    engine = load_engine(str(path), device="cpu", dtype=str(dtype).removeprefix("torch."), quantize=quantize,
-                         max_batch=batch, max_model_len=context)
-    seconds = time.perf_counter() - t
-    after = rss()
-    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-    pool = engine.pool
-    cache = int(pool.bytes_per_token * pool.num_blocks * pool.block_size)
-    held = {id(t): t for t in [*engine.model.parameters(), *engine.model.buffers()]}
-    largest = max((t.numel() * t.element_size() for t in held.values()), default=0)
-    return {"quantize": quantize, "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
-            "predicted_weights": predicted, "predicted_cache": cache, "resident": after - before,
-            "peak": peak - before, "largest_tensor": largest,
-            "resident_over_predicted": (after - before) / (predicted + cache)}
-
-
 def _human(n: float) -> str:
     for unit in ("", "K", "M", "B", "T"):
         if abs(n) < 1000:
@@ -235,81 +205,59 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB" if n >= 1e8 else f"{n / 1e6:,.1f} MB"
 
 
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="model folder (config.json, with or without its safetensors), or a config.json file")
-    p.add_argument("--json", action="store_true", help="print the description as JSON")
-    p.add_argument("--memory", default=None, help="memory to fit into, e.g. 24GB (10^9 bytes), 80GiB (2^30), 1.5TB")
-    p.add_argument("--context", type=int, default=None, help="tokens per sequence for the cache (default: the model's "
-                                                              "max_position_embeddings)")
-    p.add_argument("--batch", type=int, default=1, help="sequences cached at once")
-    p.add_argument("--dtype", default=None, help="dtype of the parts not kept packed (default: bf16 for the table; "
-                   "float32 for --load, the CPU serving default)")
-    p.add_argument("--load", action="store_true", help="also load it as `qiusuo serve` would (CPU) and report the "
-                   "load time, peak and resident memory against the prediction")
-    p.add_argument("--quantize", default="native", metavar="SPEC", help="with --load: what stays packed (as serve)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.batch < 1 or (args.context is not None and args.context < 1):
-        raise ValueError("--context and --batch must be positive")
-    memory = parse_bytes(args.memory) if args.memory is not None else None
-    d = describe(args.path, context=args.context, batch=args.batch, memory=memory, dtype=args.dtype)
-    if args.load:
-        if not d["weights_present"]:
-            raise ValueError(f"{args.path}: --load needs the weights; this is a config only")
-        d["load"] = measure_load(Path(args.path), args.quantize, args.dtype, args.batch, args.context)
-    if args.json:
-        print(json.dumps(d, indent=2))
-        return 0
+def report(d: dict) -> list[str]:
+    """`describe`'s dict (and `measure_load`'s under "load", when present) as the lines `qiusuo inspect` prints."""
+    out: list[str] = []
+    write = out.append
     v4 = d["layer_types"] is not None
-    print(f"{d['path']}" + ("" if d["weights_present"] else "  (config only: no weights read or needed)"))
-    print(f"  architecture  {d['architecture']} ({d['model_type']}), {d['layers']} layers, hidden {d['hidden_size']}, "
+    write(f"{d['path']}" + ("" if d["weights_present"] else "  (config only: no weights read or needed)"))
+    write(f"  architecture  {d['architecture']} ({d['model_type']}), {d['layers']} layers, hidden {d['hidden_size']}, "
           f"{d['routed_experts']} routed experts (top-{d['experts_per_token']})"
           + ("; from DeepSeek's inference config" if d["config_format"] == "deepseek-inference" else ""))
     if v4:
-        print(f"  attention     {''.join(KIND_LETTER[k] for k in d['layer_types'])}  ("
+        write(f"  attention     {''.join(KIND_LETTER[k] for k in d['layer_types'])}  ("
               + ", ".join(f"{KIND_LETTER[k]} {k} x{n}" for k, n in d["layer_kinds"].items()) + ")")
-        print(f"  hash routing  {'layers ' + ', '.join(map(str, d['hash_layers'])) if d['hash_layers'] else 'none'}")
-    print(f"  parameters    {_human(d['params_total'])} total, {_human(d['params_active'])} active per token"
+        write(f"  hash routing  {'layers ' + ', '.join(map(str, d['hash_layers'])) if d['hash_layers'] else 'none'}")
+    write(f"  parameters    {_human(d['params_total'])} total, {_human(d['params_active'])} active per token"
           + (f", + {_human(d['params_mtp'])} in MTP" if d["params_mtp"] else ""))
     if d["weights_present"]:
-        print(f"  dtype         {d['dtype']}  ("
+        write(f"  dtype         {d['dtype']}  ("
               + ", ".join(f"{k}: {v / 2**20:.1f} MiB" for k, v in d["bytes_by_dtype"].items()) + ")")
     mtp = ", ".join(("mtp." if v4 else "") + str(i) for i in d["mtp_layers"])
     declared = "" if d["weights_present"] else " (declared in config.json)"
-    print(f"  MTP           {('modules ' if v4 else 'layers ') + mtp + declared if mtp else 'none'}")
+    write(f"  MTP           {('modules ' if v4 else 'layers ') + mtp + declared if mtp else 'none'}")
     if d["weights_present"]:
         if d["fp8"]:
             b = d["config_quantization"].get("weight_block_size", [128, 128])
             fp8 = f"yes (float8_e4m3fn, {b[0]}x{b[1]} blocks, {'/'.join(d['scale_fmt']) or '?'} scales)"
         else:
             fp8 = "no"
-        print(f"  FP8           {fp8}")
+        write(f"  FP8           {fp8}")
         if v4 or d["fp4_experts"]:
             n = d["fp4_experts"]
-            print(f"  FP4 experts   {f'yes ({n} matrices: e2m1, two per byte, a scale per 32 inputs)' if n else 'no'}")
+            write(f"  FP4 experts   {f'yes ({n} matrices: e2m1, two per byte, a scale per 32 inputs)' if n else 'no'}")
     if d["config_quantization"]:
-        print("  config.json   quantization " + ", ".join(f"{k}={v}" for k, v in d["config_quantization"].items()))
+        write("  config.json   quantization " + ", ".join(f"{k}={v}" for k, v in d["config_quantization"].items()))
     if d["weights_present"]:
-        print(f"  shards        {len(d['shards'])} file(s), {d['tensors']} tensors: "
+        write(f"  shards        {len(d['shards'])} file(s), {d['tensors']} tensors: "
               + ", ".join(f"{k} ({v})" for k, v in d["shards"].items()))
-    print(f"  tokenizer     {d['tokenizer_kind'] or 'no'}")
+    write(f"  tokenizer     {d['tokenizer_kind'] or 'no'}")
     w = d["weight_bytes"]
-    print(f"  weights       in memory when served (--quantize; float parts {d['run_dtype']}): "
+    write(f"  weights       in memory when served (--quantize; float parts {d['run_dtype']}): "
           + ", ".join(f"{k} {_gb(v)}" for k, v in w.items()) + (" (MTP included)" if d["params_mtp"] else ""))
-    print(f"  cache         {d['cache_bytes_per_token']:,.0f} bytes per token (bf16); {_gb(d['cache_bytes'])} for "
+    write(f"  cache         {d['cache_bytes_per_token']:,.0f} bytes per token ({d['kv_cache_dtype']}); {_gb(d['cache_bytes'])} for "
           f"{d['batch']} x {d['context']:,} tokens")
     if d["context_asked"] is not None and d["context_asked"] > d["context"]:
-        print(f"  context       {d['context_asked']:,} asked, capped at {d['context']:,}: the model's "
+        write(f"  context       {d['context_asked']:,} asked, capped at {d['context']:,}: the model's "
               "max_position_embeddings, the longest sequence it can take")
     if "load" in d:
         m = d["load"]
-        print(f"  loaded        --quantize {m['quantize']}, float parts {m['dtype']}: {m['seconds']:.1f} s; resident "
+        write(f"  loaded        --quantize {m['quantize']}, float parts {m['dtype']}: {m['seconds']:.1f} s; resident "
               f"{_gb(m['resident'])} vs predicted {_gb(m['predicted_weights'] + m['predicted_cache'])} (weights "
               f"{_gb(m['predicted_weights'])} + cache {_gb(m['predicted_cache'])}): "
               f"{100 * (m['resident_over_predicted'] - 1):+.1f}%; peak while loading {_gb(m['peak'])}")
     if "fits" in d:
         rows = [f"{name} {'fits' if ok else 'does not fit'} ({_gb(w[name] + d['cache_bytes'])})"
                 for name, ok in d["fits"].items()]
-        print(f"  fits {_gb(d['memory'])}?  " + "; ".join(rows) + "  (weights + cache; activations not counted)")
-    return 0
+        write(f"  fits {_gb(d['memory'])}?  " + "; ".join(rows) + "  (weights + cache; activations not counted)")
+    return out

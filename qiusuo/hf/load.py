@@ -42,7 +42,7 @@ from qiusuo.hf.packed import BAND, Stored, dequantize_stored, int_layout, load_i
 from qiusuo.hf.st import Entry, read_header, read_into, read_tensor
 from qiusuo.io import CheckpointError
 from qiusuo.model.moe import Experts, MoE
-from qiusuo.quant.apply import NATIVE, families, packed_targets, parse_spec, quantize_modules
+from qiusuo.quant.apply import NATIVE, families, pack_latents, packed_targets, parse_spec, quantize_modules
 from qiusuo.quant.formats import Format
 from qiusuo.quant.mapped import folder_for, map_banks, seal
 from qiusuo.quant.modules import QuantExperts
@@ -471,6 +471,9 @@ def load_model(path: str | Path, dtype=None, device=None, load_mtp: bool = True,
             bar.update(e.nbytes)
     if mapped and not mapped[1]:
         seal(model, _source_files(p), mapped[0])
+    spec = parse_spec(quantize)
+    if isinstance(spec, dict):  # kv_b_proj packs after loading, from the float layer the checkpoint filled
+        pack_latents(model, spec.get("attention"))
     if experts_device is not None:
         place_experts(model, experts_device)
     return model.eval()

@@ -28,11 +28,12 @@ from typing import AsyncIterator, Callable, Iterator
 
 import torch
 
+from qiusuo.cache.pool import BlockPool
+from qiusuo.cache.precision import CacheDtype
+from qiusuo.cache.spec import block_bytes, block_size_for, state_bytes
 from qiusuo.infer.generation_config import GenerationConfig
 from qiusuo.infer.constraint import Grammars
 from qiusuo.infer.output import Completion, Delta, PromptLogprobs, RequestOutput, Usage, completions
-from qiusuo.infer.paged import BlockPool, block_bytes, check_servable, state_bytes
-from qiusuo.infer.paged_window import window_block_size
 from qiusuo.infer.runner import ModelRunner
 from qiusuo.infer.sampling import Sampled, SamplingParams
 from qiusuo.infer.scheduler import Scheduler, pool_blocks
@@ -91,7 +92,10 @@ class Engine:
 
     max_batch: sequences decoded together. block_size: tokens per cache block (small, so short prompts
     repeated n times still share blocks). cache_memory: bytes of cache (default: room for every batch row at
-    full context, at most 1 GiB). max_model_len: prompt + output tokens per sequence. generation: the checkpoint's
+    full context, at most 1 GiB). max_model_len: prompt + output tokens per sequence. kv_cache_dtype: the cache's
+    precision (`qiusuo.cache.precision.CacheDtype.of`): None / "auto" the model's dtype, "bf16", or "fp8" (keys
+    in FP8 with their rotary parts in bf16: about half the bytes per token of context, which the memory budget
+    counts). generation: the checkpoint's
     `GenerationConfig` (generation_config.json: sampling defaults the server and the commands apply under a request's
     own values, eos ids that end every reply). speculative="mtp": draft `draft_tokens` tokens per step with the
     checkpoint's MTP module and verify them in one forward (`speculative.py`; the same outputs, greedy token for
@@ -100,7 +104,7 @@ class Engine:
     names, a model carrying adapters runs as it is (a training run's one adapter: GRPO's rollouts)."""
 
     def __init__(self, model, tokenizer, *, max_batch: int = 32, block_size: int = 16, cache_memory: int | None = None,
-                 max_model_len: int | None = None, cache_dtype: torch.dtype | None = None,
+                 max_model_len: int | None = None, kv_cache_dtype: CacheDtype | torch.dtype | str | None = None,
                  max_prefill_tokens: int = 4096, compile: bool = False, generation=None,
                  speculative: str | None = None, draft_tokens: int = 1, adapters: list[str] | tuple = ()):
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -108,7 +112,7 @@ class Engine:
         self.generation = generation or GenerationConfig()  # the checkpoint's sampling defaults and eos ids
         cfg = model.cfg
         p = next(model.parameters())
-        self.device, dtype = p.device, cache_dtype or p.dtype
+        self.device, dtype = p.device, CacheDtype.of(kv_cache_dtype, p.dtype)
         if tokenizer.vocab_size > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
                              "load the tokenizer that belongs to this model")
@@ -116,16 +120,15 @@ class Engine:
         self.max_batch = max_batch
         K = check_speculative(cfg, speculative, draft_tokens)
         specs = model.cache_specs(draft=K > 0)
-        check_servable(specs)
-        block_size = window_block_size(specs, block_size)  # V4: a multiple of every compression rate
-        states = max_batch if state_bytes(specs, 1) else 0  # V4: one window state per batch row, taken first
-        state_size = state_bytes(specs, dtype.itemsize, K)
+        block_size = block_size_for(specs, block_size)  # V4: a multiple of every compression rate
+        states = max_batch if state_bytes(specs, dtype) else 0  # V4: one window state per batch row, taken first
+        state_size = state_bytes(specs, dtype, K)
         budget = None if cache_memory is None else cache_memory - states * state_size
         if budget is not None and budget <= 0:
             raise ValueError(f"cache_memory={cache_memory} bytes does not hold the window states of {max_batch} "
                              f"sequences ({states * state_size} bytes for DeepSeek-V4's "
                              "sliding windows and open compression windows); raise it or lower max_batch")
-        per_token = -(-block_bytes(specs, block_size, dtype.itemsize) // block_size)
+        per_token = -(-block_bytes(specs, block_size, dtype) // block_size)
         num_blocks = pool_blocks(per_token, block_size, max_batch, self.max_model_len, budget)
         self.pool = BlockPool(specs, num_blocks, block_size, device=self.device, dtype=dtype, num_states=states,
                               slack=K, drafter=K > 0)

@@ -4,7 +4,7 @@ without effect, or refused with a 400 naming it. No field is dropped silently.
 Why a table: a client that sends `echo`, `logit_bias` or `response_format` expects the answer to mean what the
 OpenAI API says, and an answer computed without the field looks exactly like a right one (lm-eval scored a model
 0.23 instead of 0.33 through a dropped `echo`, with no error). So each field is one of:
-- honoured: the server does what the field asks (the request models in `server.py` declare exactly these);
+- honoured: the server does what the field asks (the request models in `api_requests.py` declare exactly these);
 - accepted: the field cannot change the answer (`user`, `metadata`, `store`, ...): it is removed before validation;
 - refused: a 400 naming the field and saying why, unless its value asks for nothing (`best_of: 1`,
   `logit_bias: {}`, penalties 0, null), which is accepted.

@@ -1,13 +1,18 @@
 """Loading a model folder for serving, in one place: model, tokenizer and the Engine over them, and the options
 that choose them, shared by `generate`, `chat` and `serve`. Imports no command: the server and the commands
-both call this."""
+both call this; `qiusuo inspect --load` measures a load made by it (`measure_load`)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import time
+from pathlib import Path
 
 import torch
 
+from qiusuo.hf.inspect import predicted_bytes
+from qiusuo.cache.precision import KV_CACHE_DTYPES
 from qiusuo.hf.load import check_model_folder, dtype_arg, load_model, load_tokenizer, parse_dtype
 from qiusuo.infer.engine import Engine
 from qiusuo.infer.generation_config import read_generation_config
@@ -23,6 +28,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, type=dtype_arg, choices=["float32", "bfloat16", "float16"],
                    help="weights and cache dtype (bf16, fp16, fp32 too); unset: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--block-size", type=int, default=16, help="tokens per cache block")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
+                   help="cache precision: 'auto' (the weights' --dtype), 'bf16', or 'fp8' (keys in FP8 e4m3 with a "
+                   "scale per 64 values and their rotary parts in bf16, as DeepSeek stores them: about half the "
+                   "bytes per token of context, so twice the context in the same --cache-memory-mb)")
     p.add_argument("--cache-memory-mb", type=int, default=None,
                    help="cache budget in MiB; unset: every batch row at full context, at most 1024")
     p.add_argument("--max-model-len", type=int, default=None, help="context length; unset: the model's")
@@ -58,14 +67,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def load_engine(path: str, *, device: str | None = None, dtype: str | None = None, max_batch: int = 32,
                 block_size: int = 16, cache_memory: int | None = None, max_model_len: int | None = None,
-                compile: bool = False, threads: int = 0, speculative: str | None = None,
+                kv_cache_dtype: str = "auto", compile: bool = False, threads: int = 0, speculative: str | None = None,
                 draft_tokens: int = 1, quantize: str | dict | None = "native", experts_device: str | None = None,
                 gpu_experts: int = 0, calibration: str | None = None, mmap: bool = False,
                 activations: str = "q8", lora: dict[str, str] | None = None) -> Engine:
     """The model in folder `path` with its tokenizer and generation_config.json, served by an Engine (`engine.model`,
     `engine.tokenizer`, `engine.generation`).
     device: unset = cuda when available; dtype (weights and cache): unset = bfloat16 on CUDA, float32 on CPU
-    (CPUs without native bf16 run it far slower). cache_memory in bytes. threads: torch's CPU threads on a CPU
+    (CPUs without native bf16 run it far slower). cache_memory in bytes. kv_cache_dtype: the cache's precision
+    ("auto": dtype's; "bf16"; "fp8": `qiusuo.cache.precision`). threads: torch's CPU threads on a CPU
     device (process-wide), 0 = the cores other processes leave free (`qiusuo.runtime.set_threads`), chosen before
     loading (which then runs at that width too). quantize: which weights stay packed (`qiusuo.quant.apply`);
     "native" keeps a published FP8 / FP4 / int4 checkpoint packed, so no float copy of it ever exists.
@@ -97,7 +107,8 @@ def load_engine(path: str, *, device: str | None = None, dtype: str | None = Non
         ids = torch.tensor([tokenizer.encode(text)[: model.cfg.max_position_embeddings]], device=dev)
         place_experts(model, experts_device, gpu_experts, routing_counts(model, ids))
     return Engine(model, tokenizer, max_batch=max_batch, block_size=block_size, cache_memory=cache_memory,
-                  max_model_len=max_model_len, compile=compile, generation=read_generation_config(path),
+                  max_model_len=max_model_len, kv_cache_dtype=kv_cache_dtype, compile=compile,
+                  generation=read_generation_config(path),
                   speculative=speculative, draft_tokens=draft_tokens, adapters=adapters)
 
 
@@ -107,7 +118,34 @@ def engine_from_args(args: argparse.Namespace, max_batch: int, lora: dict[str, s
     mem = args.cache_memory_mb * 2**20 if args.cache_memory_mb else None
     return load_engine(args.model, device=args.device, dtype=args.dtype, max_batch=max_batch,
                        block_size=args.block_size, cache_memory=mem, max_model_len=args.max_model_len,
+                       kv_cache_dtype=args.kv_cache_dtype,
                        compile=args.compile, threads=args.threads, speculative=args.speculative,
                        draft_tokens=args.draft_tokens, quantize=args.quantize, experts_device=args.experts_device,
                        gpu_experts=args.gpu_experts, calibration=args.calibration, mmap=args.mmap,
                        activations=args.activations, lora=lora)
+
+
+def measure_load(path: Path, quantize: str, dtype, batch: int, context: int | None) -> dict:
+    """`qiusuo inspect --load`: load the folder as `qiusuo serve` does (`load_engine`, CPU) and measure: seconds,
+    the peak resident memory of the load over what the process held before, the resident memory after it, and their
+    prediction (`qiusuo.hf.inspect.predicted_bytes` + the engine's cache pool). Linux (/proc/self)."""
+    dtype = parse_dtype(dtype) or torch.float32
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page  # noqa: E731
+    predicted = predicted_bytes(path, quantize, dtype)
+    with open("/proc/self/clear_refs", "w") as f:  # peak from here on, not the imports'
+        f.write("5")
+    before, t = rss(), time.perf_counter()
+    engine = load_engine(str(path), device="cpu", dtype=str(dtype).removeprefix("torch."), quantize=quantize,
+                         max_batch=batch, max_model_len=context)
+    seconds = time.perf_counter() - t
+    after = rss()
+    peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    pool = engine.pool
+    cache = int(pool.bytes_per_token * pool.num_blocks * pool.block_size)
+    held = {id(t): t for t in [*engine.model.parameters(), *engine.model.buffers()]}
+    largest = max((t.numel() * t.element_size() for t in held.values()), default=0)
+    return {"quantize": quantize, "dtype": str(dtype).removeprefix("torch."), "seconds": seconds,
+            "predicted_weights": predicted, "predicted_cache": cache, "resident": after - before,
+            "peak": peak - before, "largest_tensor": largest,
+            "resident_over_predicted": (after - before) / (predicted + cache)}

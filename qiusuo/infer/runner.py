@@ -25,14 +25,14 @@ import contextlib
 
 import torch
 
+from qiusuo.cache.contiguous import ContiguousCache
+from qiusuo.cache.pool import BlockPool, PagedBatch
 from qiusuo.infer import constraint
 from qiusuo.infer.output import PromptLogprobs
-from qiusuo.infer.paged import BlockPool, PagedBatch
 from qiusuo.infer.sampling import Sampled, sample, scored_tokens
 from qiusuo.infer.sequence import Sequence
 from qiusuo.infer.speculative import Counters, Emitted, accept, propose
 from qiusuo.lora.layers import adapter_rows, lora_layers
-from qiusuo.model.cache import ContiguousCache
 
 
 # speculative decoding gives up on a sequence whose first draft was accepted in under MIN_ACCEPTANCE of its
@@ -183,7 +183,7 @@ class ModelRunner:
         B, T = len(rows), max(len(r) for r in rows)
         ids = torch.tensor([r + [0] * (T - len(r)) for r in rows], device=self.device)  # (B, T) right-padded
         scores_of = torch.tensor([len(r) - 1 for r in rows], device=self.device)  # (B,) positions that score
-        cache = ContiguousCache(self.model.cache_specs(), B, T, device=self.device, dtype=self.pool.dtype)
+        cache = ContiguousCache(self.model.cache_specs(), B, T, device=self.device, dtype=self.pool.cache_dtype)
         out = [PromptLogprobs([None], [None], [None]) for _ in rows]
         width = max(1, self.max_prefill_tokens // B)
         for a in range(0, T, width):

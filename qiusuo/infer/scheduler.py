@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from qiusuo.infer.paged import BlockPool
+from qiusuo.cache.pool import BlockPool
 from qiusuo.infer.sequence import Request, Sequence
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from qiusuo.cache.pool import BlockTable
 from qiusuo.infer.output import Delta, PromptLogprobs, StopToken, TextOutput, Usage
-from qiusuo.infer.paged import BlockTable
 from qiusuo.infer.sampling import Sampled, SamplingParams
 
 if TYPE_CHECKING:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qiusuo.lora.layers import LoraExperts, LoraLatent, LoraLayer, LoraLinear, init_adapter, lora_layers
+from qiusuo.model.compressed_attention import GroupedLinear
 from qiusuo.model.mla import LatentProjection
 from qiusuo.model.moe import Experts, HashRouter, Router
 from qiusuo.model.rope import RMSNorm
@@ -51,8 +52,9 @@ def target_modules(model: nn.Module, families: list[str] | None = None) -> dict[
         if isinstance(m, LatentProjection):  # quant leaves kv_b_proj out (absorbed path); an adapter folds into it
             found[path] = "attention"
     order = {path: i for i, (path, _) in enumerate(model.named_modules())}
+    grouped = {p for p, m in model.named_modules() if isinstance(m, GroupedLinear)}  # V4's wo_a: no adapter kind yet
     return {p: f for p, f in sorted(found.items(), key=lambda pf: order[pf[0]])
-            if f in wanted and not p.startswith("mtp.") and ".base_layer" not in p}  # not inside an adapter
+            if f in wanted and not p.startswith("mtp.") and ".base_layer" not in p and p not in grouped}
 
 
 def wrap(model: nn.Module, path: str, n: int, ranks: dict[str, int], dropout: float = 0.0) -> LoraLayer:

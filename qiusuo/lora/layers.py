@@ -249,7 +249,7 @@ class LoraExperts(LoraLayer):
 @torch.compiler.disable
 def _lowrank_loop(x: torch.Tensor, counts: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """x (M, K) sorted by expert, A (E, r, K), B (E, N, r) -> (x A[e]^T) B[e]^T per row (M, N), one expert with rows
-    at a time (unbind, as `moe._expert_loop`, so autograd builds no full-size gradient per expert)."""
+    at a time (unbind, so autograd builds no full-size gradient per expert)."""
     counts = counts.tolist()
     outs = [F.linear(F.linear(x_e, a_e.to(x.dtype)), b_e.to(x.dtype))
             for x_e, a_e, b_e, c in zip(x.split(counts), A.unbind(0), B.unbind(0), counts) if c]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qiusuo.config import V4_ATTENTION_KINDS, ModelConfig, SLIDING
-from qiusuo.model.cache import LayerCacheSpec
+from qiusuo.cache.spec import LayerCacheSpec
 from qiusuo.model.compressed_attention import CompressedAttention
 from qiusuo.model.dsa import SharedSparseMLA, SparseMLA
 from qiusuo.model.mhc import RESIDUAL_KINDS, residual_kind

@@ -20,7 +20,7 @@ low rank: heads in G groups, each group (H/G * hd) -> R, then G * R -> D.
 Two paths, equal (tested): `banded_sink_attention` scores each query against only its window (queries in chunks,
 keys through a strided view) and its own chosen CSA entries (gathered), so cost grows with T (W + k) instead of
 T^2; `sink_attention` (`dense_reference = True`) scores every key under one boolean mask built from positions,
-the slow reference. Serving from a paged cache at long context is issue 13's.
+the slow reference.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qiusuo.config import CSA, HCA, SLIDING, ModelConfig
-from qiusuo.model.cache import LayerCacheSpec, PoolSpec
+from qiusuo.cache.spec import LayerCacheSpec, PoolSpec
 from qiusuo.model.compressor import Compressor, Indexer, indexer_loss, rotate_tail, visible_entries
 from qiusuo.model.rope import RMSNorm, RopeAt
 
@@ -110,10 +110,11 @@ class CompressedAttention(nn.Module):
         if kind in (CSA, HCA):
             m, overlap = cfg.compress_rate(kind), kind == CSA
             coff = 2 if overlap else 1
-            pools.append(PoolSpec("compressor", m, cfg.head_dim, coff * cfg.head_dim, coff * m))
-            if kind == CSA:
+            pools.append(PoolSpec("compressor", m, cfg.head_dim, coff * cfg.head_dim, coff * m, cfg.qk_rope_head_dim))
+            if kind == CSA:  # the indexer's keys: no part kept apart (all FP8 under an FP8 cache, as DeepSeek's)
                 pools.append(PoolSpec("indexer", m, cfg.index_head_dim, 2 * cfg.index_head_dim, 2 * m))
-        return LayerCacheSpec("window", cfg.head_dim, window=cfg.sliding_window, pools=tuple(pools))
+        return LayerCacheSpec("window", cfg.head_dim, window=cfg.sliding_window, pools=tuple(pools),
+                              rotary=cfg.qk_rope_head_dim)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str):
         super().__init__()

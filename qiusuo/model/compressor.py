@@ -14,7 +14,7 @@ One code path serves the full forward and the caches: the raw projections of the
 ones (none, -inf gates, without a cache) are prepended, and every window that closes among a row's new tokens is
 pooled from that sequence. So prefill, chunked prefill and token-by-token decoding compute the same entries.
 
-The pool protocol a cache implements (`qiusuo.model.cache` contiguous, `qiusuo.infer.paged` paged):
+The pool protocol a cache implements (`qiusuo.cache.window`):
     history(kv, gate (B, T, C)) -> (L (B,), counts (B,), seq_kv, seq_gate (B, span + T, C))   and keeps the tail
     append(entries (B, n, w), valid (B, n), first (B,), select (B, T, k) | None)
         -> every entry of each row so far (B, n_all, w), or the selected ones per query (B, T, k, w)

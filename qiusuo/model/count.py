@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
+from qiusuo.cache.precision import CacheDtype
+from qiusuo.cache.spec import LayerCacheSpec
 from qiusuo.config import ModelConfig
-from qiusuo.model.cache import LayerCacheSpec
 
 
 def count_params(cfg: ModelConfig, include_mtp: bool = False) -> dict[str, int]:
@@ -35,29 +36,35 @@ def count_params(cfg: ModelConfig, include_mtp: bool = False) -> dict[str, int]:
     return {"total": total, "active": active, "routed": routed}
 
 
-def specs_bytes_per_token(specs: list[LayerCacheSpec], itemsize: int, context: int | None = None) -> float:
-    """Bytes a cache built from `specs` (one per layer) keeps per token: the one formula the engine's pool, its
-    memory budget and `inspect` all use. `context`: the sequence length, for kinds whose cost depends on it
-    (V4's window and compressed pools: fixed state amortised over the context, plus 1/ratio entries)."""
-    return sum(s.bytes_per_token(itemsize, context) for s in specs)
+def specs_bytes_per_token(specs: list[LayerCacheSpec], dtype: CacheDtype | torch.dtype | str,
+                          context: int | None = None) -> float:
+    """Bytes a cache built from `specs` (one per layer) keeps per token in `dtype` (`CacheDtype.of`: "bf16",
+    "fp8", a torch dtype): the one formula the engine's pool, its memory budget and `inspect` all use.
+    `context`: the sequence length, for kinds whose cost depends on it (V4's window and compressed pools: fixed
+    state amortised over the context, plus 1/ratio entries)."""
+    dt = CacheDtype.of(dtype)
+    return sum(s.bytes_per_token(dt, context) for s in specs)
 
 
-def cache_bytes_per_token(cfg: ModelConfig, itemsize: int = 2, context: int | None = None) -> float:
+def cache_bytes_per_token(cfg: ModelConfig, dtype: CacheDtype | torch.dtype | str = "bf16",
+                          context: int | None = None) -> float:
     """Bytes the cache keeps per token over all layers, from each layer's attention kind (MLA: kv_lora_rank +
-    qk_rope_head_dim values; DeepSeek-V3 in bf16: 576 x 61 x 2 = 70,272)."""
+    qk_rope_head_dim values; DeepSeek-V3 in bf16: 576 x 61 x 2 = 70,272; in fp8: 648 x 61 = 39,528)."""
     from qiusuo.model.block import layer_cache_specs
 
-    return specs_bytes_per_token(layer_cache_specs(cfg), itemsize, context)
+    return specs_bytes_per_token(layer_cache_specs(cfg), dtype, context)
 
 
-def cache_bytes_by_kind(cfg: ModelConfig, itemsize: int = 2, context: int | None = None) -> dict[str, dict]:
-    """Per attention kind: how many layers, and the cache bytes per token of one such layer at `context`
-    (what `inspect` and docs/models.md's long-context table show)."""
+def cache_bytes_by_kind(cfg: ModelConfig, dtype: CacheDtype | torch.dtype | str = "bf16",
+                        context: int | None = None) -> dict[str, dict]:
+    """Per attention kind: how many layers, and the cache bytes per token of one such layer at `context` in
+    `dtype` (what `inspect` and docs/caches.md's tables show)."""
     from qiusuo.model.block import attention_kind, layer_cache_specs
 
+    dt = CacheDtype.of(dtype)
     out: dict[str, dict] = {}
     for i, spec in enumerate(layer_cache_specs(cfg)):
-        row = out.setdefault(attention_kind(cfg, i), {"layers": 0, "bytes_per_token": spec.bytes_per_token(itemsize, context)})
+        row = out.setdefault(attention_kind(cfg, i), {"layers": 0, "bytes_per_token": spec.bytes_per_token(dt, context)})
         row["layers"] += 1
     return out
 

@@ -14,7 +14,7 @@ that mask; a decoding step (one query per row) gathers the k chosen latents and 
 reads k latents instead of the whole context (plus the S indexer keys it scores). With `index_topk` >= the
 context the selection is every visible token: dense MLA exactly.
 
-The cache is the `sparse_latent` kind (`qiusuo.model.cache`): per token the latent (C) and the indexer key (Dk) in
+The cache is the `sparse_latent` kind (`qiusuo.cache.sparse`): per token the latent (C) and the indexer key (Dk) in
 two tensors, and the layer cache hands back a `SparseContext` whose latents are read on demand. A decoding step
 reads the S keys (Dk values each), picks k, and only then reads k latents: in the paged engine the first version
 (one C + Dk tensor) gathered all S latents before selecting, 32% of a V3.2 step at 32k context. Prefill and
@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from qiusuo.config import ModelConfig
-from qiusuo.model.cache import LayerCacheSpec, SparseContext
+from qiusuo.cache.sparse import SparseContext
+from qiusuo.cache.spec import LayerCacheSpec
 from qiusuo.model.compressor import index_scores, indexer_loss, topk_lowest_index
 from qiusuo.model.mla import MLA
 from qiusuo.model.rope import apply_rotary
@@ -100,7 +101,8 @@ class SparseMLA(MLA):
     @staticmethod
     def cache_spec(cfg: ModelConfig) -> LayerCacheSpec:
         """The `sparse_latent` kind: C latent values and an index_head_dim indexer key per token, kept apart."""
-        return LayerCacheSpec("sparse_latent", cfg.latent_dim + cfg.index_head_dim, key_width=cfg.index_head_dim)
+        return LayerCacheSpec("sparse_latent", cfg.latent_dim + cfg.index_head_dim, key_width=cfg.index_head_dim,
+                              rotary=cfg.qk_rope_head_dim)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__(cfg, layer_idx)
@@ -156,7 +158,7 @@ class SharedSparseMLA(SparseMLA):
 
     @staticmethod
     def cache_spec(cfg: ModelConfig) -> LayerCacheSpec:
-        return LayerCacheSpec("sparse_latent", cfg.latent_dim, key_width=0)
+        return LayerCacheSpec("sparse_latent", cfg.latent_dim, key_width=0, rotary=cfg.qk_rope_head_dim)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         MLA.__init__(self, cfg, layer_idx)

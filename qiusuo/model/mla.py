@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qiusuo.config import ModelConfig
-from qiusuo.model.cache import LayerCacheSpec
+from qiusuo.cache.spec import LayerCacheSpec
 from qiusuo.model.rope import RMSNorm, apply_rotary
 
 
@@ -52,8 +52,9 @@ class LatentProjection(nn.Linear):
 class MLA(nn.Module):
     @staticmethod
     def cache_spec(cfg: ModelConfig) -> LayerCacheSpec:
-        """MLA caches the latent: kv_lora_rank + qk_rope_head_dim values per token (the `latent` kind)."""
-        return LayerCacheSpec("latent", cfg.latent_dim)
+        """MLA caches the latent: kv_lora_rank + qk_rope_head_dim values per token (the `latent` kind), the
+        last qk_rope_head_dim rotated (kept in bf16 under an FP8 cache)."""
+        return LayerCacheSpec("latent", cfg.latent_dim, rotary=cfg.qk_rope_head_dim)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -80,7 +81,7 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, rope, cache=None,
                 absorb: bool = False, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
         """x (B, T, D) -> (B, T, D); `rope`: the forward's `RopeAt` (MLA reads its "main" tables).
-        `cache`: a `qiusuo.model.cache.Cache` (this layer writes its latents there and
+        `cache`: the cache protocol of `qiusuo.cache.spec` (this layer writes its latents there and
         attends to what it returns). `mask` (B, 1, T, T) without a cache: who may attend to whom (packed
         documents); None: causal."""
         B, T, _ = x.shape

@@ -2,13 +2,16 @@
 
 Legend: N tokens (B*T flattened), D hidden, E routed experts, K experts per token, I expert width, G groups.
 
-Routed experts are 3D weights. Tokens are sorted by expert and run as one grouped matmul
-(`torch._grouped_mm` on CUDA in bf16; on CPU its backward is not implemented in torch 2.13, so a loop over the experts
-that received tokens runs the same sorted slices). Nothing loops over tokens, or over experts that got none.
+Routed experts are 3D weights. Tokens are sorted by expert and each of the experts' two matmuls runs as one grouped
+matmul over the sorted rows (`grouped_matmul`: `torch._grouped_mm` where this torch runs it for these operands, on a
+CPU too, else one matmul per expert that received rows), with its own backward, so an eager step makes a handful
+of calls per layer and a compiled step sees one opaque op with static shapes (no graph break, no recompile when
+the routing changes). Nothing loops over tokens, or over experts in Python outside that op.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -175,8 +178,9 @@ def routing_load(routings: list[Routing], num_routers: int, num_experts: int) ->
     micro-batches and ranks and hands the sum to `update_balance_bias`."""
     device = routings[0].idx.device if routings else None
     load = torch.zeros(num_routers, num_experts, device=device)
-    for i, r in enumerate(routings):
-        load[i] = torch.bincount(r.idx.flatten(), minlength=num_experts).float()
+    for i, r in enumerate(routings):  # scatter_add, not bincount: a fixed shape, so compiled training keeps one graph
+        flat = r.idx.flatten()
+        load[i].scatter_add_(0, flat, torch.ones(flat.shape, device=device))
     return load
 
 
@@ -187,12 +191,17 @@ def dispatch(x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, num_expe
     N, K = idx.shape
     flat = idx.flatten()  # (N*K,) slot n*K+k is token n's k-th expert
     order = flat.argsort(stable=True)  # slots sorted by expert
-    counts = torch.bincount(flat, minlength=num_experts)  # (E,)
+    # counts by scatter_add, not bincount: its shape is E whatever the routing, so a compiled step has no
+    # data-dependent shape here (bincount's length depends on the largest index: a graph break per layer)
+    counts = torch.zeros(num_experts, dtype=flat.dtype, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     # index_select, not x[...]: its backward is an index_add, 10x faster on a CPU than indexing's index_put
     ys = run(x.index_select(0, order // K), counts)  # (N*K, D)
     ys = ys * weights.flatten().index_select(0, order)[:, None].to(ys.dtype)
-    out = torch.empty_like(ys).index_copy_(0, order, ys)  # back to slot order: deterministic, no atomics
-    return out.view(N, K, -1).sum(1)
+    if ys.is_cuda:  # back to slot order and sum over K: index_add_ would add with atomics there (nondeterministic)
+        return torch.empty_like(ys).index_copy_(0, order, ys).view(N, K, -1).sum(1)
+    # a CPU's index_add_ adds the rows one after another, in order: deterministic, and one pass with no (N*K, D)
+    # copy (the combine took 3x less time than index_copy_ + sum at the demo's shape)
+    return ys.new_zeros(N, ys.shape[1]).index_add_(0, order // K, ys)
 
 
 class Experts(nn.Module):
@@ -213,8 +222,8 @@ class Experts(nn.Module):
         N, K = idx.shape
         E = self.num_experts
         if torch.compiler.is_compiling() and not torch.is_grad_enabled() and N * K <= 32 * E and not x.is_cuda:
-            # compiled decoding steps (batch 32 here: 27 vs 39 ms a step), speculative verification (K + 1 tokens
-            # a row) included: the loop would break the graph, and each layer would then compile on its own
+            # compiled decoding steps (batch 32 here: 27 vs 39 ms a step against the expert loop this file had
+            # before, which broke the graph), speculative verification (K + 1 tokens a row) included
             return self._gathered(x, weights, idx)
         return dispatch(x, weights, idx, E, self.run_sorted)
 
@@ -237,70 +246,269 @@ class Experts(nn.Module):
         return (y.view(N, K, -1) * weights[..., None].to(y.dtype)).sum(1)
 
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Run each expert on its contiguous slice of the sorted tokens xs (M, D): `down(swiglu(gate_up(xs)))`, with
-        both matmuls of an expert in one loop step on a CPU (a gate_up loop then a down loop, through the methods
-        below, was 4-15% slower per fwd + bwd of the layer at the bench and demo shapes, 2,048 tokens, 1 thread)."""
+        """Each expert on its contiguous slice of the sorted tokens xs (M, D): `down(swiglu(gate_up(xs)))`, one
+        expert at a time, both matmuls and the SwiGLU in one op (`expert_swiglu`). `gate_up` then `down` are its
+        unfused twin (the adapters' path), equal in value."""
         w_gu, w_d = self.gate_up_proj, self.down_proj
         if self.weight_transform is not None:
             w_gu, w_d = self.weight_transform(w_gu), self.weight_transform(w_d)
-        if _grouped_mm_ok(xs):
-            g, u = _grouped_matmul(xs, counts, w_gu).chunk(2, dim=-1)
-            return _grouped_matmul(swiglu(g, u, self.limit), counts, w_d)
-        return _expert_loop(xs, counts, w_gu, w_d, self.limit)
+        return expert_swiglu(xs, counts, w_gu, w_d, self.limit)
 
     def gate_up(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Sorted rows xs (M, D) -> each through its expert's fused gate and up projection (M, 2I). With `down`,
-        the two matmuls of `grouped` one at a time: an adapter on the bank (`qiusuo.lora.layers.LoraExperts`) adds
-        its per-expert low-rank terms between them, on the same sorted rows (`grouped` is their fused twin, tested
-        equal)."""
+        the two matmuls of `grouped`: an adapter on the bank (`qiusuo.lora.layers.LoraExperts`) adds its
+        per-expert low-rank terms between them, on the same sorted rows."""
         w = self.gate_up_proj if self.weight_transform is None else self.weight_transform(self.gate_up_proj)
-        return _grouped_matmul(xs, counts, w)
+        return grouped_matmul(xs, counts, w)
 
     def down(self, a: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Sorted rows a (M, I) -> each through its expert's down projection (M, D)."""
         w = self.down_proj if self.weight_transform is None else self.weight_transform(self.down_proj)
-        return _grouped_matmul(a, counts, w)
+        return grouped_matmul(a, counts, w)
 
 
-def _grouped_mm_ok(xs: torch.Tensor) -> bool:
-    """Whether `torch._grouped_mm` runs these rows: CUDA in bf16 (its kernels' dtype, sm90+)."""
-    dt = torch.get_autocast_dtype("cuda") if xs.is_cuda and torch.is_autocast_enabled("cuda") else xs.dtype
-    return xs.is_cuda and dt == torch.bfloat16
-
-
-def _grouped_matmul(xs: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def grouped_matmul(xs: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """xs (M, K) sorted by expert (`counts[e]` rows for expert e), w (E, N, K) -> each row times its expert's
-    matrix (M, N): `torch._grouped_mm` on CUDA in bf16, else one matmul per expert that received rows."""
-    if _grouped_mm_ok(xs):
-        offs = counts.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(xs.to(torch.bfloat16), w.to(torch.bfloat16).transpose(1, 2), offs=offs)
-    return _matmul_loop(xs, counts, w)
+    matrix, `F.linear(rows, w[e])`, (M, N); in autocast's dtype where autocast is on, as `F.linear` would (a custom
+    op is not autocast). Eager: an autograd Function (a custom op costs ~30-70 us more per call through the
+    dispatcher, as much as a decoding step's matmul on a small model); compiled: the custom op
+    `qiusuo::grouped_mm`, which the graph keeps whole."""
+    dev = xs.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        xs, w = xs.to(dt), w.to(dt)
+    if torch.compiler.is_compiling():
+        return torch.ops.qiusuo.grouped_mm(xs, counts, w)
+    return _GroupedMatmul.apply(xs, counts, w)
 
 
-@torch.compiler.disable
-def _matmul_loop(xs: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """One matmul per expert that received rows (see `_expert_loop`)."""
-    counts = counts.tolist()
-    outs = [F.linear(x_e, w_e) for x_e, w_e, c in zip(xs.split(counts), w.unbind(0), counts) if c]
-    return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
+def expert_swiglu(xs: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor,
+                  limit: float | None) -> torch.Tensor:
+    """xs (M, D) sorted by expert, w_gu (E, 2I, D), w_d (E, D, I) -> (M, D): each row through its expert's SwiGLU,
+    `down(swiglu(gate_up(row)))`, expert after expert, forward and backward: an expert's (rows, 2I) hidden state
+    is still in cache when its SwiGLU and down projection read it. Two whole-batch grouped matmuls with the SwiGLU
+    between (`grouped_matmul` twice) wrote and re-read the (M, 2I) state through memory: 4% slower per demo
+    training step (fwd + bwd), and the per-expert loop this file had before was 4-15% faster fused than unfused
+    for the same reason. Autocast and compile as `grouped_matmul` (the custom op `qiusuo::expert_swiglu`)."""
+    dev = xs.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        xs, w_gu, w_d = xs.to(dt), w_gu.to(dt), w_d.to(dt)
+    if torch.compiler.is_compiling():
+        return torch.ops.qiusuo.expert_swiglu(xs, counts, w_gu, w_d, limit)[0]
+    return _ExpertSwiGLU.apply(xs, counts, w_gu, w_d, limit)
 
 
-@torch.compiler.disable
-def _expert_loop(xs: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor,
-                 limit: float | None = None) -> torch.Tensor:
-    """The experts that received tokens, one after another, eagerly: under `torch.compile` the per-expert counts
-    would otherwise specialise (and recompile) the graph on every new routing.
-
-    unbind/split once: indexing w[e] or slicing xs per expert makes autograd build a full-size zero gradient per
-    expert and sum them (O(E^2) memory traffic: 35% of a bench training step before this)."""
-    counts = counts.tolist()
-    chunks = xs.split(counts)
-    outs = []
-    for x_e, w_gu_e, w_d_e, c in zip(chunks, w_gu.unbind(0), w_d.unbind(0), counts):
+def _spans(counts: torch.Tensor):
+    """(expert, first row, rows) for each expert with rows, over rows sorted by expert."""
+    start = 0
+    for e, c in enumerate(counts.tolist()):
         if c:
-            g, u = F.linear(x_e, w_gu_e).chunk(2, dim=-1)
-            outs.append(F.linear(swiglu(g, u, limit), w_d_e))
-    return torch.cat(outs) if outs else xs.new_zeros(0, w_d.shape[1])
+            yield e, start, c
+        start += c
+
+
+def _expert_swiglu_impl(xs, counts, w_gu, w_d, limit):
+    """`expert_swiglu`'s forward, no autograd: (output (M, D), hidden state (M, 2I) kept for the backward)."""
+    xs = xs.contiguous()
+    y, h = xs.new_empty(xs.shape[0], w_d.shape[1]), xs.new_empty(xs.shape[0], w_gu.shape[1])
+    for e, s, c in _spans(counts):
+        g, u = torch.mm(xs[s:s + c], w_gu[e].t(), out=h[s:s + c]).chunk(2, dim=-1)
+        torch.mm(swiglu(g, u, limit), w_d[e].t(), out=y[s:s + c])
+    return y, h
+
+
+def _expert_swiglu_grads(dy, xs, h, counts, w_gu, w_d, limit, need_x: bool, need_w: bool):
+    """(d xs, d w_gu, d w_d) of `expert_swiglu`, expert after expert. silu(g) u with g = min(g, limit) and u
+    clamped to [-limit, limit] when V4's limit is set (a clamp passes the gradient where it did not clip)."""
+    dy, xs = dy.contiguous(), xs.contiguous()
+    dx = torch.zeros_like(xs) if need_x else None
+    dw_gu = torch.zeros_like(w_gu) if need_w else None
+    dw_d = torch.zeros_like(w_d) if need_w else None
+    for e, s, c in _spans(counts):
+        g, u = h[s:s + c].chunk(2, dim=-1)
+        if limit is not None:
+            g_on, u_on = g <= limit, (u >= -limit) & (u <= limit)
+            g, u = g.clamp(max=limit), u.clamp(-limit, limit)
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        da = dy[s:s + c] @ w_d[e]  # (c, I)
+        dh = torch.cat([da * u * sig * (1 + g * (1 - sig)), da * silu], dim=-1)  # (c, 2I): d gate, d up
+        if limit is not None:
+            dh *= torch.cat([g_on, u_on], dim=-1)
+        if need_w:
+            torch.mm(dy[s:s + c].t(), silu * u, out=dw_d[e])
+            torch.mm(dh.t(), xs[s:s + c], out=dw_gu[e])
+        if need_x:
+            torch.mm(dh, w_gu[e], out=dx[s:s + c])
+    return dx, dw_gu, dw_d
+
+
+class _ExpertSwiGLU(torch.autograd.Function):
+    """Eager `expert_swiglu`."""
+
+    @staticmethod
+    def forward(ctx, xs, counts, w_gu, w_d, limit):
+        y, h = _expert_swiglu_impl(xs, counts, w_gu, w_d, limit)
+        ctx.save_for_backward(xs, h, counts, w_gu, w_d)
+        ctx.limit = limit
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, h, counts, w_gu, w_d = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw_gu, dw_d = _expert_swiglu_grads(dy, xs, h, counts, w_gu, w_d, ctx.limit, need[0], need[2] or need[3])
+        return dx, None, dw_gu, dw_d, None
+
+
+@torch.library.custom_op("qiusuo::expert_swiglu", mutates_args=())
+def _expert_swiglu_op(xs: torch.Tensor, counts: torch.Tensor, w_gu: torch.Tensor, w_d: torch.Tensor,
+                      limit: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _expert_swiglu_impl(xs, counts, w_gu, w_d, limit)
+
+
+@_expert_swiglu_op.register_fake
+def _(xs, counts, w_gu, w_d, limit):
+    return xs.new_empty(xs.shape[0], w_d.shape[1]), xs.new_empty(xs.shape[0], w_gu.shape[1])
+
+
+@torch.library.custom_op("qiusuo::expert_swiglu_backward", mutates_args=())
+def _expert_swiglu_backward_op(dy: torch.Tensor, xs: torch.Tensor, h: torch.Tensor, counts: torch.Tensor,
+                               w_gu: torch.Tensor, w_d: torch.Tensor, limit: float | None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _expert_swiglu_grads(dy, xs, h, counts, w_gu, w_d, limit, True, True)
+
+
+@_expert_swiglu_backward_op.register_fake
+def _(dy, xs, h, counts, w_gu, w_d, limit):
+    return torch.empty_like(xs), torch.empty_like(w_gu), torch.empty_like(w_d)
+
+
+def _expert_swiglu_setup(ctx, inputs, output):
+    xs, counts, w_gu, w_d, limit = inputs
+    ctx.save_for_backward(xs, output[1], counts, w_gu, w_d)
+    ctx.limit = limit
+
+
+def _expert_swiglu_backward(ctx, dy, dh):
+    xs, h, counts, w_gu, w_d = ctx.saved_tensors
+    dx, dw_gu, dw_d = torch.ops.qiusuo.expert_swiglu_backward(dy, xs, h, counts, w_gu, w_d, ctx.limit)
+    return dx, None, dw_gu, dw_d, None
+
+
+_expert_swiglu_op.register_autograd(_expert_swiglu_backward, setup_context=_expert_swiglu_setup)
+
+
+@functools.cache
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch's `torch._grouped_mm` runs on `device` in `dtype`, forward and both gradients' forms
+    (tried once on tiny operands): torch 2.13 runs it on a CPU in fp32 and bf16 (a C++ loop of one matmul per
+    group, into the output: ~3% faster than the same loop in Python, and the same values); CUDA runs bf16 (sm90+
+    kernels) and falls back to a loop otherwise; older versions lack it."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        offs = torch.tensor([2, 4], dtype=torch.int32, device=device)
+        a, b = torch.ones(4, 8, dtype=dtype, device=device), torch.ones(2, 8, 8, dtype=dtype, device=device)
+        torch._grouped_mm(a, b.mT, offs=offs)
+        torch._grouped_mm(a.t(), a, offs=offs)  # (2, 8, 8): a weight gradient's shape
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _use_grouped_mm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`torch._grouped_mm` takes a and b: one dtype it runs in here, rows of whole 16-byte multiples (its stride
+    rule: a tiny test model's odd widths go through the loop)."""
+    return (a.dtype == b.dtype and a.shape[-1] * a.element_size() % 16 == 0
+            and b.shape[-2] * b.element_size() % 16 == 0 and _grouped_mm_runs(a.device, a.dtype))
+
+
+def _grouped_mm_impl(xs: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`grouped_matmul`'s arithmetic, no autograd: xs (M, K), w (E, N, K) -> (M, N)."""
+    xs = xs.contiguous()
+    if _use_grouped_mm(xs, w):
+        return torch._grouped_mm(xs, w.mT, offs=counts.cumsum(0).to(torch.int32))
+    out = xs.new_empty(xs.shape[0], w.shape[1])
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            torch.mm(xs[start:start + c], w[e].t(), out=out[start:start + c])
+        start += c
+    return out
+
+
+def _grouped_wgrad_impl(grad: torch.Tensor, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of `grouped_matmul`: grad (M, N), xs (M, K) -> (E, N, K), expert e's rows'
+    grad^T @ xs (zero for an expert without rows)."""
+    grad, xs = grad.contiguous(), xs.contiguous()
+    if _use_grouped_mm(grad.t(), xs):
+        return torch._grouped_mm(grad.t(), xs, offs=counts.cumsum(0).to(torch.int32))
+    out = grad.new_zeros(counts.shape[0], grad.shape[1], xs.shape[1])
+    start = 0
+    for e, c in enumerate(counts.tolist()):
+        if c:
+            torch.mm(grad[start:start + c].t(), xs[start:start + c], out=out[e])
+        start += c
+    return out
+
+
+def _grouped_mm_grads(grad, xs, counts, w, need_x: bool, need_w: bool, mm, wgrad):
+    """(d xs, d w) of `grouped_matmul`: d xs = each row's grad times its expert's w[e] (itself a grouped matmul,
+    with w[e]^T), d w = `wgrad`; `mm`/`wgrad` are the eager functions or the custom ops."""
+    return (mm(grad, counts, w.mT) if need_x else None), (wgrad(grad, xs, counts) if need_w else None)
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """Eager `grouped_matmul`. One call per matmul and one per gradient: no per-expert autograd nodes (slicing
+    xs or indexing w per expert made autograd build a full-size zero gradient per expert and sum them)."""
+
+    @staticmethod
+    def forward(ctx, xs: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(xs, counts, w)
+        return _grouped_mm_impl(xs, counts, w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        xs, counts, w = ctx.saved_tensors
+        gx, gw = _grouped_mm_grads(grad, xs, counts, w, ctx.needs_input_grad[0], ctx.needs_input_grad[2],
+                                   _grouped_mm_impl, _grouped_wgrad_impl)
+        return gx, None, gw
+
+
+@torch.library.custom_op("qiusuo::grouped_mm", mutates_args=())
+def _grouped_mm_op(xs: torch.Tensor, counts: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return _grouped_mm_impl(xs, counts, w)
+
+
+@_grouped_mm_op.register_fake
+def _(xs, counts, w):
+    return xs.new_empty(xs.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("qiusuo::grouped_mm_wgrad", mutates_args=())
+def _grouped_wgrad_op(grad: torch.Tensor, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    return _grouped_wgrad_impl(grad, xs, counts)
+
+
+@_grouped_wgrad_op.register_fake
+def _(grad, xs, counts):
+    return grad.new_empty(counts.shape[0], grad.shape[1], xs.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    xs, counts, w = ctx.saved_tensors
+    gx, gw = _grouped_mm_grads(grad, xs, counts, w, ctx.needs_input_grad[0], ctx.needs_input_grad[2],
+                               torch.ops.qiusuo.grouped_mm, torch.ops.qiusuo.grouped_mm_wgrad)
+    return gx, None, gw
+
+
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 class DenseMLP(MLP):

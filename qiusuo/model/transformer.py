@@ -7,7 +7,7 @@ names mirror transformers' without the `model.` prefix (`embed_tokens`, `layers.
 The residual state between blocks is (B, T, D), or V4's N mHC streams (B, T, N, D); `collapse` turns it into the
 final hidden states (B, T, D) (V4: the `hc_head` collapse) before the last norm and the output head.
 
-State travels in arguments and return values: the cache (`qiusuo.model.cache.Cache`) is passed in and advanced
+State travels in arguments and return values: the cache (the protocol of `qiusuo.cache.spec`) is passed in and advanced
 here; a packed batch's documents come as `doc_ids`; the routers' decisions come back in `LossOutput.load` for the
 train step to balance with (`qiusuo.train.step`), and the balance-loss weight is an argument.
 """
@@ -22,7 +22,9 @@ from torch import nn
 
 from qiusuo.config import ModelConfig
 from qiusuo.model.block import Block, layer_cache_specs
-from qiusuo.model.cache import ContiguousCache, LayerCacheSpec, compilable
+from qiusuo.cache.contiguous import ContiguousCache
+from qiusuo.cache.precision import CacheDtype
+from qiusuo.cache.spec import LayerCacheSpec
 from qiusuo.model.compressed_attention import CompressedAttention
 from qiusuo.model.compressor import Compressor
 from qiusuo.model.head_loss import IGNORE_INDEX, linear_cross_entropy
@@ -139,7 +141,11 @@ class Transformer(nn.Module):
         return layer_cache_specs(self.cfg, draft)
 
     def _check_inputs(self, input_ids: torch.Tensor, start: int) -> None:
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size):
+        """Ids in the vocabulary and positions within the limit, with errors that say so. The id check reads
+        values (a host sync), so a compiled forward skips it and stays one graph: there inductor's own bounds
+        check on the embedding's indices raises instead, and the trainer has checked the data's vocabulary."""
+        if (input_ids.numel() and not torch.compiler.is_compiling()
+                and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.cfg.vocab_size)):
             raise ValueError(f"input_ids hold values in [{int(input_ids.min())}, {int(input_ids.max())}] but the "
                              f"vocabulary has {self.cfg.vocab_size} entries (ids 0..{self.cfg.vocab_size - 1})")
         end = start + input_ids.shape[1]
@@ -234,8 +240,12 @@ class Transformer(nn.Module):
         with torch.no_grad():
             load = routing_load(routings, self.num_routers, self.cfg.n_routed_experts or 0)
         indexer = torch.stack(aux).mean() if aux else h.new_zeros((), dtype=torch.float32)
-        return LossOutput(ce + mtp_weight * mtp + balance + indexer, ce.detach(), mtp.detach(), balance.detach(), load,
-                          indexer.detach())
+        # only the terms that are on: compiled by inductor (torch 2.13), `ce + zeros` returned next to
+        # `ce.detach()` came out without a gradient
+        loss = ce
+        for on, term in ((self.mtp and mtp_weight > 0, mtp_weight * mtp), (balance_alpha > 0, balance), (aux, indexer)):
+            loss = loss + term if on else loss
+        return LossOutput(loss, ce.detach(), mtp.detach(), balance.detach(), load, indexer.detach())
 
     def _ce(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean next-token CE of the head on normed states h (B, T, D): chunked and fused with the head
@@ -287,18 +297,16 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None,
-                 cache_dtype: torch.dtype | None = None, compile: bool = False) -> torch.Tensor:
-        """Greedy decoding over a contiguous cache: prefill (expanded path), then token by token (absorbed path).
-        Rows advance together. This is the simple, slow reference the serving engine (`qiusuo.infer`, ragged
-        batches, paged cache, sampling) is tested against, and what `qiusuo bench decode` times. Returns
-        (B, T + new). `compile=True` runs decoding steps through `torch.compile` (worth it past ~100 tokens:
-        compiling takes tens of seconds on a CPU)."""
+                 kv_cache_dtype: CacheDtype | torch.dtype | str | None = None, compile: bool = False) -> torch.Tensor:
+        """Greedy decoding over a contiguous cache (`qiusuo.cache.contiguous`: the engine's cache kinds over a
+        private pool): prefill (expanded path), then token by token (absorbed path). Rows advance together.
+        What `qiusuo bench decode` times; tests hold it against the forward without a cache. Returns (B, T + new).
+        `kv_cache_dtype`: the cache's precision (`CacheDtype.of`: None or "auto" the model's dtype, "bf16", "fp8").
+        `compile=True` runs decoding steps through `torch.compile` (worth it past ~100 tokens: compiling takes
+        tens of seconds on a CPU)."""
         B, T = input_ids.shape
         self._check_inputs(input_ids, max_new_tokens)  # the whole generation must fit the positions
-        if compile and not compilable(self.cache_specs()):
-            raise ValueError("compiled decoding needs static cache shapes; DeepSeek-V4's compressed caches grow "
-                             "in Python as windows close: decode it with compile=False")
-        dtype = cache_dtype or next(self.parameters()).dtype
+        dtype = CacheDtype.of(kv_cache_dtype, next(self.parameters()).dtype)
         cache = ContiguousCache(self.cache_specs(), B, T + max_new_tokens, device=input_ids.device, dtype=dtype)
         compiled = torch.compile(self.decode_logits, dynamic=False) if compile else None
         logits = self.logits(self.hidden(input_ids, cache)[:, -1])  # only the last position's logits
@@ -311,6 +319,6 @@ class Transformer(nn.Module):
                 done |= nxt[:, 0] == eos_token_id
                 if bool(done.all()):
                     break
-            if i + 1 < max_new_tokens:
-                logits = self.decode_step(nxt, cache, compiled)
+            if i + 1 < max_new_tokens:  # a fixed-shape step (the whole context under a mask), built outside
+                logits = self.decode_step(nxt, cache.batch(1), compiled)
         return torch.cat(out, dim=1)

@@ -4,9 +4,9 @@ Families (DESIGN.md section 7), found by the model's own module types, never by 
 - `experts`: the routed experts of every MoE layer (`Experts`), main layers and MTP blocks;
 - `shared`: the shared experts' MLP of every MoE layer;
 - `dense`: the dense layers' MLPs (DeepSeek's first `first_k_dense_replace` layers);
-- `attention`: the attention's linear layers (MLA's, V3.2's indexer, V4's compressed attention), except MLA's
-  `kv_b_proj`, whose matrix the absorbed decoding path folds into the query and the output (it stays in the model
-  dtype; V4's grouped output projection, a `GroupedLinear`, too);
+- `attention`: the attention's linear layers (MLA's, V3.2's indexer, V4's compressed attention); MLA's `kv_b_proj`
+  in the absorbed decoding path's layout (`qiusuo.quant.latent`), packed after loading (`pack_latents`); V4's
+  grouped output projection (`GroupedLinear`, packed as `QuantGroupedLinear`) included;
 - `head`: the output projection (not when tied to the embedding).
 Never quantised: embeddings, norms, routers and their bias, MTP's `eh_proj`, mHC maps, sinks, position biases.
 
@@ -19,11 +19,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from qiusuo.model.mla import MLA
+from qiusuo.model.compressed_attention import GroupedLinear
+from qiusuo.model.mla import MLA, LatentProjection
 from qiusuo.model.moe import MLP, DenseMLP, Experts, MoE
 from qiusuo.quant import kernels
 from qiusuo.quant.formats import Format, parse
-from qiusuo.quant.modules import QuantExperts, QuantLinear
+from qiusuo.quant.latent import QuantLatent
+from qiusuo.quant.modules import QuantExperts, QuantGroupedLinear, QuantLinear
 
 FAMILIES = ("experts", "shared", "dense", "attention", "head")
 NATIVE = "native"
@@ -59,7 +61,7 @@ def parse_spec(spec: str | dict | None) -> dict[str, Format] | str | None:
 
 
 def _linear(m: nn.Module) -> bool:
-    return type(m) is nn.Linear or isinstance(m, QuantLinear)
+    return type(m) is nn.Linear or isinstance(m, (QuantLinear, GroupedLinear))
 
 
 def families(model: nn.Module) -> dict[str, str]:
@@ -94,8 +96,26 @@ def _swap(model: nn.Module, path: str, new: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, spec: dict[str, Format]) -> nn.Module:
-    """Replace the modules of each family in `spec` by their packed twins (`quantize_modules`). Returns the model."""
-    return quantize_modules(model, {path: spec[fam] for path, fam in families(model).items() if fam in spec})
+    """Replace the modules of each family in `spec` by their packed twins (`quantize_modules`), MLA's `kv_b_proj`
+    with the attention's format (`pack_latents`). Returns the model."""
+    quantize_modules(model, {path: spec[fam] for path, fam in families(model).items() if fam in spec})
+    return pack_latents(model, spec.get("attention"))
+
+
+def pack_latents(model: nn.Module, fmt: Format | None) -> nn.Module:
+    """Every MLA `kv_b_proj` still in float packed as `fmt` in the absorbed path's layout (`QuantLatent`), layer by
+    layer (the float weight plus one packed layer at a time). Separate from loading: checkpoints store the matrix
+    in another layout, so the loader fills the float layer and this packs it afterwards. None, or a format the
+    shapes do not allow: left in float; so is a layer on a GPU, for the CPU kernels only. Returns the model."""
+    if fmt is None:
+        return model
+    for path, m in list(model.named_modules()):
+        if type(m) is LatentProjection and m.weight.device.type == "cpu":  # a GPU's float bmm is fast as it is
+            try:
+                _swap(model, path, QuantLatent.from_projection(m, fmt))
+            except ValueError:
+                continue
+    return model
 
 
 def quantize_modules(model: nn.Module, formats: dict[str, Format]) -> nn.Module:
@@ -113,6 +133,9 @@ def quantize_modules(model: nn.Module, formats: dict[str, Format]) -> nn.Module:
                 E, two_i, D = m.gate_up_proj.shape
                 new = QuantExperts(E, D, two_i // 2, fmt, m.limit, device="meta") if meta else \
                     QuantExperts.from_experts(m, fmt)
+            elif isinstance(m, GroupedLinear):
+                new = QuantGroupedLinear(m.in_features, m.out_features, m.groups, fmt, device="meta",
+                                         dtype=m.weight.dtype) if meta else QuantGroupedLinear.from_linear(m, fmt)
             else:
                 new = QuantLinear(m.in_features, m.out_features, fmt, m.bias is not None, device="meta",
                                   dtype=m.weight.dtype) if meta else QuantLinear.from_linear(m, fmt)
@@ -131,7 +154,7 @@ def set_activations(model: nn.Module, act: str, kernel_rows: int | None = None) 
     if act not in kernels.ACTS:
         raise ValueError(f"--activations {act!r}: one of {', '.join(kernels.ACTS)}")
     for m in model.modules():
-        if isinstance(m, (QuantLinear, QuantExperts)):
+        if isinstance(m, (QuantLinear, QuantExperts, QuantLatent)):
             m.act = kernels.default_act(m.fmt.name, m.fmt.group) if act == "q8" else "fp32"
             if kernel_rows is not None:
                 m.kernel_rows = kernel_rows

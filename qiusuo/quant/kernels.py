@@ -338,6 +338,61 @@ def _grouped_mm(xs: Tensor, counts: Tensor, fmt: str, q: Tensor, scale: Tensor |
     return y
 
 
+class Bound:
+    """One packed matrix, or a bank of them (experts), bound to the C kernels: the checks `mm` and `grouped_mm`
+    make of the weight on every call (shapes, dtypes, format, activation arithmetic, the library) made once, so an
+    eager decoding call is an output allocation and one ctypes call. Why: a decoding step makes one call per packed
+    layer (~70 at the 760M shape), and those checks in Python cost more than a small layer's arithmetic. Same
+    kernel, same bytes out as the checked calls (tests/quant/test_kernels.py). Holds the tensors it points into, so
+    a module rebinds when its buffers are replaced (`is_for`). Without the library (or with QIUSUO_KERNELS=0 when
+    bound) it calls the checked path."""
+
+    def __init__(self, fmt: str, q: Tensor, scale: Tensor | None, group: int = 32, block: int = 128,
+                 act: str = "fp32"):
+        self.lead = q.dim() - 2
+        if self.lead not in (0, 1):
+            raise ValueError(f"{fmt} weight of shape {tuple(q.shape)}: a matrix (N, K) or a bank (E, N, K)")
+        self.N, self.K = _shape(fmt, q, scale, group, block, self.lead)
+        _check_act(act, fmt, group)
+        self.fmt, self.q, self.scale, self.group, self.block, self.act = fmt, q, scale, group, block, act
+        lib = _library(fmt, group, block, q, scale)
+        self._fn = None if lib is None else lib.qs_grouped_mm
+        self._head = (FORMATS.index(fmt), ACTS.index(act))
+        self._tail = (q.data_ptr(), None if scale is None else scale.data_ptr(), group, block)
+
+    def is_for(self, q: Tensor, scale: Tensor | None, act: str) -> bool:
+        return self.q is q and self.scale is scale and self.act == act
+
+    def __call__(self, x: Tensor, counts: Tensor | None = None) -> Tensor:
+        """x (M, K) float32 contiguous on the CPU -> (M, N) float32; a bank takes `counts` (E,) int64, rows per
+        expert (x sorted by expert)."""
+        if self._fn is None or torch.compiler.is_compiling():
+            if counts is None:
+                return mm(x, self.fmt, self.q, self.scale, self.group, self.block, self.act)
+            return grouped_mm(x, counts, self.fmt, self.q, self.scale, self.group, self.block, self.act)
+        M = x.shape[0]
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.K or not x.is_contiguous():
+            raise ValueError(f"x must be contiguous float32 (rows, {self.K}), got {x.dtype} {tuple(x.shape)}")
+        y = torch.empty(M, self.N, dtype=torch.float32)
+        if counts is None:
+            rows = ctypes.c_int64(M)
+            where, experts = ctypes.addressof(rows), 1
+        else:
+            counts = counts.to(torch.int64).contiguous()
+            where, experts = counts.data_ptr(), counts.numel()
+            if experts != self.q.shape[0]:
+                raise ValueError(f"counts {tuple(counts.shape)} must hold one row count per expert ({self.q.shape[0]})")
+        if self._fn(*self._head, x.data_ptr(), M, self.K, self.N, experts, where, *self._tail, y.data_ptr(),
+                    torch.get_num_threads()):
+            raise RuntimeError(f"qs_grouped_mm refused {self.fmt} act={self.act} x {tuple(x.shape)} q "
+                               f"{tuple(self.q.shape)}" + ("" if counts is None else f" counts {counts.tolist()} "
+                                                           "(they must sum to the rows of x)") + " or ran out of memory")
+        return y
+
+    def __deepcopy__(self, memo):
+        return None  # a copied module binds its own copies of the weights on its first call
+
+
 # ---- the custom ops ----
 
 # The custom ops are what a compiled graph calls (no graph break; the fake gives the output shape). Eager calls skip

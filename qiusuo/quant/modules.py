@@ -46,17 +46,31 @@ def _register(module: nn.Module, name: str, fmt: Format, N: int, K: int, lead: t
 
 
 def packed_matmul(x: torch.Tensor, fmt: Format, q: torch.Tensor, scale: torch.Tensor | None, N: int,
-                  act: str = "fp32", kernel_rows: int = DECODE_ROWS) -> torch.Tensor:
+                  act: str = "fp32", kernel_rows: int = DECODE_ROWS, bound: "kernels.Bound | None" = None
+                  ) -> torch.Tensor:
     """x (M, K) -> x W^T (M, N) in x's dtype, W (N, K) stored as (q, scale) in `fmt`: through the kernels with
-    activation arithmetic `act` (`kernels.ACTS`) up to `kernel_rows` rows, dequantised bands above, and always
-    bands when x needs a gradient (`_PackedMatmul`)."""
+    activation arithmetic `act` (`kernels.ACTS`) up to `kernel_rows` rows (`bound`: the same call bound once,
+    `kernels.Bound`), dequantised bands above, and always bands when x needs a gradient (`_PackedMatmul`)."""
     if x.requires_grad and torch.is_grad_enabled():
         return _PackedMatmul.apply(x, fmt, q, scale, N)
     M = x.shape[0]
     if M <= kernel_rows and x.device.type == "cpu":
-        return kernels.mm(x.float().contiguous(), fmt.name, q, scale, fmt.group or 32, fmt.block or 128,
-                          act).to(x.dtype)
+        xf = x.float().contiguous()
+        y = bound(xf) if bound is not None else kernels.mm(xf, fmt.name, q, scale, fmt.group or 32, fmt.block or 128,
+                                                            act)
+        return y.to(x.dtype)
     return _band_matmul(x, fmt, q, scale, N)
+
+
+def _bind(bound: "kernels.Bound | None", fmt: Format, q: torch.Tensor, scale: torch.Tensor | None,
+          act: str) -> "kernels.Bound | None":
+    """`bound` if it still points at (q, scale) with `act`, else a new binding; None while compiling (the graph
+    calls the custom ops)."""
+    if torch.compiler.is_compiling() or q.device.type != "cpu":
+        return None
+    if bound is None or not bound.is_for(q, scale, act):
+        bound = kernels.Bound(fmt.name, q, scale, fmt.group or 32, fmt.block or 128, act)
+    return bound
 
 
 def _band_matmul(x: torch.Tensor, fmt: Format, q: torch.Tensor, scale: torch.Tensor | None, N: int) -> torch.Tensor:
@@ -106,6 +120,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         self.act = kernels.default_act(fmt.name, fmt.group)
         self.kernel_rows = DECODE_ROWS  # rows up to which a call runs through the kernels (more: dequantised bands)
+        self._bound = None  # the weight bound to the kernels on the first decoding call (`kernels.Bound`)
         _register(self, "weight", fmt, out_features, in_features, (), device)
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
 
@@ -132,14 +147,74 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        bound = None
+        if rows.shape[0] <= self.kernel_rows:
+            bound = self._bound = _bind(self._bound, self.fmt, self.weight, self.scale, self.act)
         y = packed_matmul(rows, self.fmt, self.weight, self.scale, self.out_features, self.act,
-                          self.kernel_rows)
+                          self.kernel_rows, bound)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, format={self.fmt}, act={self.act}"
+
+
+class QuantGroupedLinear(QuantLinear):
+    """V4's grouped output projection (`GroupedLinear`, the hub's `wo_a`) packed: G independent (in -> out/G)
+    projections stored as one (out, in) matrix, so its codes and scales are `QuantLinear`'s and load from the
+    checkpoint's rows as they are. x (..., G, in) -> (..., G, out/G). Few rows: the rows of each group are one
+    "expert" of the grouped kernel over the codes viewed as a bank (G, out/G, in); many: each group's rows through
+    `packed_matmul`'s dequantised bands."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int, fmt: Format, device=None,
+                 dtype: torch.dtype = torch.float32):
+        if out_features % groups or (fmt.name == "fp8" and out_features // groups % fmt.block):
+            raise ValueError(f"a grouped projection of {out_features} rows in {groups} groups needs whole groups"
+                             + (f" of whole {fmt.block}-row fp8 blocks" if fmt.name == "fp8" else ""))
+        super().__init__(in_features, out_features, fmt, False, device, dtype)
+        self.groups = groups
+        self._views = None  # (weight, scale, bank codes, bank scales) while the buffers are these
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, fmt: Format) -> "QuantGroupedLinear":
+        w = linear.weight
+        m = cls(linear.in_features, linear.out_features, linear.groups, fmt, device=w.device, dtype=w.dtype)
+        m.fill(w)
+        return m
+
+    def _bank(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The codes and scales viewed as G matrices of out/G rows (the same memory)."""
+        v = self._views
+        if v is None or v[0] is not self.weight or v[1] is not self.scale:
+            G, s = self.groups, self.scale
+            sv = None if s is None else s.view(G, -1, *s.shape[1:])
+            v = self._views = (self.weight, s, self.weight.view(G, -1, self.weight.shape[-1]), sv)
+        return v[2], v[3]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        G, K = self.groups, self.in_features
+        rows = x.reshape(-1, G, K)  # (M, G, in)
+        M, R = rows.shape[0], self.out_features // G
+        if M <= self.kernel_rows and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            q, scale = self._bank()
+            xs = rows.transpose(0, 1).reshape(G * M, K).float().contiguous()  # sorted by group
+            counts = torch.full((G,), M, dtype=torch.int64)
+            bound = self._bound = _bind(self._bound, self.fmt, q, scale, self.act)
+            f = self.fmt
+            y = bound(xs, counts) if bound is not None else \
+                kernels.grouped_mm(xs, counts, f.name, q, scale, f.group or 32, f.block or 128, self.act)
+            return y.view(G, M, R).transpose(0, 1).reshape(*x.shape[:-1], R).to(x.dtype)
+        out = []
+        for g in range(G):
+            s0, s1 = self.fmt.scale_rows(g * R, (g + 1) * R)
+            out.append(packed_matmul(rows[:, g], self.fmt, self.weight[g * R: (g + 1) * R],
+                                     None if self.scale is None else self.scale[s0:s1], R, self.act, 0))
+        return torch.stack(out, 1).view(*x.shape[:-1], R)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", groups={self.groups}"
 
 
 @torch.no_grad()
@@ -176,6 +251,7 @@ class QuantExperts(Experts):
         self.act = kernels.default_act(fmt.name, fmt.group)
         self.kernel_rows = DECODE_ROWS  # an expert's rows up to which its calls run through the kernels
         self.weight_transform = None
+        self._bound = {}  # bank name -> `kernels.Bound`, bound on the first decoding call
         _register(self, "gate_up_proj", fmt, 2 * width, hidden, (num_experts,), device)
         _register(self, "down_proj", fmt, hidden, width, (num_experts,), device)
 
@@ -212,33 +288,36 @@ class QuantExperts(Experts):
 
     def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """xs (M, D) sorted by expert, counts (E,) -> (M, D): two kernel calls with few rows."""
-        f = self.fmt
         if self._few(xs, counts):
-            xf = xs.float().contiguous()
-            h = kernels.grouped_mm(xf, counts, f.name, self.gate_up_proj, self.gate_up_proj_scale, f.group or 32,
-                                   f.block or 128, self.act)  # (M, 2I)
+            h = self._kernel("gate_up_proj")(xs.float().contiguous(), counts)  # (M, 2I)
             g, u = h.chunk(2, dim=-1)
-            a = swiglu(g, u, self.limit).contiguous()
-            return kernels.grouped_mm(a, counts, f.name, self.down_proj, self.down_proj_scale, f.group or 32,
-                                      f.block or 128, self.act).to(xs.dtype)
+            return self._kernel("down_proj")(swiglu(g, u, self.limit).contiguous(), counts).to(xs.dtype)
         return _expert_bands(xs, counts, self)
+
+    def _kernel(self, name: str):
+        """The bank `name` through the kernels: bound once eagerly (`kernels.Bound`), the custom op compiled."""
+        q, scale = getattr(self, name), getattr(self, f"{name}_scale")
+        bound = _bind(self._bound.get(name), self.fmt, q, scale, self.act)
+        if bound is None:
+            f = self.fmt
+            return lambda x, counts: kernels.grouped_mm(x, counts, f.name, q, scale, f.group or 32, f.block or 128,
+                                                        self.act)
+        self._bound[name] = bound
+        return bound
 
     def gate_up(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`grouped`'s first matmul alone: xs (M, D) -> (M, 2I), float32 from the kernels (few rows), xs' dtype
         from the bands. With `down`, what an adapter on the bank composes (`Experts.gate_up`)."""
-        return self._matmul(xs, counts, self.gate_up_proj, self.gate_up_proj_scale, 2 * self.width)
+        return self._matmul(xs, counts, "gate_up_proj", 2 * self.width)
 
     def down(self, a: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`grouped`'s second matmul alone: a (M, I) -> (M, D), dtypes as `gate_up`."""
-        return self._matmul(a, counts, self.down_proj, self.down_proj_scale, self.hidden)
+        return self._matmul(a, counts, "down_proj", self.hidden)
 
-    def _matmul(self, xs: torch.Tensor, counts: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None,
-                N: int) -> torch.Tensor:
-        f = self.fmt
+    def _matmul(self, xs: torch.Tensor, counts: torch.Tensor, name: str, N: int) -> torch.Tensor:
         if self._few(xs, counts):
-            return kernels.grouped_mm(xs.float().contiguous(), counts, f.name, q, scale, f.group or 32, f.block or 128,
-                                      self.act)
-        return _packed_loop(xs, counts, f, q, scale, N)
+            return self._kernel(name)(xs.float().contiguous(), counts)
+        return _packed_loop(xs, counts, self.fmt, getattr(self, name), getattr(self, f"{name}_scale"), N)
 
 
 @torch.compiler.disable

@@ -34,13 +34,16 @@ class TrainStep:
     gamma: bias speed of the aux-loss-free balancing (0: no update, as in RL).
     dist: a `qiusuo.train.distributed.Distributed` (all-reduces, expert gradients, sharded clipping) or None.
     autocast: the autocast dtype (bf16) or None for fp32.
+    compute: a `qiusuo.train.precision.ComputeCopy` of `model` that `loss_fn` runs (bf16 with fp32 master
+        weights), or None: its gradients move to `model` after each micro-batch, and it is re-made from `model`
+        after each optimizer step.
     on_diverged: extra advice appended to the `TrainingDiverged` message (where to resume from, what to lower).
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, grad_clip: float | None = 1.0,
-                 gamma: float = 0.0, dist=None, autocast: torch.dtype | None = None,
+                 gamma: float = 0.0, dist=None, autocast: torch.dtype | None = None, compute=None,
                  on_diverged: Callable[[], str] = lambda: ""):
-        self.model, self.optimizer, self.dist = model, optimizer, dist
+        self.model, self.optimizer, self.dist, self.compute = model, optimizer, dist, compute
         self.grad_clip, self.gamma, self.autocast, self.on_diverged = grad_clip, gamma, autocast, on_diverged
         self.device = next(model.parameters()).device
         self.steps = 0  # optimizer steps taken through this object
@@ -80,6 +83,8 @@ class TrainStep:
                 with self.autocast_context():
                     out = loss_fn(batch)
                 (out.loss / divisor if divisor != 1 else out.loss).backward()
+            if self.compute is not None:
+                self.compute.grads_to_master()
             loss = out.loss.detach().float()
             sums += torch.stack([loss, getattr(out, "ce", loss).float(), getattr(out, "mtp", loss * 0).float()])
             part = getattr(out, "load", None)
@@ -105,6 +110,8 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         balance = update_balance_bias(self.model, load, self.gamma,
                                       all_reduce=self.dist.all_reduce_sum if self.dist is not None else None)
+        if self.compute is not None:
+            self.compute.sync()
         self.steps += 1
         return {"loss": loss, "ce": ce, "mtp": mtp, "lr": lr, "grad_norm": gn, **balance}
 

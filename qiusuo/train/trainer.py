@@ -40,12 +40,14 @@ from qiusuo.data.shards import BatchLoader, TokenShards, unigram_bits_per_byte
 from qiusuo.data.tokenizer import Tokenizer
 from qiusuo.model.count import count_params, train_flops_per_token
 from qiusuo.model.transformer import Transformer
-from qiusuo.runtime import Interrupted, matmul_peak, max_rss_bytes, resolve_device, resolve_precision, set_threads, stop_on_interrupt
+from qiusuo.runtime import (Interrupted, matmul_peak, max_rss_bytes, precision_choice, resolve_device, set_threads,
+                            stop_on_interrupt)
 from qiusuo.train import checkpoint as ckpt
 from qiusuo.train import rundir
 from qiusuo.train.config import DataSection, ModelSection, RunConfig
 from qiusuo.train.metrics import MetricsLog, plot_run
 from qiusuo.train.optim import build_optimizer, lr_factor, trainable
+from qiusuo.train.precision import ComputeCopy
 from qiusuo.train.qat import set_fp4_qat
 from qiusuo.train.step import TrainingDiverged, TrainStep
 
@@ -125,7 +127,8 @@ class Trainer:
         self.device = dist.device if dist else resolve_device(cfg.run.device)
         self.out_dir = Path(cfg.run.out_dir)
         self.threads = set_threads(self.device, cfg.run.threads, announce=self.is_main)
-        self.autocast_dtype = resolve_precision(cfg.run.precision, self.device)  # "auto" measures at these threads
+        # "auto" measures the matmul peaks at these threads; the record goes into the run's log
+        self.precision, self.precision_record = precision_choice(cfg.run.precision, self.device)
 
         self.source = source or TokenSource(cfg.data, cfg.run.seed, self.rank, self.world_size)
         self.tokenizer = self.source.tokenizer
@@ -137,11 +140,18 @@ class Trainer:
         unused = [] if cfg.train.mtp_weight > 0 else [n for n, _ in self.model.named_parameters() if n.startswith("mtp.")]
         wrapped = dist.wrap(self.model, unused=unused) if dist else self.model
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.forward = torch.compile(wrapped) if cfg.run.compile else wrapped
+        # bf16 in one process: forward and backward on a bf16 copy, the model its fp32 master weights
+        # (`qiusuo.train.precision`); several processes keep autocast, since the wrappers own the parameters (FSDP
+        # casts by its own mixed-precision policy)
+        self.compute = ComputeCopy(self.model, self.precision) if self.precision is not None and not dist else None
+        self.autocast_dtype = self.precision if self.compute is None else None
+        run = self.compute.module if self.compute is not None else wrapped
+        self.forward = torch.compile(run) if cfg.run.compile else run
         # a frozen router's bias is the base's: it moves only when the router trains (and is saved with it)
         gamma = cfg.balance.gamma if not cfg.lora.rank or cfg.lora.router else 0.0
         self.step_fn = TrainStep(self.model, self.optimizer, grad_clip=cfg.train.grad_clip, gamma=gamma,
-                                 dist=dist, autocast=self.autocast_dtype, on_diverged=self._advice)
+                                 dist=dist, autocast=self.autocast_dtype, compute=self.compute,
+                                 on_diverged=self._advice)
         self.elapsed = 0.0
         self._fp4_qat = False
         self.resumed_from = None
@@ -180,6 +190,8 @@ class Trainer:
         if self.device.type == "cuda" and "rng_cuda" in state:
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
         self.resumed_from = state["path"]
+        if self.compute is not None:
+            self.compute.sync()
         self._extend()
 
     def _extend(self) -> None:
@@ -205,6 +217,11 @@ class Trainer:
         s.tail_from = max(self.position(), 0.0 if timed else float(s.warmup_steps))
         s.tail_lr = start_lr if self.step >= s.warmup_steps else 1.0
         t.extra_minutes, t.extra_steps = 0.0, 0
+
+    @property
+    def net(self) -> torch.nn.Module:
+        """The module the forward runs: the bf16 compute copy in bf16 (one process), else the model."""
+        return self.compute.module if self.compute is not None else self.model
 
     @property
     def step(self) -> int:
@@ -246,9 +263,9 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step on `grad_accum` micro-batches from the source. Raises `TrainingDiverged` before
         touching the weights if the loss or the gradient norm is not finite."""
-        self.model.train()
+        self.net.train()
         self.set_fp4_qat()
-        for m in self.model.modules():  # DeepSeek-V3.2's dense warm-up, then sparse training (qiusuo.model.dsa)
+        for m in self.net.modules():  # DeepSeek-V3.2's dense warm-up, then sparse training (qiusuo.model.dsa)
             if hasattr(m, "dense_warmup"):
                 m.dense_warmup = self.step < self.cfg.train.indexer_warmup_steps
         batches = [tuple(t.to(self.device, non_blocking=True) for t in self.source.next_batch())
@@ -260,7 +277,7 @@ class Trainer:
         of the run: a function of progress, so a resumed run switches at the same step. Returns whether it is on."""
         on = self.cfg.train.fp4_qat and self.progress() >= self.cfg.train.fp4_qat_from
         if on != self._fp4_qat:
-            set_fp4_qat(self.model, on)
+            set_fp4_qat(self.net, on)
             self._fp4_qat = on
         return on
 
@@ -276,7 +293,7 @@ class Trainer:
         val = getattr(self.source, "val_shards", None)
         if val is None:
             return None
-        self.model.eval()
+        self.net.eval()
         T = self.cfg.data.seq_len
         windows = (len(val) - 1) // T
         B = max(1, min(self.cfg.data.batch_size, windows // self.world_size))
@@ -289,11 +306,11 @@ class Trainer:
             x, y = next(loader)
             x, y = x.to(self.device), y.to(self.device)
             with self.step_fn.autocast_context():
-                out = self.model(x, labels=y, mtp_weight=0.0)
+                out = self.net(x, labels=y, mtp_weight=0.0)
             total += torch.tensor([out.ce.item() * y.numel(), y.numel()], device=self.device, dtype=torch.float64)
         if self.dist is not None:
             self.dist.all_reduce_sum(total)
-        self.model.train()
+        self.net.train()
         loss = float(total[0] / total[1])
         return EvalResult(loss, loss / math.log(2) / val.bytes_per_token, int(total[1]))
 
@@ -365,8 +382,9 @@ class Trainer:
 
     def mfu(self, tokens_per_s: float) -> float:
         """Model FLOPs utilisation against this machine's matmul peak (`runtime.matmul_peak`: measured once per
-        process and cached, before the clock starts)."""
-        peak = matmul_peak(self.device, self.autocast_dtype or torch.float32, n=1024, repeats=3)
+        process and cached, before the clock starts; bf16 at 512: where it is not native, a 1024^3 bf16 matmul takes
+        seconds)."""
+        peak = matmul_peak(self.device, self.precision or torch.float32, n=512 if self.precision else 1024, repeats=3)
         return tokens_per_s * self.flops_per_token / peak
 
     # ------------------------------------------------------------------ the loop
@@ -389,6 +407,8 @@ class Trainer:
                 rundir.claim(self.out_dir, self.overwrite)
             (self.out_dir / "run.toml").write_text(cfg.to_toml())
         log = MetricsLog(self.out_dir, resume_step=self.step if self.resumed_from else None) if self.is_main else None
+        if log:
+            log.log("precision", self.step, **self.precision_record)
         unigram = self.unigram_bpb()
         self.mfu(1.0)  # measure the peak before the clock starts
         bar = tqdm(total=round(budget) if budget else t.steps, initial=round(self.elapsed) if budget else self.step,

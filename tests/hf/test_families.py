@@ -18,7 +18,7 @@ from qiusuo.config import ModelConfig
 from qiusuo.families import FAMILIES, REFUSED
 from qiusuo.hf.load import read_config
 from qiusuo.io import CheckpointError
-from qiusuo.model.cache import ContiguousCache
+from qiusuo.cache.contiguous import ContiguousCache
 from qiusuo.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")

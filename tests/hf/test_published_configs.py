@@ -10,7 +10,8 @@ import pytest
 from published_checkpoints import FIXTURES
 
 from qiusuo.cli import main as cli
-from qiusuo.config import ModelConfig, config_from_json
+from qiusuo.config import ModelConfig
+from qiusuo.hf.config_json import config_from_json
 from qiusuo.hf.inspect import parse_bytes
 from qiusuo.hf.load import read_config
 from qiusuo.infer.generation_config import read_generation_config

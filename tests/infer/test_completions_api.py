@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from qiusuo.infer import Engine, fields
-from qiusuo.infer.server import ChatRequest, CompletionRequest, create_app, serve_in_thread
+from qiusuo.infer.api_requests import ChatRequest, CompletionRequest
+from qiusuo.infer.server import create_app, serve_in_thread
 
 MODEL = "qiusuo-tiny"
 PROMPT = "The quick brown fox jumps over the lazy dog"

@@ -4,7 +4,9 @@ cache, the cache-bytes formula, reference counts and LRU eviction of the prefix 
 import pytest
 import torch
 
+from qiusuo.cache.contiguous import ContiguousCache
 from qiusuo.infer import BlockPool, Engine, PagedBatch
+from qiusuo.infer.sampling import SamplingParams
 from qiusuo.model.count import cache_bytes_per_token
 
 PROMPTS = ["The quick brown fox", "Continuous batching lets requests join and leave"]
@@ -29,10 +31,11 @@ def test_absorbed_decode_equals_expanded_over_paged_cache(model, tok, together):
             for s, t in zip(seqs, tables):
                 model.hidden(torch.tensor([s[:-1]]), cache=PagedBatch(pool, [t], len(s) - 1), absorb=False)
         last = torch.tensor([[s[-1]] for s in seqs])
-        saved, cached = [x.clone() for x in pool.layers], [t.num_cached for t in tables]
+        storage = [t for layer in pool.layers for t in layer.tensors]
+        saved, cached = [x.clone() for x in storage], [t.num_cached for t in tables]
 
         def rewind():  # each decoding step below writes and advances the tables: start each from the prompts
-            for x, y in zip(pool.layers, saved):
+            for x, y in zip(storage, saved):
                 x.copy_(y)
             for t, n in zip(tables, cached):
                 t.num_cached = n
@@ -49,14 +52,15 @@ def test_absorbed_decode_equals_expanded_over_paged_cache(model, tok, together):
     assert (fixed - full).abs().max() <= 1e-4
     owned = {b for t in tables for b in t.blocks}
     others = [b for b in range(pool.num_blocks) if b not in owned]
-    untouched = torch.stack(pool.layers)[:, : pool.scratch].view(len(pool.layers), pool.num_blocks, 4, -1)[:, others]
+    latents = torch.stack([layer.latent.values for layer in pool.layers])
+    untouched = latents[:, : pool.scratch].view(len(pool.layers), pool.num_blocks, 4, -1)[:, others]
     assert untouched.abs().sum() == 0  # padding rows and positions wrote only to the scratch slot
 
 
 def test_cache_bytes_per_token_matches_formula(model, tok):
     eng = Engine(model, tok, max_batch=2)
-    assert eng.pool.bytes_per_token == cache_bytes_per_token(model.cfg, 4)
-    assert eng.pool.layers[0].shape[-1] == model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim
+    assert eng.pool.bytes_per_token == cache_bytes_per_token(model.cfg, torch.float32)
+    assert eng.pool.layers[0].latent.width == model.cfg.kv_lora_rank + model.cfg.qk_rope_head_dim
 
 
 def test_pool_refcounts_and_lru_eviction(model):
@@ -88,3 +92,24 @@ def test_forward_advances_each_table_by_its_own_count(model):
         assert (a.num_cached, b.num_cached) == (5, 3)
         model.decode_step(torch.tensor([[1], [2], [0], [0]]), PagedBatch(pool, [a, b], 1, rows=4, length=16))
     assert (a.num_cached, b.num_cached) == (6, 4)
+
+
+def test_fp8_cache_in_the_engine(model, tok):
+    """`kv_cache_dtype="fp8"`: the pool counts FP8 bytes per token, so the same cache_memory holds more blocks, and
+    the engine's greedy tokens are `generate`'s over its FP8 cache (the same cache classes; a prompt whose FP8
+    greedy choices all win by 1e-3)."""
+    mem = 1 << 15  # fewer blocks than max_batch x max_model_len want: the budget decides
+    fp32, fp8 = (Engine(model, tok, max_batch=2, block_size=4, cache_memory=mem, kv_cache_dtype=d)
+                 for d in ("auto", "fp8"))
+    assert fp8.pool.bytes_per_token == cache_bytes_per_token(model.cfg, "fp8") < fp32.pool.bytes_per_token / 2
+    assert fp8.pool.num_blocks == mem // (4 * fp8.pool.bytes_per_token) > 2 * fp32.pool.num_blocks
+    g = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        ids = torch.randint(0, tok.vocab_size, (1, 9), generator=g)
+        out = model.generate(ids, 12, kv_cache_dtype="fp8")
+        with torch.no_grad():  # the FP8 cache's logits at each greedy choice, through a cache of its own
+            top = model(out[:, :-1], cache=ContiguousCache(model.cache_specs(), 1, 21, dtype="fp8"))[0, 8:].topk(2)
+        if (top.values[:, 0] - top.values[:, 1]).min() > 1e-3:
+            break
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert fp8.generate([ids[0].tolist()], params)[0].outputs[0].token_ids == out[0, 9:].tolist()

@@ -1,4 +1,4 @@
-"""DeepSeek-V3.2 in the paged engine (`sparse_latent` layers, `infer/paged_sparse.py`): latents and indexer keys
+"""DeepSeek-V3.2 in the paged engine (`sparse_latent` layers, `qiusuo/cache/sparse.py`): latents and indexer keys
 in two tensors, a decoding step reading the S keys and only the k chosen latents. Held against the model's full
 forward, the contiguous cache and `Transformer.generate`."""
 
@@ -8,9 +8,9 @@ from torch.overrides import TorchFunctionMode
 
 from qiusuo.config import get_config
 from qiusuo.infer.engine import Engine
-from qiusuo.infer.paged import BlockPool, PagedBatch
+from qiusuo.cache.pool import BlockPool, PagedBatch
 from qiusuo.infer.sampling import SamplingParams
-from qiusuo.model.cache import ContiguousCache
+from qiusuo.cache.contiguous import ContiguousCache
 from qiusuo.model.count import cache_bytes_per_token
 from engine_models import perturbed, prompts  # tests/infer/engine_models.py
 from greedy import unambiguous  # tests/greedy.py
@@ -47,7 +47,7 @@ def test_engine_greedy_equals_generate_with_prefix_sharing(v32, tok):
     them (blocks served from the prefix cache hold both the latents and the keys): `Transformer.generate`'s
     greedy tokens every time, and nothing held afterwards."""
     engine = Engine(v32, tok, max_batch=6, block_size=4, max_model_len=96)
-    assert engine.pool.bytes_per_token == cache_bytes_per_token(v32.cfg, 4)  # latent + key, fp32
+    assert engine.pool.bytes_per_token == cache_bytes_per_token(v32.cfg, torch.float32)  # latent + key, fp32
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     ps, refs = unambiguous(v32, tok, (5, 30, 17, 1, 44, 9), 20)
     more, more_refs = unambiguous(v32, tok, (7, 13), 20, seed=1, prefix=ps[4][:24])
@@ -66,7 +66,7 @@ def test_a_decoding_step_reads_k_latents_and_equals_the_full_forward(v32, tok):
     pool = BlockPool(v32.cache_specs(), num_blocks=32, block_size=4)
     tables = [pool.allocate(s, len(s)) for s in (a, b)]
     storages = [x for x in pool.layers]
-    reads = LatentReads({"latent": [x.latent for x in storages], "keys": [x.keys for x in storages]})
+    reads = LatentReads({"latent": [x.latent.values for x in storages], "keys": [x.keys.values for x in storages]})
     with torch.no_grad():
         full = [v32(torch.tensor([s]))[0] for s in (a, b)]  # (T, V) each
         pre = [s[:-3] for s in (a, b)]
@@ -77,13 +77,13 @@ def test_a_decoding_step_reads_k_latents_and_equals_the_full_forward(v32, tok):
         assert reads.reads["latent"] == [2 * T] * 2  # prefill: every position of the (padded) batch
         reads.reads = {"latent": [], "keys": []}
         step = torch.tensor([[a[-3]], [b[-3]]])
-        saved = [(x.latent.clone(), x.keys.clone()) for x in storages]
+        saved = [(x.latent.values.clone(), x.keys.values.clone()) for x in storages]
         with reads:
             got = v32.decode_step(step, PagedBatch(pool, tables, 1))
         assert reads.reads["latent"] == [2 * TOPK] * 2  # k latents per row, per layer
         assert reads.reads["keys"] == [2 * (len(a) - 2)] * 2  # every key of the longer row's context
         for x, (lat, key) in zip(storages, saved):  # rewind, then the same step at fixed shapes
-            x.latent.copy_(lat), x.keys.copy_(key)
+            x.latent.values.copy_(lat), x.keys.values.copy_(key)
         for t in tables:
             t.num_cached -= 1
         fixed = v32.decode_step(torch.cat([step, torch.zeros(2, 1, dtype=torch.long)]),

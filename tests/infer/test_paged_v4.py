@@ -7,7 +7,7 @@ import torch
 
 from qiusuo.config import get_config
 from qiusuo.infer.engine import Engine
-from qiusuo.infer.paged import BlockPool, PagedBatch
+from qiusuo.cache.pool import BlockPool, PagedBatch
 from qiusuo.infer.sampling import SamplingParams
 from qiusuo.infer.server import create_app, serve_in_thread
 from qiusuo.model.transformer import Transformer
@@ -79,7 +79,7 @@ def test_a_row_never_reads_another_rows_state_or_entries(v4, tok):
                     for p in layer.pools.values():
                         per = pool.block_size // p.spec.ratio
                         for blk in tb.blocks:
-                            p.entries[blk * per: (blk + 1) * per] = float("nan")
+                            p.entries.values[blk * per: (blk + 1) * per] = float("nan")
             return v4(torch.tensor([[3], [4]]), cache=PagedBatch(pool, [ta, tb], 1))[0]
 
     clean, poisoned = run(False), run(True)

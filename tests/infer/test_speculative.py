@@ -10,11 +10,11 @@ import torch
 
 from qiusuo.config import get_config
 from qiusuo.infer.engine import Engine
-from qiusuo.infer.paged import PagedBatch
-from qiusuo.infer.paged_window import WindowStorage, ring_read
+from qiusuo.cache.pool import PagedBatch
 from qiusuo.infer.runner import ModelRunner
 from qiusuo.infer.sampling import SamplingParams
-from qiusuo.model.cache import ContiguousCache
+from qiusuo.cache.contiguous import ContiguousCache
+from qiusuo.cache.window import entry_slots, ring_read
 from qiusuo.model.transformer import Transformer
 from engine_models import abort_midway, perturbed, prompts  # tests/infer/engine_models.py
 from greedy import unambiguous  # tests/greedy.py
@@ -113,9 +113,9 @@ def logical_cache(pool, table) -> list[torch.Tensor]:
     out = []
     batch = PagedBatch(pool, [table], 1)
     st = torch.tensor([table.state if table.state is not None else 0])
-    for spec, data in zip(pool.specs, pool.layers):
-        if not isinstance(data, WindowStorage):
-            out.append(data[pool.slots([table], n)[0]])
+    for data in pool.layers:
+        if not hasattr(data, "ring"):  # latent layers: the latents of its positions
+            out.append(data.latent.read((pool.slots([table], n)[0],)))
             continue
         start = torch.tensor([n])
         keys, pos = ring_read(data.ring, st, start, data.window)
@@ -124,7 +124,7 @@ def logical_cache(pool, table) -> list[torch.Tensor]:
             tail, tpos = ring_read(p.tail_kv, st, start, p.spec.span)
             out.append(tail[tpos >= 0])
             e = n // p.spec.ratio
-            out.append(p.entries[batch.entry_slots(p.spec.ratio, torch.arange(e)[None])[0]])
+            out.append(p.entries.read((entry_slots(batch, p, torch.arange(e)[None])[0],)))
     return out
 
 
@@ -160,9 +160,10 @@ def test_rollback_leaves_the_cache_of_a_run_that_never_drafted(name, tok, oracle
     cache = ContiguousCache(model.cache_specs(draft=True), 1, n)
     with torch.no_grad():
         state = model.states(ids[:, :n], cache)
-        cache.lengths.zero_()
+        cache.tables[0].num_cached = 0
         model.draft_states(state, ids[:, 1: n + 1], cache, absorb=False)
-    full = cache.buffers[L][0] if name == "mla" else cache.layer(L).keys[0, cache.layer(L).key_pos[0] >= 0]
+        cache.advance(n)
+    full = logical_cache(cache.pool, cache.tables[0])[-1]  # the drafter's layer
     assert drafter.shape == full.shape and torch.allclose(drafter, full, atol=1e-5)
 
 

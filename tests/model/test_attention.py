@@ -5,7 +5,7 @@ import torch
 
 from qiusuo.config import get_config
 from qiusuo.model.block import layer_cache_specs
-from qiusuo.model.cache import ContiguousCache
+from qiusuo.cache.contiguous import ContiguousCache
 from qiusuo.model.count import cache_bytes_per_token
 from qiusuo.model.transformer import Transformer
 
@@ -81,9 +81,10 @@ def test_absorbed_multi_token_chunk_matches_expanded():
 def test_cache_holds_exactly_the_latent():
     cfg = get_config("tiny")
     cache = ContiguousCache(layer_cache_specs(cfg), batch_size=1, max_len=8)
-    assert cache.buffers[0].shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
-    assert cache.num_bytes_per_token == cache_bytes_per_token(cfg, 4)  # fp32
-    assert ContiguousCache(layer_cache_specs(cfg), 1, 8, dtype=torch.bfloat16).num_bytes_per_token == cache_bytes_per_token(cfg, 2)
+    assert cache.pool.layers[0].latent.width == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert cache.num_bytes_per_token == cache_bytes_per_token(cfg, torch.float32)
+    bf16 = ContiguousCache(layer_cache_specs(cfg), 1, 8, dtype=torch.bfloat16)
+    assert bf16.num_bytes_per_token == cache_bytes_per_token(cfg, "bf16")
 
 
 def test_generate_greedy_equals_full_recompute():

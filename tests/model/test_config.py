@@ -21,7 +21,7 @@ def test_mtp_counted_only_when_asked():
 def test_v3_cache_formula():
     cfg = get_config("deepseek-v3")
     assert cfg.latent_dim == 576
-    assert cache_bytes_per_token(cfg, 2) == 70_272
+    assert cache_bytes_per_token(cfg, "bf16") == 70_272
 
 
 def test_from_hf_hub_form():

@@ -1,11 +1,13 @@
-"""DeepSeekMoE: grouped experts and the router against naive references; balancing."""
+"""DeepSeekMoE: grouped experts and the router against naive references (per token, per expert); balancing;
+compiled MoE training in one graph."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from qiusuo.config import get_config
-from qiusuo.model.moe import MoE, route, sequence_balance_loss, update_balance_bias
+from qiusuo.model import moe as moe_module
+from qiusuo.model.moe import MoE, route, sequence_balance_loss, swiglu, update_balance_bias
 from qiusuo.model.transformer import Transformer
 
 
@@ -101,6 +103,61 @@ def test_grouped_experts_match_per_token_loop_outputs_and_grads(T, gathered, mon
     assert (fast - slow).abs().max() < 1e-5
     for a, b in zip(grads_fast, grads_slow):
         assert (a - b).abs().max() < 1e-5
+
+
+def expert_loop(xs, counts, w_gu, w_d, limit=None):
+    """The slow twin of `Experts.grouped`: the experts that received rows, one after another, each a plain
+    `F.linear` pair through autograd."""
+    outs = [F.linear(swiglu(*F.linear(x_e, w_gu_e).chunk(2, dim=-1), limit), w_d_e)
+            for x_e, w_gu_e, w_d_e, c in zip(xs.split(counts.tolist()), w_gu.unbind(0), w_d.unbind(0), counts.tolist())
+            if c]
+    return torch.cat(outs) if outs else xs.new_zeros(0, w_d.shape[1])
+
+
+@pytest.mark.parametrize("dims,counts", [
+    ((32, 16), [5, 0, 9, 3]),  # 16-byte rows: torch._grouped_mm where this torch runs it on a CPU
+    ((12, 6), [5, 0, 9, 3]),  # odd widths: the per-expert loop inside the op
+    ((32, 16), [0, 0, 0, 0]),  # no rows at all
+])
+@pytest.mark.parametrize("limit", [None, 7.0])  # V4's SwiGLU clamp: it clips some of these hidden values
+def test_fused_and_grouped_experts_match_the_expert_loop_outputs_and_grads(dims, counts, limit):
+    """`expert_swiglu` (fused per expert, hand-written backward) and two `grouped_matmul`s (the adapters' path)
+    against the plain loop through autograd."""
+    torch.manual_seed(0)
+    (D, I), counts = dims, torch.tensor(counts)
+    xs = torch.randn(int(counts.sum()), D, requires_grad=True)
+    w_gu = torch.randn(len(counts), 2 * I, D, requires_grad=True)
+    w_d = torch.randn(len(counts), D, I, requires_grad=True)
+    target = torch.randn(xs.shape[0], D)
+    results = []
+    for run in (lambda: moe_module.expert_swiglu(xs, counts, w_gu, w_d, limit),
+                lambda: moe_module.grouped_matmul(
+                    swiglu(*moe_module.grouped_matmul(xs, counts, w_gu).chunk(2, dim=-1), limit), counts, w_d),
+                lambda: expert_loop(xs, counts, w_gu, w_d, limit)):
+        y = run()
+        loss = (y * target).sum() + 0 * sum(p.sum() for p in (xs, w_gu, w_d))  # a graph even without rows
+        results.append([y, *torch.autograd.grad(loss, [xs, w_gu, w_d])])
+    for fused, grouped, slow in zip(*results):
+        assert fused.shape == grouped.shape == slow.shape
+        assert torch.allclose(fused, slow, rtol=1e-5, atol=1e-4) and torch.allclose(grouped, slow, rtol=1e-5, atol=1e-4)
+    assert results[0][2][1].abs().max() == 0  # expert 1 got no rows: no gradient
+
+
+def test_compiled_moe_training_is_one_graph_and_matches_eager():
+    """fullgraph=True fails on any graph break: input checks, routing, dispatch, the experts' custom op (static
+    shapes) and the loads trace whole; the aot_eager backend traces forward and backward as inductor would,
+    without its code generation."""
+    torch.manual_seed(0)
+    cfg = get_config("tiny", num_hidden_layers=2, num_nextn_predict_layers=0)  # a dense layer and a MoE layer
+    model = Transformer(cfg).train()
+    model.reset_parameters(0)
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    results = []
+    for forward in (model, torch.compile(model, backend="aot_eager", fullgraph=True)):
+        out = forward(x, labels=x, mtp_weight=0.0)
+        results.append([out.loss, out.load, *torch.autograd.grad(out.loss, list(model.parameters()))])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_experts_that_get_no_tokens_are_fine():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from qiusuo.config import get_config
-from qiusuo.model.cache import ContiguousCache
+from qiusuo.cache.contiguous import ContiguousCache
 from qiusuo.model.rope import RopeAt
 from qiusuo.model.transformer import IGNORE_INDEX, Transformer
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qiusuo.config import ModelConfig, get_config
-from qiusuo.model.cache import ContiguousCache
+from qiusuo.cache.contiguous import ContiguousCache
 from qiusuo.model.transformer import Transformer
 
 transformers = pytest.importorskip("transformers")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from qiusuo.config import CSA, HCA, SLIDING, ModelConfig, get_config
-from qiusuo.model.cache import ContiguousCache
+from qiusuo.cache.contiguous import ContiguousCache
 from qiusuo.model.compressor import topk_lowest_index
 from qiusuo.model.count import cache_bytes_by_kind, cache_bytes_per_token, count_params
 from qiusuo.model.transformer import Transformer
@@ -224,26 +224,30 @@ def test_cache_bytes_per_layer_kind():
     """A V4 layer's cache per token at context L: its window (W slots) and the compressors' tails amortised over
     L, plus head_dim / m per compressed entry (and the indexer's index_head_dim / m for CSA)."""
     flash = get_config("deepseek-v4-flash")
-    kinds = cache_bytes_by_kind(flash, 2, 1 << 20)
+    kinds = cache_bytes_by_kind(flash, "bf16", 1 << 20)
     assert kinds[CSA]["layers"] == 21 and kinds[HCA]["layers"] == 20 and kinds[SLIDING]["layers"] == 2
     L = 1 << 20
     assert kinds[SLIDING]["bytes_per_token"] == 128 * 512 * 2 / L
     assert kinds[HCA]["bytes_per_token"] == (128 * 512 + 2 * 128 * 512 + (L // 128) * 512) * 2 / L
     csa_fixed = 128 * 512 + 2 * 8 * 1024 + 2 * 8 * 256
     assert kinds[CSA]["bytes_per_token"] == (csa_fixed + (L // 4) * (512 + 128)) * 2 / L
-    total = cache_bytes_per_token(flash, 2, L)
+    total = cache_bytes_per_token(flash, "bf16", L)
     assert total == sum(k["layers"] * k["bytes_per_token"] for k in kinds.values())
-    assert total / cache_bytes_per_token(get_config("deepseek-v3"), 2) < 0.1  # under a tenth of V3's at 1M
+    assert total / cache_bytes_per_token(get_config("deepseek-v3"), "bf16") < 0.1  # under a tenth of V3's at 1M
     with pytest.raises(ValueError, match="context"):
-        cache_bytes_per_token(flash, 2)
+        cache_bytes_per_token(flash, "bf16")
 
 
-def test_compiled_contiguous_decoding_says_it_cannot():
-    """The contiguous V4 cache counts its entries in Python (the paged engine's V4 caches compile: tests/infer)."""
-    model = Transformer(get_config("v4-tiny"))
-    with pytest.raises(ValueError, match="compile=False"):
-        model.generate(torch.zeros(1, 4, dtype=torch.long), 2, compile=True)
-    assert model.generate(torch.zeros(1, 4, dtype=torch.long), 3).shape == (1, 7)
+@pytest.mark.slow
+def test_compiled_generate_equals_eager():
+    """`generate` runs on the engine's cache kinds, so V4's compiles too: the same greedy tokens as eager, past
+    the window (16) and several compressed windows. Two layers (CSA, HCA: the window kind with both pool kinds)
+    keep the compilation short."""
+    torch.manual_seed(0)
+    model = Transformer(get_config("v4-tiny", num_nextn_predict_layers=0, num_hidden_layers=2, layer_types=[CSA, HCA],
+                                   mlp_layer_types=["hash_moe", "moe"])).eval()
+    x = torch.randint(0, model.cfg.vocab_size, (2, 12))
+    assert torch.equal(model.generate(x, 10, compile=True), model.generate(x, 10))
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -35,7 +35,7 @@ def twin_pair(hf_config, hf_class, scale: float) -> tuple[Transformer, torch.nn.
 def stepwise(model: Transformer, ids: torch.Tensor, prefill: int, max_len: int) -> torch.Tensor:
     """Logits of ids (B, T) through a contiguous cache: the first `prefill` tokens in one forward, then one token
     at a time (the cached paths a full forward is held against)."""
-    from qiusuo.model.cache import ContiguousCache
+    from qiusuo.cache.contiguous import ContiguousCache
 
     cache = ContiguousCache(model.cache_specs(), ids.shape[0], max_len)
     parts = [model(ids[:, :prefill], cache=cache)]

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from qiusuo.config import get_config
+from qiusuo.model.compressed_attention import GroupedLinear
 from qiusuo.model.moe import Experts, swiglu
 from qiusuo.quant import kernels
 from qiusuo.model.transformer import Transformer
 from qiusuo.quant.apply import families, formats_of, parse_spec, quantize_model, set_activations
 from qiusuo.quant.formats import Format, parse
-from qiusuo.quant.modules import QuantExperts, QuantLinear
+from qiusuo.quant.modules import QuantExperts, QuantGroupedLinear, QuantLinear
 
 FORMATS = ["bf16", "int8", "int4", "int4:64", "int4:128", "mxfp4", "fp8"]
 
@@ -82,6 +83,29 @@ def test_quant_linear_equals_the_float_layer_with_its_dequantised_weight(spec, r
 
 @pytest.mark.parametrize("act", ["fp32", "q8"])
 @pytest.mark.parametrize("spec", ["int8", "int4", "mxfp4", "fp8", "bf16"])
+@pytest.mark.parametrize("rows", [1, 40])
+def test_quant_grouped_linear_equals_the_float_layer_with_its_dequantised_weight(spec, rows, act):
+    """V4's grouped output projection: each group's rows are one expert of the grouped kernel (few rows), or go
+    through dequantised bands (many); against `GroupedLinear` holding the dequantised weight."""
+    fmt = parse(spec)
+    torch.manual_seed(0)
+    lin = GroupedLinear(256, 2 * 128, 2)
+    q = QuantGroupedLinear.from_linear(lin, fmt)
+    q.act = kernels.default_act(fmt.name, fmt.group) if act == "q8" else "fp32"
+    ref = GroupedLinear(256, 2 * 128, 2)
+    with torch.no_grad():
+        ref.weight.copy_(q.dequantized())
+    x = torch.randn(rows, 3, 2, 256)
+    seen = q8(x) if q.act == "q8" and 3 * rows <= q.kernel_rows else x
+    y = q(x)
+    assert y.shape == (rows, 3, 2, 128)
+    close(y, ref(seen), x, ref.weight)
+    with pytest.raises(ValueError, match="whole groups"):
+        QuantGroupedLinear(256, 200, 3, fmt)
+
+
+@pytest.mark.parametrize("act", ["fp32", "q8"])
+@pytest.mark.parametrize("spec", ["int8", "int4", "mxfp4", "fp8", "bf16"])
 @pytest.mark.parametrize("tokens", [1, 3, 40])
 def test_quant_experts_equal_float_experts_with_dequantised_weights(spec, tokens, act):
     fmt = parse(spec)
@@ -124,7 +148,7 @@ def test_families_and_quantize_model_forward_equals_the_dequantised_twin():
     fams = families(model)
     kinds = set(fams.values())
     assert kinds == {"experts", "shared", "dense", "attention", "head"}
-    assert not any(p.endswith("kv_b_proj") for p in fams)  # MLA's absorbed path reads it whole
+    assert not any(p.endswith("kv_b_proj") for p in fams)  # packed in its own layout (test_latent.py)
     twin = Transformer(cfg).eval()
     twin.load_state_dict(model.state_dict())
     spec = parse_spec("experts=int4,shared=int8,dense=fp8,attention=int8,head=int8")

@@ -17,7 +17,7 @@ SCRIPT = r"""
 import json, sys
 from pathlib import Path
 import torch
-from qiusuo.hf.inspect import measure_load
+from qiusuo.infer.load import measure_load
 torch.set_num_threads(1)
 measure_load(Path(sys.argv[2]), "int4", None, 1, 64)  # warm-up: imports, kernels, arenas
 print(json.dumps(measure_load(Path(sys.argv[1]), "int4", None, 1, 64)))

@@ -423,6 +423,26 @@ def test_grouped_mm_no_rows_or_no_experts():
                           act=act).shape == (0, 40)
 
 
+@pytest.mark.parametrize("fmt,group,act", GROUPED, ids=[f"{f}-g{g}-{a}" if f == "int4" else f"{f}-{a}" for f, g, a in GROUPED])
+def test_bound_calls_give_the_checked_calls_bytes(fmt, group, act):
+    """`Bound` skips the per-call checks, not the arithmetic: bit for bit what mm / grouped_mm give, a matrix and a
+    bank; a bad x or counts still gets an error, not a wrong answer."""
+    g = torch.Generator().manual_seed(11)
+    N, K = shape(fmt)
+    q, s = weights(fmt, (), N, K, group, g)
+    qe, se = weights(fmt, (3,), N, K, group, g)
+    x, xs, counts = torch.randn(3, K, generator=g), torch.randn(7, K, generator=g), torch.tensor([4, 0, 3])
+    one, bank = kernels.Bound(fmt, q, s, group, BLOCK, act), kernels.Bound(fmt, qe, se, group, BLOCK, act)
+    assert torch.equal(one(x), mm(x, fmt, q, s, group, BLOCK, act))
+    assert torch.equal(bank(xs, counts), grouped_mm(xs, counts, fmt, qe, se, group, BLOCK, act))
+    assert one.is_for(q, s, act) and not one.is_for(q.clone(), s, act) and not one.is_for(q, s, "other")
+    with pytest.raises(ValueError, match="x must be contiguous float32"):
+        one(x.double())
+    if kernels.available():
+        with pytest.raises(RuntimeError, match="must sum to the rows"):
+            bank(xs, torch.tensor([4, 0, 2]))
+
+
 # ---- the ops a compiled model calls ----
 
 def test_opcheck():

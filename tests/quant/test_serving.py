@@ -4,6 +4,7 @@ and `load_engine` keeps a checkpoint's formats by default."""
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from qiusuo.config import get_config
 from qiusuo.data.tokenizer import Tokenizer
@@ -49,7 +50,11 @@ def test_engine_greedy_equals_generate_on_a_packed_model(packed, tok):
 def test_compiled_packed_decoding_equals_eager(packed, tok):
     ps, refs = unambiguous(packed, tok, (6, 11), 8, seed=3)
     eng = Engine(packed, tok, max_batch=2, block_size=4, compile=True)
+    counters.clear()
     assert [o.outputs[0].token_ids for o in eng.generate(ps, SamplingParams(max_tokens=8, **GREEDY))] == refs
+    # one graph per step: a break (a data-dependent shape in the expert dispatch was one) sends each layer through
+    # its own compiled fragment with Python between them, slower than eager
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_load_engine_keeps_the_checkpoint_formats(packed, tok, tmp_path):

@@ -189,6 +189,7 @@ def test_precision_auto_measures_only_where_bf16_is_native(monkeypatch):
     assert runtime.pick_precision(True, peak) == torch.bfloat16  # AMX-like: bf16 3x faster
     assert runtime.pick_precision(True, peaks(151e9, 82e9)[1]) is None  # flags but slower (this project's Xeon)
     assert runtime.pick_precision(True, peaks(100e9, 105e9)[1]) is None  # within BF16_MIN_SPEEDUP: keep fp32
+    assert runtime.pick_precision(True, peaks(100e9, 140e9)[1]) is None  # 1.4x: not clearly faster
     assert runtime.resolve_precision("auto", torch.device("cuda")) == torch.bfloat16
     assert runtime.resolve_precision("fp32", torch.device("cuda")) is None
     assert runtime.resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
@@ -198,6 +199,9 @@ def test_precision_auto_measures_only_where_bf16_is_native(monkeypatch):
                         (400e9 if dt == torch.bfloat16 else 170e9))
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     assert runtime.resolve_precision("auto", torch.device("cpu")) == torch.bfloat16 and measured
+    dtype, record = runtime.precision_choice("auto", torch.device("cpu"))  # what the run's log gets
+    assert record | {"precision": "bf16", "native_bf16": True, "peak_fp32": 170.0, "peak_bf16": 400.0} == record
     measured.clear()
     monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})
     assert runtime.resolve_precision("auto", torch.device("cpu")) is None and not measured
+    assert runtime.precision_choice("auto", torch.device("cpu"))[1]["peak_bf16"] is None

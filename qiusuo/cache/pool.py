@@ -1,13 +1,11 @@
-"""Paged layer caches: a pool of fixed-size blocks shared by every request, with a prefix cache.
+"""The block pool every layer cache lives in, its prefix cache, and the batch view the model sees per forward.
 
 A sequence owns a block table; token position p lives at slot `table[p // bs] * bs + p % bs` of every layer's
 storage. Requests of any length join and leave without copying anybody's cache, and memory is bounded by the
-pool. What a layer stores per slot is its kind's business (`LayerCacheSpec` from `model.cache_specs()`): the
-`latent` kind (MLA) keeps one flat tensor `(num_blocks * block_size + 1, C)`, C = kv_lora_rank +
-qk_rope_head_dim, the last slot scratch; DeepSeek-V4's `window` kind (`paged_window.py`) keeps its compressed
-entries in the blocks and its sliding window and open compression windows in one *sequence state* per running
-sequence, taken at admission like blocks. A new attention kind adds a class to `LAYER_KINDS` with its storage and
-its layer cache; the scheduler, which sees only blocks, states and bytes, does not change.
+pool. What a layer stores is its kind's business (`qiusuo.cache.spec.LAYER_KINDS`, built from
+`model.cache_specs()`): MLA's latents in slots, V4's compressed entries in the blocks and its windows in one
+*sequence state* per running sequence, taken at admission like blocks. The pool sees blocks, states and bytes;
+it asks every layer alike to reset, snapshot and restore a state (stateless kinds do nothing).
 
 Prefix cache (like vLLM's, with small blocks): a FULL block is named by `hash((parent_hash, its token ids))`,
 so two prompts that agree on their first k blocks share them. Blocks have reference counts; a cached block whose
@@ -15,9 +13,10 @@ count drops to 0 is not wiped but parked in an LRU list, reused by the next prom
 evicted (oldest first) when fresh blocks run out. Blocks are only written while their owner is the only
 reader: a shared block is full, and writes go to positions past the shared prefix.
 
-`PagedBatch` is the view the model sees for one forward pass (the `Cache` protocol of `qiusuo.model.cache`):
-its layer caches write the new entries to their slots and gather every row's context, padded to the longest row
-and masked; `advance` then moves every row's block table on by the tokens it added.
+`PagedBatch` is the view the model sees for one forward pass (the cache protocol of `qiusuo.cache.spec`): each
+layer's kind binds to it (`bind`), asking for the per-batch tensors it reads (`token_slots`: per-token slots,
+write slots and mask; `row_states`: each row's sequence state and block table), all built before the forward;
+`advance` then moves every row's block table on by the tokens it added.
 """
 
 from __future__ import annotations
@@ -27,9 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qiusuo.infer.paged_sparse import PagedSparseLatent
-from qiusuo.infer.paged_window import PagedWindow, WindowStorage, window_block_size
-from qiusuo.model.cache import LayerCacheSpec
+from qiusuo.cache.precision import CacheDtype
+from qiusuo.cache.spec import LayerCacheSpec, block_bytes, block_size_for, kind_of, state_bytes
 
 
 @dataclass
@@ -45,59 +43,11 @@ class BlockTable:
     state: int | None = None  # the sequence state (V4's windows), for kinds that keep one
 
 
-class PagedLatent:
-    """Layer cache of kind `latent` for one forward pass: writes the new latents (B, T, C) to their slots and
-    returns every row's gathered context (rows, S, C) with the batch's mask."""
-
-    @staticmethod
-    def storage(spec: LayerCacheSpec, pool: "BlockPool") -> torch.Tensor:
-        return torch.zeros(pool.scratch + 1, spec.width, device=pool.device, dtype=pool.dtype)
-
-    @staticmethod
-    def block_values(spec: LayerCacheSpec, block_size: int) -> int:
-        return block_size * spec.width
-
-    @staticmethod
-    def state_values(spec: LayerCacheSpec, slack: int = 0) -> int:
-        return 0
-
-    def __init__(self, batch: "PagedBatch", data: torch.Tensor):
-        self.batch, self.data = batch, data  # data (slots, C)
-
-    def update(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b, data = self.batch, self.data
-        # index_put_: inductor lowers it to an in-place store (see `layers` in BlockPool)
-        data.index_put_((b.write.reshape(-1),), latent.reshape(-1, latent.shape[-1]).to(data.dtype))
-        rows, S = b.slots.shape
-        return data.index_select(0, b.slots.reshape(-1)).view(rows, S, -1), b.mask  # (rows, S, C)
-
-
-# layer-cache kind (LayerCacheSpec.kind) -> its paged implementation
-LAYER_KINDS = {"latent": PagedLatent, "sparse_latent": PagedSparseLatent, "window": PagedWindow}
-
-
-def check_servable(specs: list[LayerCacheSpec]) -> None:
-    """Raise if `specs` hold a layer-cache kind the paged engine has no implementation of."""
-    missing = sorted({s.kind for s in specs} - set(LAYER_KINDS))
-    if missing:
-        raise ValueError(f"the paged engine cannot cache layers of kind {missing}; decode such a model with "
-                         "Transformer.generate")
-
-
-def block_bytes(specs: list[LayerCacheSpec], block_size: int, itemsize: int) -> int:
-    """Bytes one block holds over all layers (what the memory budget divides by)."""
-    return sum(LAYER_KINDS[s.kind].block_values(s, block_size) for s in specs) * itemsize
-
-
-def state_bytes(specs: list[LayerCacheSpec], itemsize: int, slack: int = 0) -> int:
-    """Bytes one sequence state holds over all layers (0 without V4 layers), with rings `slack` slots longer."""
-    return sum(LAYER_KINDS[s.kind].state_values(s, slack) for s in specs) * itemsize
-
-
 class BlockPool:
-    """The block pool of all layers: `layers[l]` is layer l's storage, built by its kind from `specs[l]`
-    (`latent`: (num_blocks * block_size + 1, C); `window`: `paged_window.WindowStorage`). `num_states`: sequence
-    states for kinds that keep one (V4: one per batch row); 0 when no layer needs them.
+    """The block pool of all layers: `layers[l]` is layer l's storage, an instance of its kind's class in
+    `LAYER_KINDS` built from `specs[l]`. `dtype`: the cache's precision (`CacheDtype.of`: a torch dtype, "bf16",
+    "fp8", ...). `num_states`: sequence states for kinds that keep one (V4: one per batch row); 0 when no layer
+    needs them.
 
     Speculative decoding (`infer/speculative.py`): `slack` = the drafts a step may write past a sequence's
     length (V4's rings get that many more slots, so rejected drafts overwrite nothing still needed); `drafter`:
@@ -105,27 +55,31 @@ class BlockPool:
     named by its tokens AND the token after it (a prompt continuing differently must not share the block)."""
 
     def __init__(self, specs: list[LayerCacheSpec], num_blocks: int, block_size: int = 16, device=None,
-                 dtype: torch.dtype = torch.float32, num_states: int = 0, slack: int = 0, drafter: bool = False):
+                 dtype: CacheDtype | torch.dtype | str = torch.float32, num_states: int = 0, slack: int = 0,
+                 drafter: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got {num_blocks} and {block_size}")
-        check_servable(specs)
-        stateful = state_bytes(specs, 1) > 0
-        if stateful and (num_states < 1 or block_size != window_block_size(specs, block_size)):
-            raise ValueError(f"DeepSeek-V4 layers need num_states >= 1 (got {num_states}) and a block size every "
-                             f"compression rate divides (got {block_size}; use {window_block_size(specs, block_size)})")
+        self.cache_dtype = CacheDtype.of(dtype)
+        stateful = state_bytes(specs, self.cache_dtype) > 0  # an unknown kind fails here, naming the known ones
+        if stateful and num_states < 1:
+            raise ValueError(f"these layers keep per-sequence state (DeepSeek-V4's windows): need num_states >= 1, "
+                             f"got {num_states}")
+        if block_size != block_size_for(specs, block_size):
+            raise ValueError(f"these layers need a block size every compression rate divides (got {block_size}; "
+                             f"use {block_size_for(specs, block_size)})")
         self.specs, self.block_size, self.num_blocks = list(specs), block_size, num_blocks
-        self.device, self.dtype = torch.device(device or "cpu"), dtype
+        self.device = torch.device(device or "cpu")
         self.slack, self.lookahead = slack, int(drafter)  # lookahead: tokens past a block that name it
         self.num_states = num_states if stateful else 0
         self.free_states = list(range(self.num_states - 1, -1, -1))
-        # V4's windows are per sequence: sharing a prefix also needs a snapshot of them at its end (paged_window.py)
+        # V4's windows are per sequence: sharing a prefix also needs a snapshot of them at its end (cache/window.py)
         self.snapshots: OrderedDict[int, list] = OrderedDict()  # block hash -> per-layer state snapshots, LRU
         self.max_snapshots = 4 * self.num_states
         # one extra slot past the blocks: padding rows and positions write there and read it masked out
         self.scratch = num_blocks * block_size
-        # one tensor per layer, not views of one (L, slots, C) tensor: a compiled step then writes its new latents
+        # tensors per layer, not views of one (L, slots, C) tensor: a compiled step then writes its new latents
         # in place; through a view, functionalisation copied the whole pool back every step (11 ms of a 12 ms step)
-        self.layers = [LAYER_KINDS[s.kind].storage(s, self) for s in self.specs]
+        self.layers = [kind_of(s)(s, self) for s in self.specs]
         self.refcount = [0] * num_blocks
         self.free: list[int] = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self.lru: OrderedDict[int, None] = OrderedDict()  # cached blocks nobody uses, oldest first
@@ -138,7 +92,12 @@ class BlockPool:
     def bytes_per_token(self) -> float:
         """Cache bytes per token in blocks over all layers (MLA: = `qiusuo.model.count.cache_bytes_per_token`;
         V4: its compressed entries; its windows are per sequence state: `state_bytes`)."""
-        return block_bytes(self.specs, self.block_size, self.dtype.itemsize) / self.block_size
+        return block_bytes(self.specs, self.block_size, self.cache_dtype) / self.block_size
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes one sequence state holds over all layers (0 when no layer keeps one)."""
+        return state_bytes(self.specs, self.cache_dtype, self.slack)
 
     @property
     def used_blocks(self) -> int:
@@ -186,8 +145,7 @@ class BlockPool:
             table.state = self.free_states.pop()
             snap = self.snapshots.get(self.block_hash[shared[-1]]) if shared else None
             for i, layer in enumerate(self.layers):
-                if isinstance(layer, WindowStorage):
-                    layer.restore(table.state, snap[i]) if snap else layer.reset(table.state)
+                layer.restore(table.state, snap[i]) if snap else layer.reset(table.state)
             if snap:
                 self.snapshots.move_to_end(self.block_hash[shared[-1]])
         for b in shared:
@@ -247,8 +205,7 @@ class BlockPool:
         h = table.hashes[n - 1]
         if self.by_hash.get(h) != table.blocks[n - 1]:
             return  # an identical block of another sequence holds the name: its snapshot serves
-        self.snapshots[h] = [layer.snapshot(table.state) if isinstance(layer, WindowStorage) else None
-                             for layer in self.layers]
+        self.snapshots[h] = [layer.snapshot(table.state) for layer in self.layers]
         self.snapshots.move_to_end(h)
         while len(self.snapshots) > self.max_snapshots:
             self.snapshots.popitem(last=False)
@@ -304,20 +261,22 @@ class PagedBatch:
         n = torch.tensor(counts + [0] * (rows - len(tables)), dtype=torch.long, device=device)  # (rows,)
         self._positions = start[:, None] + torch.arange(T, device=device)  # (rows, T)
         self.pool, self.starts, self.counts_t = pool, start, n  # (rows,): V4's layer caches read these
-        if pool.num_states:  # V4's layer caches: each row's state and its block table as tensors (entry slots)
-            self.states = torch.tensor([t.state for t in tables] + [pool.num_states] * (rows - len(tables)),
-                                       dtype=torch.long, device=device)
-            nb = max([len(t.blocks) for t in tables] + [1])
-            self.block_ids = torch.tensor([t.blocks + [-1] * (nb - len(t.blocks)) for t in tables]
-                                          + [[-1] * nb] * (rows - len(tables)), dtype=torch.long, device=device)
-        self._layers = [LAYER_KINDS[spec.kind](self, data) for spec, data in zip(pool.specs, pool.layers)]
-        if not any(spec.kind in ("latent", "sparse_latent") for spec in pool.specs):
-            return  # V4 layers read block ids and positions, not per-token slots or a (T, S) mask
-        self.slots = pool.slots(tables, self.S, rows)  # (rows, S) read
-        real = torch.arange(T, device=device)[None, :] < n[:, None]  # (rows, T) not padding
+        self._rows, self._length, self._equal = rows, length, len(set(starts)) == 1 and len(set(counts)) == 1
+        self._layers = [layer.bind(self) for layer in pool.layers]  # each asks for the tensors it reads
+
+    def positions(self, T: int) -> torch.Tensor:
+        return self._positions
+
+    def token_slots(self) -> None:
+        """Build (once) what per-token kinds read: `slots` (rows, S) of every context position, `write`
+        (rows, T) of the new ones (padding: the scratch slot) and `mask` (rows, 1, T, S) | None."""
+        if hasattr(self, "slots"):
+            return
+        pool, rows, T, device = self.pool, self._rows, self.T, self.pool.device
+        self.slots = pool.slots(self.tables, self.S, rows)  # (rows, S) read
+        real = torch.arange(T, device=device)[None, :] < self.counts_t[:, None]  # (rows, T) not padding
         self.write = torch.where(real, self.slots.gather(1, self._positions.clamp_max(self.S - 1)), pool.scratch)
-        equal = len(set(starts)) == 1 and len(set(counts)) == 1 and rows == len(tables)
-        if T == 1 and equal and length is None:
+        if T == 1 and self._equal and rows == len(self.tables) and self._length is None:
             self.mask = None  # one new token per row, equal lengths: every gathered slot is attended
         else:
             # causal over each row's own positions; padding rows (start 0) attend their scratch slot: never an empty
@@ -325,19 +284,17 @@ class PagedBatch:
             s = torch.arange(self.S, device=device)[None, None, :]  # (1, 1, S)
             self.mask = (s <= self._positions[:, :, None])[:, None]  # (rows, 1, T, S)
 
-    def positions(self, T: int) -> torch.Tensor:
-        return self._positions
-
-    def entry_slots(self, ratio: int, entries: torch.Tensor) -> torch.Tensor:
-        """(rows, ...) compressed-entry numbers -> their slots in a `ratio` pool's entry storage: entry e lives in
-        block (e * ratio) // bs at sub-slot ((e * ratio) % bs) // ratio; past a row's blocks, the scratch slot."""
-        pool, bt = self.pool, self.block_ids  # (rows, nb)
-        bs, per = pool.block_size, pool.block_size // ratio
-        pos = entries * ratio
-        blk_idx = pos // bs
-        blk = bt.gather(1, blk_idx.clamp(max=bt.shape[1] - 1).flatten(1)).view(blk_idx.shape)
-        blk = torch.where(blk_idx < bt.shape[1], blk, -1)
-        return torch.where(blk >= 0, blk * per + (pos % bs) // ratio, pool.num_blocks * per)
+    def row_states(self) -> None:
+        """Build (once) what per-sequence-state kinds read: `states` (rows,) each row's state (padding: the
+        scratch state) and `block_ids` (rows, nb) its block table (-1 past its blocks)."""
+        if hasattr(self, "states"):
+            return
+        pool, pad, device = self.pool, self._rows - len(self.tables), self.pool.device
+        self.states = torch.tensor([t.state for t in self.tables] + [pool.num_states] * pad, dtype=torch.long,
+                                   device=device)
+        nb = max([len(t.blocks) for t in self.tables] + [1])
+        self.block_ids = torch.tensor([t.blocks + [-1] * (nb - len(t.blocks)) for t in self.tables]
+                                      + [[-1] * nb] * pad, dtype=torch.long, device=device)
 
     def layer(self, i: int):
         return self._layers[i]

@@ -1,0 +1,106 @@
+"""Cache precision (`qiusuo/cache/precision.py`): FP8 tiles against their definition, FP8 cache decoding
+against the forward without a cache (measured bounds) and against itself in one shot, bytes per token from
+the counting code against what the pool allocates, bad choices named."""
+
+import pytest
+import torch
+
+from qiusuo.cache.contiguous import ContiguousCache
+from qiusuo.cache.pool import BlockPool
+from qiusuo.cache.precision import CacheDtype, Fp8Tiles
+from qiusuo.cache.spec import block_bytes, state_bytes
+from qiusuo.config import get_config
+from qiusuo.model.count import cache_bytes_per_token
+from qiusuo.model.transformer import Transformer
+
+CONFIGS = {
+    "v3": dict(name="tiny"),
+    "v32": dict(name="tiny", model_type="deepseek_v32", index_n_heads=16, index_head_dim=16, index_topk=8),
+    "v4": dict(name="v4-tiny", index_n_heads=16),
+}
+# FP8 cache logits vs the forward without a cache, 48 tokens (30 prefilled, 18 decoded), seed-0 tiny models:
+# measured max 0.0086 (V3), 0.10 (V3.2: a few indexer choices flip), 0.043 (V4); mean 0.0008, 0.0042, 0.0033.
+# Bounds about 3x those
+MAX_DIFF = {"v3": 0.03, "v32": 0.3, "v4": 0.15}
+MEAN_DIFF = 0.012
+
+
+def tiny(kind: str) -> Transformer:
+    kw = dict(CONFIGS[kind])
+    torch.manual_seed(0)
+    return Transformer(get_config(kw.pop("name"), num_nextn_predict_layers=0, **kw)).eval()
+
+
+def test_fp8_tiles_roundtrip():
+    """Each value within e4m3's half-ulp (1/16 relative) of itself, or a subnormal step of its tile's scale; the
+    rotary part exactly bf16; reading what was read gives it back (power-of-two scales re-quantise exactly);
+    writes and reads by slot give the roundtrip; an all-zero row stays zero."""
+    comp = Fp8Tiles((8,), 96, 32, "cpu")  # 64 quantised values: one tile
+    x = torch.randn(200, 96) * torch.logspace(-3, 2, 200)[:, None]  # rows across 5 decades
+    x[:, 5] *= 50  # an outlier channel
+    x[0] = 0
+    r = comp.roundtrip(x).float()
+    q = x[:, :64]
+    amax = q.abs().amax(-1, keepdim=True)
+    assert ((r[:, :64] - q).abs() <= q.abs() / 16 + amax / (224 * 1024)).all()
+    assert torch.equal(r[:, 64:], x[:, 64:].to(torch.bfloat16).float())
+    assert torch.equal(comp.roundtrip(r), r.to(torch.bfloat16))
+    assert r[0].abs().sum() == 0
+    at = (torch.tensor([3, 1]),)
+    comp.write(at, x[10:12])
+    assert torch.equal(comp.read(at).float(), r[10:12])
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_fp8_cache_decoding_is_close_to_full_precision(kind):
+    """Prefill 30 tokens then decode 18 through an FP8 cache: within the measured bounds of the forward without
+    a cache, and close to one prefill of all 48 through an FP8 cache (a token's key is read as stored, new or
+    cached). Not bit for bit: the two compute each key with different kernels (~1e-7 apart), which can move a
+    value across an e4m3 rounding boundary (one code: 1/16 relative); measured 3e-7 with AVX2 kernels, 0.0021
+    (V4) under ATEN_CPU_CAPABILITY=default."""
+    m = tiny(kind)
+    ids = torch.randint(0, m.cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = m(ids)
+        cache = ContiguousCache(m.cache_specs(), 2, 48, dtype="fp8")
+        steps = torch.cat([m(ids[:, :30], cache=cache)] + [m(ids[:, t: t + 1], cache=cache) for t in range(30, 48)], 1)
+        once = m(ids, cache=ContiguousCache(m.cache_specs(), 2, 48, dtype="fp8"))
+    d = (steps - full).abs()
+    assert d.max() < MAX_DIFF[kind] and d.mean() < MEAN_DIFF
+    assert d.max() > 1e-4  # the cache really was FP8
+    assert (steps - once).abs().max() < 0.01
+
+
+def test_bytes_per_token_per_dtype():
+    """The counting code at the published shapes (DeepSeek-V3's latent: 576 values; FP8: 512 e4m3 + 8 scales +
+    64 bf16 = 648 bytes; V3.2 adds a 128-wide indexer key, 130 bytes in FP8), and what a pool allocates per
+    block and per sequence state equals what the budget counts, for every kind."""
+    v3, v32 = get_config("deepseek-v3"), get_config("deepseek-v3.2")
+    assert cache_bytes_per_token(v3, "bf16") == 576 * 2 * 61 == 70_272
+    assert cache_bytes_per_token(v3, "fp8") == 648 * 61
+    assert cache_bytes_per_token(v32, "fp8") == (648 + 130) * 61
+    flash = get_config("deepseek-v4-flash")
+    assert cache_bytes_per_token(flash, "fp8", 1 << 20) < 0.6 * cache_bytes_per_token(flash, "bf16", 1 << 20)
+    for kind in CONFIGS:
+        specs = tiny(kind).cache_specs()
+        for dt in ("fp32", "bf16", "fp8"):
+            cd = CacheDtype.of(dt)
+            states = 2 if state_bytes(specs, cd) else 0
+
+            def allocated(blocks: int, n_states: int) -> int:
+                pool = BlockPool(specs, blocks, 16, dtype=dt, num_states=n_states)
+                return sum(t.nbytes for layer in pool.layers for t in layer.tensors)
+
+            assert allocated(5, states) - allocated(3, states) == 2 * block_bytes(specs, 16, cd)
+            if states:
+                assert allocated(3, 3) - allocated(3, 2) == state_bytes(specs, cd)
+
+
+def test_bad_cache_dtypes_are_named():
+    for bad in ("fp4", "int8", torch.int8, torch.float8_e4m3fn):
+        with pytest.raises(ValueError, match="cache dtype"):
+            CacheDtype.of(bad)
+    with pytest.raises(ValueError, match="auto, bf16, fp8"):
+        cache_bytes_per_token(get_config("tiny"), "e5m2")
+    with pytest.raises(ValueError, match="cache dtype"):
+        tiny("v3").generate(torch.zeros(1, 3, dtype=torch.long), 2, kv_cache_dtype="half-precision")
