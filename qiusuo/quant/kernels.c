@@ -413,9 +413,12 @@ static inline __attribute__((always_inline)) void kern8(const int fmt, const int
     for (int r = 0; r < NR; r++) rs[r] = row_scales(fmt, w, n + r);
     for (int m = 0; m < MR; m++)
         for (int r = 0; r < NR; r++) acc[m][r] = _mm256_setzero_ps();
-    for (int64_t sb = s0; sb < s1; sb++) {
-        const int nblk = K - sb * 256 >= 256 ? 8 : (int)((K - sb * 256) / 32);
-        for (int r = 0; r < NR; r++) {
+    /* one row after another, each read front to back. Stepping the NR rows' superblocks in turn (NR streams a row
+       apart, each advancing 128-256 bytes) is a pattern the hardware prefetchers follow badly: it decoded short
+       rows (K of 1-2k) at a fraction of the memory's rate (docs/quant.md). x is reloaded per row either way. */
+    for (int r = 0; r < NR; r++) {
+      for (int64_t sb = s0; sb < s1; sb++) {
+            const int nblk = K - sb * 256 >= 256 ? 8 : (int)((K - sb * 256) / 32);
             const uint8_t *qp = w->q + (n + r) * qrow + sb * bsb;
             uint8_t pad[256] __attribute__((aligned(32)));
             if (nblk < 8) {  /* the row's last, partial superblock: zero codes past its end (their x codes are 0) */
