@@ -46,6 +46,21 @@ def test_chat_keeps_conversation_and_reuses_cached_prefix(model_dir, capsys, mon
 
 # ---- Ctrl-C ----
 
+def _default_sigint() -> None:
+    """In a child before exec: SIGINT back to its default, so Python installs its KeyboardInterrupt handler. A
+    process started in the background by a shell without job control (a CI script's `cmd &`) ignores SIGINT, and
+    its children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def python_sigint():
+    """SIGINT raises KeyboardInterrupt in this process for the test (Python's own handler), as at a terminal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def endless_dir(tmp_path_factory, tok):
     """A model folder whose replies end only at max_tokens: a 4,096-token context, and a tokenizer with no EOS
@@ -66,7 +81,7 @@ def test_generate_ctrl_c_is_one_line_and_exit_130(endless_dir):
     """A real SIGINT to `qiusuo generate` mid-stream: one line on stderr, exit code 130, no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "qiusuo", "generate", "--model", str(endless_dir), "--prompt",
                              "The quick brown fox", "--max-tokens", "4000", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     try:
         assert proc.stdout.read(1), "no text streamed"  # the model is loaded and decoding
         proc.send_signal(signal.SIGINT)
@@ -81,7 +96,8 @@ def test_generate_ctrl_c_is_one_line_and_exit_130(endless_dir):
 
 
 @pytest.mark.parametrize("how", ["signal", "exception"])
-def test_chat_ctrl_c_stops_the_reply_frees_it_and_returns_to_the_prompt(model_dir, capsys, monkeypatch, how):
+def test_chat_ctrl_c_stops_the_reply_frees_it_and_returns_to_the_prompt(model_dir, capsys, monkeypatch, how,
+                                                                       python_sigint):
     """Ctrl-C during a reply: the request is aborted (the engine ends with nothing running and no block held),
     the turn left out, and the next turn runs. "signal": a real SIGINT, held by the engine to the end of its step;
     "exception": a KeyboardInterrupt inside a step (as a second Ctrl-C would raise)."""
