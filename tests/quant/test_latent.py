@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from qiusuo.config import get_config
-from qiusuo.data.tokenizer import Tokenizer
 from qiusuo.hf import load_model, save_hf
 from qiusuo.infer.engine import Engine
 from qiusuo.infer.sampling import SamplingParams
@@ -67,21 +66,8 @@ def test_shapes_the_kernels_cannot_take_stay_in_float():
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 4] * 8, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    torch.manual_seed(0)
-    m = Transformer(get_config("tiny", vocab_size=tok.vocab_size, hidden_size=128, qk_nope_head_dim=32,
-                               kv_lora_rank=64, v_head_dim=32, num_nextn_predict_layers=0)).eval()
-    m.reset_parameters(0)
-    with torch.no_grad():
-        for t in m.parameters():
-            if t.dim() >= 2:
-                t.add_(0.05 * torch.randn_like(t))
-    return m
+def model(perturbed):
+    return perturbed(hidden_size=128, qk_nope_head_dim=32, kv_lora_rank=64, v_head_dim=32)
 
 
 def test_packed_model_decodes_through_the_engine_as_generate(model, tok):

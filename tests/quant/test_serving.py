@@ -3,16 +3,12 @@
 and `load_engine` keeps a checkpoint's formats by default."""
 
 import pytest
-import torch
 from torch._dynamo.utils import counters
 
-from qiusuo.config import get_config
-from qiusuo.data.tokenizer import Tokenizer
 from qiusuo.hf import save_hf
 from qiusuo.infer.engine import Engine
 from qiusuo.infer.load import load_engine
 from qiusuo.infer.sampling import SamplingParams
-from qiusuo.model.transformer import Transformer
 from qiusuo.quant.apply import formats_of, parse_spec, quantize_model, set_activations
 from greedy import unambiguous  # tests/greedy.py
 
@@ -20,20 +16,8 @@ GREEDY = dict(temperature=0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return Tokenizer.train(["the quick brown fox jumps over the lazy dog " * 4] * 8, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def packed(tok):
-    torch.manual_seed(0)
-    model = Transformer(get_config("tiny", vocab_size=tok.vocab_size, hidden_size=128, moe_intermediate_size=64,
-                                   intermediate_size=256, num_nextn_predict_layers=0)).eval()
-    model.reset_parameters(0)
-    with torch.no_grad():
-        for t in model.parameters():
-            if t.dim() >= 2:
-                t.add_(0.05 * torch.randn_like(t))
+def packed(perturbed):
+    model = perturbed(hidden_size=128, moe_intermediate_size=64, intermediate_size=256)
     # float32 activations: the engine's attention rounds differently from generate's by ~1e-7, which can move a q8
     # code of x (a step of ~1/127 of its block); test_formats holds q8 to its own reference
     return set_activations(quantize_model(model, parse_spec("experts=int4,shared=int8,dense=int8,attention=int8")),
