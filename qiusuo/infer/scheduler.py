@@ -31,11 +31,12 @@ from qiusuo.infer.sequence import Request, Sequence
 def pool_blocks(bytes_per_token: int, block_size: int, max_batch: int, max_model_len: int,
                 cache_memory: int | None) -> int:
     """Blocks for the pool: room for every batch row at full context, within `cache_memory` bytes (default: at
-    most 1 GiB)."""
+    most 1 GiB). A model whose layers keep no paged rows (V4 with sliding-window layers only: the rings live in
+    per-sequence states) has blocks of no bytes; it gets a block for every row at full context, for the tables."""
     per_block = block_size * bytes_per_token
     wanted = -(-max_batch * max_model_len // block_size)
     budget = cache_memory if cache_memory is not None else min(wanted * per_block, 1 << 30)
-    num_blocks = min(wanted, budget // per_block)
+    num_blocks = min(wanted, budget // per_block) if per_block else wanted
     if num_blocks < 1:
         raise ValueError(f"cache_memory={budget} bytes holds no block of {per_block} bytes; raise it")
     return num_blocks

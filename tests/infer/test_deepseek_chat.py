@@ -61,8 +61,10 @@ def folder(tmp_path_factory):
     (src / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
     tok = Tokenizer.from_dir(src)
     torch.manual_seed(0)
+    # one layer: the prompts, parsers and streaming are under test, not the layers (hundreds of steered steps)
     model = Transformer(get_config("v4-tiny", vocab_size=tok.vocab_size, num_nextn_predict_layers=0,
-                                   max_position_embeddings=4096)).eval()
+                                   max_position_embeddings=4096, num_hidden_layers=1,
+                                   layer_types=["sliding_attention"], mlp_layer_types=["moe"])).eval()
     save_hf(model, d, tokenizer=tok, progress=False)
     return d
 

@@ -117,9 +117,13 @@ def test_aborted_and_finished_requests_leave_nothing_behind(v4, tok):
     assert got and engine.pool.used_blocks == 0 and len(engine.pool.free_states) == 4
 
 
-def test_compiled_decoding_equals_eager(v4, tok):
+def test_compiled_decoding_equals_eager(tok):
     """The compiled step (rows padded to a power of two, context gathered in multiples of 64) on V4's paged
-    caches: the same greedy tokens as eager for ragged requests."""
+    caches: the same greedy tokens as eager for ragged requests. One layer of each attention kind (compiling
+    is most of this test's time)."""
+    v4 = perturbed(get_config("v4-tiny", vocab_size=tok.vocab_size, num_nextn_predict_layers=0, index_n_heads=16,
+                              num_hidden_layers=3, mlp_layer_types=["hash_moe", "moe", "moe"], layer_types=[
+                                  "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]))
     ps = prompts(tok, (5, 30, 19), seed=4)
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     eager = Engine(v4, tok, max_batch=4, max_model_len=96).generate(ps, params)

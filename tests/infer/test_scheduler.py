@@ -40,5 +40,6 @@ def test_pool_budget():
     assert pool_blocks(100, block_size=4, max_batch=2, max_model_len=10, cache_memory=None) == 5  # every row full
     assert pool_blocks(100, block_size=4, max_batch=2, max_model_len=10, cache_memory=1000) == 2
     assert pool_blocks(10**8, block_size=4, max_batch=2, max_model_len=10, cache_memory=None) == 2  # 1 GiB cap
+    assert pool_blocks(0, block_size=4, max_batch=2, max_model_len=10, cache_memory=None) == 5  # window layers only
     with pytest.raises(ValueError, match="cache_memory"):
         pool_blocks(100, block_size=4, max_batch=2, max_model_len=10, cache_memory=100)

@@ -29,7 +29,7 @@ TINY = ["--config", "pretrain-tiny", "--run.progress=false", "--run.threads=1", 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("folder_data")
-    prepare(out, max_bytes=100_000, vocab_size=512, val_fraction=0.1, progress=False)
+    prepare(out, max_bytes=100_000, vocab_size=512, val_fraction=0.03, progress=False)
     return out
 
 

@@ -22,7 +22,7 @@ from qiusuo.train.trainer import Interrupted, Trainer, TrainingDiverged
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("train_data")
-    prepare(out, max_bytes=150_000, vocab_size=512, val_fraction=0.1, progress=False)
+    prepare(out, max_bytes=150_000, vocab_size=512, val_fraction=0.03, progress=False)
     return out
 
 

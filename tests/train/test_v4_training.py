@@ -14,7 +14,7 @@ from qiusuo.train.trainer import Trainer
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("v4_data")
-    prepare(out, max_bytes=150_000, vocab_size=512, val_fraction=0.1, progress=False)
+    prepare(out, max_bytes=150_000, vocab_size=512, val_fraction=0.03, progress=False)
     return out
 
 
