@@ -387,6 +387,15 @@ static inline __m256 wscale8(const int fmt, const uint8_t *rs, int64_t sb, int n
     return _mm256_loadu_ps(t);
 }
 
+/* 32 bytes at p of which `have` (a multiple of 16) are the row's: those past it read as 0 codes (their x codes are 0)
+   and are not read. Why not a zero-padded copy: rows of one superblock or less (MLA's per-head kv_b_proj, K = 128)
+   spent more time copying than multiplying. */
+static inline __m256i load_part(const uint8_t *p, int64_t have) {
+    if (have >= 32) return _mm256_loadu_si256((const __m256i *)p);
+    if (have >= 16) return _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_setzero_si256();
+}
+
 /* acc += (block sums + corrections) * (d_x * s_w): the only float arithmetic of the q8 path */
 static inline __m256 q8_finish(__m256 acc, __m256i p, const uint8_t *rec, __m256 sw) {
     p = _mm256_add_epi32(p, _mm256_loadu_si256((const __m256i *)(rec + 288)));
@@ -420,17 +429,16 @@ static inline __attribute__((always_inline)) void kern8(const int fmt, const int
       for (int64_t sb = s0; sb < s1; sb++) {
             const int nblk = K - sb * 256 >= 256 ? 8 : (int)((K - sb * 256) / 32);
             const uint8_t *qp = w->q + (n + r) * qrow + sb * bsb;
-            uint8_t pad[256] __attribute__((aligned(32)));
-            if (nblk < 8) {  /* the row's last, partial superblock: zero codes past its end (their x codes are 0) */
-                memset(pad, 0, sizeof pad);
-                memcpy(pad, qp, (size_t)(nblk * bsb / 8));
-                qp = pad;
-            }
+            const int64_t have = nblk * bsb / 8;  /* bytes of this superblock in the row (a last one may be partial) */
             const __m256 sw = wscale8(fmt, rs[r], sb, nblk, bpg);
+            /* the superblock 16 ahead (this row's, then the next one's: rows are adjacent), every line of it: with
+               one stream per thread the hardware prefetchers alone left the memory's rate a quarter short
+               (docs/quant.md) */
+            for (int64_t l = 0; l < bsb; l += 64) _mm_prefetch((const char *)(qp + 16 * bsb + l), _MM_HINT_T0);
             if (fmt == F_INT8) {
                 __m256i v[8], u[8];
                 for (int j = 0; j < 8; j++) {
-                    v[j] = _mm256_loadu_si256((const __m256i *)(qp + 32 * j));
+                    v[j] = load_part(qp + 32 * j, have - 32 * j);
 #if QS_VNNI
                     u[j] = _mm256_xor_si256(v[j], _mm256_set1_epi8((char)0x80));  /* q + 128 */
 #else
@@ -457,7 +465,7 @@ static inline __attribute__((always_inline)) void kern8(const int fmt, const int
             } else {
                 __m256i lo[4], hi[4];
                 for (int j = 0; j < 4; j++) {
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(qp + 32 * j));
+                    __m256i v = load_part(qp + 32 * j, have - 32 * j);
                     lo[j] = _mm256_and_si256(v, nib);
                     hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
                     if (fmt == F_MXFP4) {
@@ -637,11 +645,13 @@ static void run_item(const wts *w, int act, const uint8_t *x, int64_t M, float *
     const int64_t K = w->K, xrow = xrow_bytes(act, K);
 #if QS_SIMD
     /* chunks of columns whose packed x (mr rows) fits in half of L1: fp32 4096 / mr columns (16 KiB); q8 48 / mr
-       superblocks (15 KiB) */
+       superblocks (15 KiB), but at mr = 1 up to 128 (40 KiB, from L2): one row of x then covers K <= 32768 and each
+       weight row is read in one run (at K = 16384 two chunks per row, two passes over the item's rows, read V3's
+       o_proj at two thirds of the rate of one) */
     const int64_t span = act == A_Q8 ? 256 : 1, cols = act == A_Q8 ? (K + 255) / 256 : K;
     for (int64_t m0 = 0; m0 < M;) {
         const int mi = mblock(M - m0), mr = 1 << mi, nr = NR_OF[mi];
-        const int64_t kc = act == A_Q8 ? 48 / mr : 4096 / mr;
+        const int64_t kc = act == A_Q8 ? (mr == 1 ? 128 : 48 / mr) : 4096 / mr;
         const kern_fn full = KERNELS[act][w->fmt][mi][0], one = KERNELS[act][w->fmt][mi][1];
         for (int64_t k0 = 0; k0 < cols; k0 += kc) {
             int64_t k1 = k0 + kc < cols ? k0 + kc : cols, n = n0;
