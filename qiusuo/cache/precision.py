@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qiusuo.quant.kernels import fp8_rows
+
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8")  # the command line's choices (`fp32` too, from the Python API)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3's largest finite value
@@ -71,15 +73,16 @@ class Plain:
 
 class Fp8Tiles:
     """A key component in FP8: the first `width - rotary` values in e4m3, one ue8m0 scale (a biased exponent,
-    uint8) per tile of `_tile` values, the last `rotary` values in bf16. Reads return bf16, exactly."""
+    uint8) per tile of `_tile` values, the last `rotary` values in bf16. Reads return `dtype` (bf16, or float32 for
+    a float32 model: the same values, each exact in bf16, without a conversion pass in the attention)."""
 
-    def __init__(self, shape: tuple[int, ...], width: int, rotary: int, device):
+    def __init__(self, shape: tuple[int, ...], width: int, rotary: int, device, dtype: torch.dtype = torch.bfloat16):
         q = width - rotary
         self.width, self.q, self.tile = width, q, _tile(q)
         self.codes = torch.zeros(*shape, q, dtype=FP8, device=device)
         self.exps = torch.zeros(*shape, q // self.tile, dtype=torch.uint8, device=device)  # 2^(e - 127)
         self.rot = torch.zeros(*shape, rotary, dtype=torch.bfloat16, device=device)
-        self.dtype = torch.bfloat16  # what reads return
+        self.dtype = dtype  # what reads return
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -96,21 +99,28 @@ class Fp8Tiles:
         return scaled.flatten(-2).to(FP8), (e + 127).to(torch.uint8), rows[..., self.q:].to(torch.bfloat16)
 
     def dequantise(self, codes: torch.Tensor, exps: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-        """The stored parts of rows (..., q), (..., q / tile), (..., r) -> (..., width) bf16."""
+        """The stored parts of rows (..., q), (..., q / tile), (..., r) -> (..., width) in `dtype`."""
         scale = torch.exp2(exps.to(torch.float32) - 127)  # (..., n_tiles)
         vals = codes.to(torch.float32).unflatten(-1, (-1, self.tile)) * scale[..., None]  # exact in bf16
-        return torch.cat([vals.flatten(-2).to(torch.bfloat16), rot], -1)
+        return torch.cat([vals.flatten(-2).to(self.dtype), rot.to(self.dtype)], -1)
 
     def write(self, index: tuple[torch.Tensor, ...], rows: torch.Tensor) -> None:
         for t, part in zip(self.tensors, self.quantise(rows)):
             t.index_put_(index, part)
 
     def read(self, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        if len(index) == 1:
-            at = index[0].reshape(-1)
-            parts = [t.index_select(0, at).view(*index[0].shape, t.shape[-1]) for t in self.tensors]
-        else:
-            parts = [t[index] for t in self.tensors]
+        """(*index shape, width) the rows at `index` (one tensor per leading dim, broadcast together); on a CPU
+        one C pass over the rows' bytes (`kernels.fp8_rows`), else gathers and `dequantise`."""
+        index = torch.broadcast_tensors(*index)
+        flat = index[0]
+        for i, d in zip(index[1:], self.codes.shape[1:-1]):  # (state, slot) -> the row of the flattened ring
+            flat = flat * d + i
+        at, n = flat.reshape(-1), self.codes.shape[:-1].numel()
+        codes, exps, rot = (t.view(n, t.shape[-1]) for t in self.tensors)
+        rows = fp8_rows(codes.view(torch.uint8), exps, rot, at, self.dtype)
+        if rows is not None:
+            return rows.view(*flat.shape, self.width)
+        parts = [t.index_select(0, at).view(*flat.shape, t.shape[-1]) for t in (codes, exps, rot)]
         return self.dequantise(*parts)
 
     def roundtrip(self, rows: torch.Tensor) -> torch.Tensor:
@@ -120,10 +130,11 @@ class Fp8Tiles:
 @dataclass(frozen=True)
 class CacheDtype:
     """The cache's precision: `plain` for everything (fp8=False), or FP8 keys with their rotary parts and the
-    non-key components in `plain` (bf16)."""
+    non-key components in `plain` (bf16), the keys read as `read` (the model's float32, else bf16)."""
 
     plain: torch.dtype
     fp8: bool = False
+    read: torch.dtype = torch.bfloat16
 
     @staticmethod
     def of(choice: "CacheDtype | torch.dtype | str | None", model_dtype: torch.dtype = torch.float32) -> "CacheDtype":
@@ -138,7 +149,8 @@ class CacheDtype:
                                  "'fp8'")
             return CacheDtype(choice)
         if choice == "fp8":
-            return CacheDtype(torch.bfloat16, fp8=True)
+            return CacheDtype(torch.bfloat16, fp8=True, read=torch.float32 if model_dtype == torch.float32
+                              else torch.bfloat16)
         if choice in _NAMES:
             return CacheDtype(_NAMES[choice])
         raise ValueError(f"unknown kv cache dtype {choice!r}; choose one of {', '.join(KV_CACHE_DTYPES)} (or fp32)")
@@ -150,7 +162,7 @@ class CacheDtype:
     def key(self, shape: tuple[int, ...], width: int, rotary: int, device) -> Plain | Fp8Tiles:
         """A key-like component (latents, keys, compressed entries): FP8 tiles under fp8, else plain."""
         if self.fp8 and width > rotary:
-            return Fp8Tiles(shape, width, rotary, device)
+            return Fp8Tiles(shape, width, rotary, device, self.read)
         return Plain(shape, width, self.plain, device)
 
     def state(self, shape: tuple[int, ...], width: int, device, fill: float = 0.0) -> Plain:

@@ -259,6 +259,8 @@ def _load(extra: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | None]:
                                   ctypes.c_int]
     lib.qs_grouped_mm.restype = ctypes.c_int
     lib.qs_simd.restype = ctypes.c_int
+    lib.qs_fp8_rows.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
+    lib.qs_fp8_rows.restype = ctypes.c_int
     lib.qs_vnni.restype = ctypes.c_int
     return lib, None
 
@@ -391,6 +393,33 @@ class Bound:
 
     def __deepcopy__(self, memo):
         return None  # a copied module binds its own copies of the weights on its first call
+
+
+def fp8_rows(codes: Tensor, exps: Tensor, rot: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """FP8 cache rows gathered and dequantised in one pass (`qiusuo.cache.precision.Fp8Tiles`'s layout): codes
+    (S, q) e4m3, exps (S, q / tile) biased exponents, rot (S, r) bf16, index (n,) -> (n, q + r) in `dtype`
+    (float32 or bfloat16; the same values either way). None where the C kernels do not serve (off the CPU, not
+    contiguous, another dtype, while compiling, QIUSUO_KERNELS=0): the caller's torch formulation then, which is
+    the reference (tests/cache/test_precision.py)."""
+    if dtype not in (torch.float32, torch.bfloat16) or torch.compiler.is_compiling() or \
+            os.environ.get("QIUSUO_KERNELS", "1") == "0":
+        return None
+    if index.dtype != torch.int64 or index.dim() != 1 or not all(
+            t.device.type == "cpu" and t.is_contiguous() for t in (codes, exps, rot, index)):
+        return None
+    lib = _load()[0]
+    if lib is None:
+        return None
+    S, q = codes.shape
+    out = torch.empty(index.numel(), q + rot.shape[1], dtype=dtype)
+    rc = lib.qs_fp8_rows(codes.data_ptr(), exps.data_ptr(), rot.data_ptr(), S, index.data_ptr(), index.numel(), q,
+                         q // max(1, exps.shape[1]), rot.shape[1], int(dtype == torch.bfloat16), out.data_ptr(),
+                         torch.get_num_threads())
+    if rc == -2:
+        raise IndexError(f"cache slots out of range [0, {S})")
+    if rc:
+        raise RuntimeError(f"qs_fp8_rows refused codes {tuple(codes.shape)} exps {tuple(exps.shape)}")
+    return out
 
 
 # ---- the custom ops ----

@@ -51,6 +51,36 @@ def test_fp8_tiles_roundtrip():
     assert torch.equal(comp.read(at).float(), r[10:12])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_reads_in_one_c_pass_equal_the_torch_formulation(dtype, monkeypatch):
+    """The C gather + dequantisation (`kernels.fp8_rows`, what a CPU read runs) against `dequantise` of the
+    gathered parts, bit for bit: every e4m3 code but NaN (subnormals, both zeros), scale exponents from 0 (2^-127)
+    to 254, a tile width that leaves a tail past the vector loop, repeated and unordered slots."""
+    from qiusuo.quant import kernels
+
+    if not kernels.available():
+        pytest.skip(kernels.build_error())
+    comp = Fp8Tiles((300,), 60, 12, "cpu", dtype)  # 48 quantised values: tiles of 16
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, comp.codes.shape, generator=g, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x11  # no NaN
+    codes[0, :] = torch.arange(48, dtype=torch.uint8)  # zero and the subnormals
+    comp.codes.copy_(codes.view(torch.float8_e4m3fn))
+    comp.exps.copy_(torch.randint(100, 150, comp.exps.shape, generator=g, dtype=torch.uint8))
+    comp.exps[1] = torch.tensor([0, 254, 127], dtype=torch.uint8)
+    comp.rot.copy_(torch.randn(comp.rot.shape, generator=g))
+    at = (torch.tensor([[1, 0, 299], [5, 5, 42]]),)
+    fast = comp.read(at)
+    monkeypatch.setenv("QIUSUO_KERNELS", "0")
+    slow = comp.read(at)
+    assert fast.dtype == slow.dtype == dtype and fast.shape == (2, 3, 60)
+    assert torch.equal(fast.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       slow.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+    monkeypatch.delenv("QIUSUO_KERNELS")
+    with pytest.raises(IndexError, match="out of range"):
+        comp.read((torch.tensor([300]),))
+
+
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_fp8_cache_decoding_is_close_to_full_precision(kind):
     """Prefill 30 tokens then decode 18 through an FP8 cache: within the measured bounds of the forward without
