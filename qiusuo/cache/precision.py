@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qiusuo.quant.kernels import fp8_rows
+from qiusuo.quant.kernels import fp8_rows, fp8_write
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8")  # the command line's choices (`fp32` too, from the Python API)
 FP8 = torch.float8_e4m3fn
@@ -94,8 +94,9 @@ class Fp8Tiles:
         x = rows[..., : self.q].float()
         tiles = x.unflatten(-1, (-1, self.tile))  # (..., n_tiles, tile)
         amax = tiles.abs().amax(-1).clamp_min(2.0**-100)  # (..., n_tiles)
-        e = torch.ceil(torch.log2(amax / FP8_MAX)).clamp(-127, 127)
-        scaled = (tiles * torch.exp2(-e)[..., None]).clamp(-FP8_MAX, FP8_MAX)  # clamp: log2's rounding
+        m, k = torch.frexp(amax / FP8_MAX)  # exactly ceil(log2(.)), where log2's rounding can miss an integer
+        e = (k - (m == 0.5).to(k.dtype)).clamp(-127, 127).float()
+        scaled = (tiles * torch.exp2(-e)[..., None]).clamp(-FP8_MAX, FP8_MAX)
         return scaled.flatten(-2).to(FP8), (e + 127).to(torch.uint8), rows[..., self.q:].to(torch.bfloat16)
 
     def dequantise(self, codes: torch.Tensor, exps: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -105,16 +106,29 @@ class Fp8Tiles:
         return torch.cat([vals.flatten(-2).to(self.dtype), rot.to(self.dtype)], -1)
 
     def write(self, index: tuple[torch.Tensor, ...], rows: torch.Tensor) -> None:
+        """rows (N, width) to `index` (one (N,) tensor per leading dim): on a CPU one C pass
+        (`kernels.fp8_write`), else `quantise` and three index_put_."""
+        if rows.dim() == 2:
+            flat, n = self._flat(index), self.codes.shape[:-1].numel()
+            codes, exps, rot = (t.view(n, t.shape[-1]) for t in self.tensors)
+            if fp8_write(rows, flat.reshape(-1), codes.view(torch.uint8), exps, rot):
+                return
         for t, part in zip(self.tensors, self.quantise(rows)):
             t.index_put_(index, part)
+
+    def _flat(self, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """One index (broadcast shape) into the rows of the tensors viewed as (rows, values): (state, slot) -> the
+        row of the flattened ring."""
+        index = torch.broadcast_tensors(*index)
+        flat = index[0]
+        for i, d in zip(index[1:], self.codes.shape[1:-1]):
+            flat = flat * d + i
+        return flat
 
     def read(self, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(*index shape, width) the rows at `index` (one tensor per leading dim, broadcast together); on a CPU
         one C pass over the rows' bytes (`kernels.fp8_rows`), else gathers and `dequantise`."""
-        index = torch.broadcast_tensors(*index)
-        flat = index[0]
-        for i, d in zip(index[1:], self.codes.shape[1:-1]):  # (state, slot) -> the row of the flattened ring
-            flat = flat * d + i
+        flat = self._flat(index)
         at, n = flat.reshape(-1), self.codes.shape[:-1].numel()
         codes, exps, rot = (t.view(n, t.shape[-1]) for t in self.tensors)
         rows = fp8_rows(codes.view(torch.uint8), exps, rot, at, self.dtype)
@@ -124,6 +138,17 @@ class Fp8Tiles:
         return self.dequantise(*parts)
 
     def roundtrip(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows (..., width) as the cache will return them: on a CPU through the C write and read of a scratch
+        of these rows (two calls instead of ~20 torch ops: a V4 window step makes one per layer)."""
+        flat = rows.reshape(-1, self.width)
+        n = flat.shape[0]
+        parts = [torch.empty(n, t.shape[-1], dtype=torch.uint8 if t.dtype == FP8 else t.dtype, device=t.device)
+                 for t in self.tensors]
+        at = torch.arange(n, device=rows.device)
+        if fp8_write(flat, at, *parts):
+            out = fp8_rows(*parts, at, self.dtype)
+            if out is not None:
+                return out.view(rows.shape)
         return self.dequantise(*self.quantise(rows))
 
 

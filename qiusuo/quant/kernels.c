@@ -843,3 +843,62 @@ int qs_fp8_rows(const uint8_t *codes, const uint8_t *exps, const uint16_t *rot, 
     }
     return 0;
 }
+
+/* float32 -> e4m3 (finite, |x| <= 448), rounded to nearest even as torch's conversion does: normals keep 3 mantissa
+   bits (the rounding may carry into the exponent), values below 2^-6 are multiples of 2^-9 (subnormals; 8 of them
+   is 2^-6, whose code 0x08 is the same bits). NaN stays NaN (0x7F with its sign). */
+static inline uint8_t f32_to_e4m3(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    const uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    u &= 0x7FFFFFFFu;
+    if (u > 0x7F800000u) return sign | 0x7F;
+    float a;
+    memcpy(&a, &u, 4);
+    if (a < 0x1p-6f) return sign | (uint8_t)(int)((a * 512.0f + 0x1.8p23f) - 0x1.8p23f);
+    u += 0x7FFFFu + ((u >> 20) & 1u);
+    return sign | (uint8_t)(((((u >> 23) & 0xFF) - 120) << 3) | ((u >> 20) & 7));
+}
+
+/* rows (n, q + r) float32 into FP8 cache slots idx[i] (codes (S, q), exps (S, q / tile), rot (S, r) bf16 bits), as
+   Fp8Tiles.quantise does: per tile of `tile` values amax (at least 2^-100), e = ceil(log2(amax / 448)) exactly (from
+   the float's bits: the smallest power of two scale bringing amax within 448), clamped to [-127, 127], codes e4m3(x * 2^-e)
+   clamped to +-448, stored exponent e + 127; the rotary part rounded to bf16. -2 when an index is outside [0, S). */
+int qs_fp8_write(const float *rows, int64_t n, const int64_t *idx, int64_t S, uint8_t *codes, uint8_t *exps,
+                 uint16_t *rot, int64_t q, int64_t tile, int64_t r) {
+    if (n < 0 || q <= 0 || r < 0 || tile <= 0 || q % tile) return -1;
+    for (int64_t i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= S) return -2;
+    const int64_t nt = q / tile;
+    for (int64_t i = 0; i < n; i++) {
+        const float *x = rows + i * (q + r);
+        uint8_t *c = codes + idx[i] * q, *ep = exps + idx[i] * nt;
+        for (int64_t t = 0; t < nt; t++) {
+            const float *xt = x + t * tile;
+            float amax = 0x1p-100f;
+            for (int64_t k = 0; k < tile; k++) {
+                const float v = xt[k] < 0 ? -xt[k] : xt[k];
+                amax = v > amax ? v : amax;  /* (a NaN row writes garbage either way) */
+            }
+            /* amax / 448 >= 2^-109 is a normal float 1.M * 2^(E - 127): ceil(log2) is E - 127, plus 1 if M != 0 */
+            const float v = amax / 448.0f;
+            uint32_t b;
+            memcpy(&b, &v, 4);
+            int e = (int)((b >> 23) & 0xFF) - 127 + ((b & 0x7FFFFFu) != 0);
+            e = e < -127 ? -127 : e > 127 ? 127 : e;
+            ep[t] = (uint8_t)(e + 127);
+            const float s = e8m0_to_f32((uint8_t)(127 - e));  /* 2^-e */
+            for (int64_t k = 0; k < tile; k++) {
+                float v = xt[k] * s;
+                v = v > 448.0f ? 448.0f : v < -448.0f ? -448.0f : v;
+                c[t * tile + k] = f32_to_e4m3(v);
+            }
+        }
+        for (int64_t k = 0; k < r; k++) {
+            uint32_t u;
+            memcpy(&u, x + q + k, 4);
+            rot[idx[i] * r + k] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        }
+    }
+    return 0;
+}

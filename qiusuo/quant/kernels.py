@@ -261,6 +261,8 @@ def _load(extra: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | None]:
     lib.qs_simd.restype = ctypes.c_int
     lib.qs_fp8_rows.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
     lib.qs_fp8_rows.restype = ctypes.c_int
+    lib.qs_fp8_write.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
+    lib.qs_fp8_write.restype = ctypes.c_int
     lib.qs_vnni.restype = ctypes.c_int
     return lib, None
 
@@ -420,6 +422,29 @@ def fp8_rows(codes: Tensor, exps: Tensor, rot: Tensor, index: Tensor, dtype: tor
     if rc:
         raise RuntimeError(f"qs_fp8_rows refused codes {tuple(codes.shape)} exps {tuple(exps.shape)}")
     return out
+
+
+def fp8_write(rows: Tensor, index: Tensor, codes: Tensor, exps: Tensor, rot: Tensor) -> bool:
+    """`fp8_rows`' inverse: float32 rows (n, q + r) quantised into slots `index` (n,) of the FP8 cache tensors, as
+    `Fp8Tiles.quantise` then `write` do, in one C pass (those are ~15 torch ops per write, more than a decoding step's
+    whole read of a small model's cache). False where the C kernels do not serve (as `fp8_rows`); the caller's torch
+    formulation then."""
+    if rows.dtype != torch.float32 or torch.compiler.is_compiling() or os.environ.get("QIUSUO_KERNELS", "1") == "0":
+        return False
+    if index.dtype != torch.int64 or index.dim() != 1 or rows.dim() != 2 or rows.shape[0] != index.numel() or \
+            not all(t.device.type == "cpu" and t.is_contiguous() for t in (rows, index, codes, exps, rot)):
+        return False
+    lib = _load()[0]
+    if lib is None:
+        return False
+    S, q = codes.shape
+    rc = lib.qs_fp8_write(rows.data_ptr(), index.numel(), index.data_ptr(), S, codes.data_ptr(), exps.data_ptr(),
+                          rot.data_ptr(), q, q // max(1, exps.shape[1]), rot.shape[1])
+    if rc == -2:
+        raise IndexError(f"cache slots out of range [0, {S})")
+    if rc:
+        raise RuntimeError(f"qs_fp8_write refused rows {tuple(rows.shape)} codes {tuple(codes.shape)}")
+    return True
 
 
 # ---- the custom ops ----

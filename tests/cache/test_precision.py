@@ -81,6 +81,37 @@ def test_fp8_reads_in_one_c_pass_equal_the_torch_formulation(dtype, monkeypatch)
         comp.read((torch.tensor([300]),))
 
 
+def test_fp8_writes_in_one_c_pass_equal_the_torch_formulation(monkeypatch):
+    """The C quantise + scatter (`kernels.fp8_write`, what a CPU write runs) against `quantise` + index_put_, bit
+    for bit: rows over 60 decades, a tile whose amax / 448 is exactly a power of two (the scale's boundary), values
+    exactly halfway between e4m3 codes (normal and subnormal: ties to even), bf16 ties in the rotary part, and
+    (state, slot) indices of a ring; `roundtrip` (C write and read of a scratch) likewise."""
+    from qiusuo.quant import kernels
+
+    if not kernels.available():
+        pytest.skip(kernels.build_error())
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(40, 60, generator=g) * torch.logspace(-30, 30, 40)[:, None]
+    rows[0, :16] = 448.0 * 2.0**-3  # amax / 448 a power of two
+    rows[1, :16] = torch.tensor([448, 1.0625, 1.1875, 2**-7 * 1.5, 2**-9 * 0.5, 2**-9 * 1.5, 2**-9 * 2.5, -3.25,
+                                 0.0, -0.0, 2**-10, 416, 432, 1.125, 1.375, 3.0])  # ties, subnormal ties, 448
+    rows[2, 48:] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-130, 1.5, 0.0] * 2)  # bf16 ties
+    states, slots = torch.arange(40) % 4, torch.arange(40) // 4  # every (state, slot) of a 4 x 10 ring once
+    fast, slow = Fp8Tiles((4, 10), 60, 12, "cpu"), Fp8Tiles((4, 10), 60, 12, "cpu")
+    fast.write((states, slots), rows)
+    trip = fast.roundtrip(rows.view(4, 10, 60))  # through a scratch of C write and read
+    monkeypatch.setenv("QIUSUO_KERNELS", "0")
+    slow.write((states, slots), rows)
+    assert torch.equal(trip.view(torch.int16), slow.roundtrip(rows.view(4, 10, 60)).view(torch.int16))
+    for a, b in zip(fast.tensors, slow.tensors):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+    assert fast.exps[0, 0, 0] == 127 - 3  # the boundary: 448 * 2^-3 takes scale 2^-3, not 2^-2
+    monkeypatch.delenv("QIUSUO_KERNELS")
+    with pytest.raises(IndexError, match="out of range"):
+        fast.write((torch.tensor([4]), torch.tensor([0])), rows[:1])
+
+
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_fp8_cache_decoding_is_close_to_full_precision(kind):
     """Prefill 30 tokens then decode 18 through an FP8 cache: within the measured bounds of the forward without
