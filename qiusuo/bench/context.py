@@ -7,7 +7,8 @@ For each context length: a prompt of that length prefilled in chunks (`--chunk` 
 `--new-tokens` greedy tokens at batch 1; prints prefill tokens/s, decode tokens/s and the cache bytes the
 sequence holds (blocks plus, for V4, its window state), the V4 / V3 ratios, the formula table of the published
 shapes, and a plot (`--plot`, PNG) of decode cost and cache size against context length. `--kv-cache-dtype`
-chooses the cache's precision (`fp8`: keys in FP8, rotary parts in bf16; run it beside `auto` to compare).
+chooses the cache's precision (`fp8`: keys in FP8, rotary parts in bf16); `--compare-cache` instead times bf16 and
+FP8 caches against each other in one run, their decoding steps interleaved.
 """
 
 from __future__ import annotations
@@ -39,6 +40,38 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=list(KV_CACHE_DTYPES),
                    help="cache precision: auto (the model's fp32), bf16, fp8")
     p.add_argument("--plot", default=None, help="write the plot to this PNG")
+    p.add_argument("--compare-cache", action="store_true", help="instead: decode speed of a bf16 and an FP8 cache "
+                   "in one run, their decoding steps interleaved (separate runs differ by more than the effect)")
+    p.add_argument("--rounds", type=int, default=14, help="with --compare-cache: rounds of 8 steps per cache")
+
+
+def compare_cache(model: Transformer, context: int, rounds: int = 14, steps: int = 8) -> dict[str, float]:
+    """Decoding tokens/s with a bf16 and an FP8 cache of `context` random tokens: each prefilled once (the
+    contiguous cache of `Transformer.generate`, the engine's cache kinds), then `rounds` rounds of `steps` decoding
+    steps of each, the order alternating; medians. Interleaved because this machine's speed drifts by 10-25%
+    between runs minutes apart, more than the difference measured."""
+    import statistics
+
+    from qiusuo.cache.contiguous import ContiguousCache
+    from qiusuo.cache.precision import CacheDtype
+
+    dtype = next(model.parameters()).dtype
+    ids = torch.randint(0, model.cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    caches, times = {}, {"bf16": [], "fp8": []}
+    with torch.inference_mode():
+        for name in times:
+            caches[name] = ContiguousCache(model.cache_specs(), 1, context + steps * rounds + 1,
+                                           dtype=CacheDtype.of(name, dtype))
+            for i in range(0, context, 2048):
+                model.hidden(ids[:, i: i + 2048], caches[name])
+        nxt = torch.zeros(1, 1, dtype=torch.long)
+        for r in range(rounds):
+            for name in (("bf16", "fp8") if r % 2 else ("fp8", "bf16")):
+                t = time.perf_counter()
+                for _ in range(steps):
+                    model.decode_step(nxt, caches[name].batch(1), None)
+                times[name].append((time.perf_counter() - t) / steps)
+    return {name: 1 / statistics.median(ts) for name, ts in times.items()}
 
 
 def measure(model: Transformer, tok, context: int, new: int, chunk: int,
@@ -74,15 +107,23 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     for name in args.models:
         preset, over = PRESETS[name]
         torch.manual_seed(0)
-        cfg = get_config(preset, **over, num_nextn_predict_layers=0, max_position_embeddings=longest)
+        cfg = get_config(preset, **over, num_nextn_predict_layers=0, max_position_embeddings=longest + 256)
         model = Transformer(cfg).to(device).eval()
         for ctx in args.contexts:
+            if args.compare_cache:
+                r = compare_cache(model, ctx, args.rounds)
+                results |= {f"{name}/{ctx}/{k}_decode_tok_s": v for k, v in r.items()}
+                print(f"{name} ({preset}) context {ctx:7d}: decode bf16 cache {r['bf16']:6.1f} tok/s, fp8 cache "
+                      f"{r['fp8']:6.1f} tok/s: fp8 / bf16 {r['fp8'] / r['bf16']:.2f}x", flush=True)
+                continue
             r = measure(model, tok, ctx, args.new_tokens, args.chunk, args.kv_cache_dtype)
             results |= {f"{name}/{ctx}/prefill_tok_s": ctx / r["prefill_s"],
                         f"{name}/{ctx}/decode_tok_s": args.new_tokens / r["decode_s"],
                         f"{name}/{ctx}/cache_bytes": r["cache_bytes"]}
             print(f"{name} ({preset}) context {ctx:7d}: prefill {ctx / r['prefill_s']:8.0f} tok/s, decode "
                   f"{args.new_tokens / r['decode_s']:7.1f} tok/s, cache {r['cache_bytes'] / 2**20:8.2f} MiB", flush=True)
+    if args.compare_cache:
+        return results
     for ctx in args.contexts:
         for name in [m for m in args.models if m != "V3" and "V3" in args.models]:
             d = results[f"{name}/{ctx}/decode_tok_s"] / results[f"V3/{ctx}/decode_tok_s"]

@@ -1,4 +1,5 @@
-"""Quantised matmuls for CPU decoding: y = x @ W.T with W read once in its packed form.
+"""Quantised matmuls for CPU decoding: y = x @ W.T with W read once in its packed form (and, with the same build,
+the FP8 cache's gather-and-dequantise and quantise-and-scatter, `fp8_rows` / `fp8_write`).
 
 At decode batch sizes (1-16 rows) a matmul should be memory-bound: its cost is reading the weight. torch 2.13's CPU
 kernels read packed weights slower than fp32 ones (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; figures in

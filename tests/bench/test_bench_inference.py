@@ -72,3 +72,14 @@ def test_speculative_bench_compares_with_plain_decoding(capsys):
     assert {"eager/plain/1", "eager/K=2/1", "eager/plain/3", "eager/K=2/3"} <= set(out)
     assert 1 <= out["eager/K=2/3/tokens_per_step"] <= 3
     assert "accepted" in capsys.readouterr().out
+
+
+def test_context_bench_compares_the_cache_precisions_in_one_run(capsys):
+    """`bench context --compare-cache`: both caches prefilled and decoded, interleaved, for each arm."""
+    from qiusuo.bench import context
+
+    out = context.run(_args(context.add_args, ["--contexts", "40", "--models", "V3", "V4", "--threads", "1",
+                                               "--compare-cache", "--rounds", "1"]))
+    assert set(out) == {f"{m}/40/{c}_decode_tok_s" for m in ("V3", "V4") for c in ("bf16", "fp8")}
+    assert all(v > 0 for v in out.values())
+    assert "V4 (v4-bench) context      40: decode bf16 cache" in capsys.readouterr().out
