@@ -109,9 +109,8 @@ class Fp8Tiles:
         """rows (N, width) to `index` (one (N,) tensor per leading dim): on a CPU one C pass
         (`kernels.fp8_write`), else `quantise` and three index_put_."""
         if rows.dim() == 2:
-            flat, n = self._flat(index), self.codes.shape[:-1].numel()
-            codes, exps, rot = (t.view(n, t.shape[-1]) for t in self.tensors)
-            if fp8_write(rows, flat.reshape(-1), codes.view(torch.uint8), exps, rot):
+            codes, exps, rot = self._rows()
+            if fp8_write(rows, self._flat(index).reshape(-1), codes.view(torch.uint8), exps, rot):
                 return
         for t, part in zip(self.tensors, self.quantise(rows)):
             t.index_put_(index, part)
@@ -125,12 +124,16 @@ class Fp8Tiles:
             flat = flat * d + i
         return flat
 
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """codes, exps, rot viewed as (rows, values), the rows `_flat` indexes."""
+        n = self.codes.shape[:-1].numel()
+        return tuple(t.view(n, t.shape[-1]) for t in self.tensors)
+
     def read(self, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(*index shape, width) the rows at `index` (one tensor per leading dim, broadcast together); on a CPU
         one C pass over the rows' bytes (`kernels.fp8_rows`), else gathers and `dequantise`."""
         flat = self._flat(index)
-        at, n = flat.reshape(-1), self.codes.shape[:-1].numel()
-        codes, exps, rot = (t.view(n, t.shape[-1]) for t in self.tensors)
+        at, (codes, exps, rot) = flat.reshape(-1), self._rows()
         rows = fp8_rows(codes.view(torch.uint8), exps, rot, at, self.dtype)
         if rows is not None:
             return rows.view(*flat.shape, self.width)

@@ -281,7 +281,15 @@ def build_error() -> str | None:
 def _library(fmt: str, group: int, block: int, *tensors: Tensor | None) -> ctypes.CDLL | None:
     """The C library when it serves this call: built, not switched off (QIUSUO_KERNELS=0), every tensor on the CPU
     and contiguous, and the group / block a multiple of 16 (what the kernels step by)."""
-    if os.environ.get("QIUSUO_KERNELS", "1") == "0" or (fmt == "int4" and group % 16) or (fmt == "fp8" and block % 16):
+    if (fmt == "int4" and group % 16) or (fmt == "fp8" and block % 16):
+        return None
+    return _cpu_library(*tensors)
+
+
+def _cpu_library(*tensors: Tensor | None) -> ctypes.CDLL | None:
+    """The C library when it serves a call on these tensors: built, not switched off (QIUSUO_KERNELS=0), every
+    tensor on the CPU and contiguous."""
+    if os.environ.get("QIUSUO_KERNELS", "1") == "0":
         return None
     for t in tensors:
         if t is not None and (t.device.type != "cpu" or not t.is_contiguous()):
@@ -404,13 +412,10 @@ def fp8_rows(codes: Tensor, exps: Tensor, rot: Tensor, index: Tensor, dtype: tor
     (float32 or bfloat16; the same values either way). None where the C kernels do not serve (off the CPU, not
     contiguous, another dtype, while compiling, QIUSUO_KERNELS=0): the caller's torch formulation then, which is
     the reference (tests/cache/test_precision.py)."""
-    if dtype not in (torch.float32, torch.bfloat16) or torch.compiler.is_compiling() or \
-            os.environ.get("QIUSUO_KERNELS", "1") == "0":
+    if dtype not in (torch.float32, torch.bfloat16) or torch.compiler.is_compiling() or index.dtype != torch.int64 \
+            or index.dim() != 1:
         return None
-    if index.dtype != torch.int64 or index.dim() != 1 or not all(
-            t.device.type == "cpu" and t.is_contiguous() for t in (codes, exps, rot, index)):
-        return None
-    lib = _load()[0]
+    lib = _cpu_library(codes, exps, rot, index)
     if lib is None:
         return None
     S, q = codes.shape
@@ -430,12 +435,10 @@ def fp8_write(rows: Tensor, index: Tensor, codes: Tensor, exps: Tensor, rot: Ten
     `Fp8Tiles.quantise` then `write` do, in one C pass (those are ~15 torch ops per write, more than a decoding step's
     whole read of a small model's cache). False where the C kernels do not serve (as `fp8_rows`); the caller's torch
     formulation then."""
-    if rows.dtype != torch.float32 or torch.compiler.is_compiling() or os.environ.get("QIUSUO_KERNELS", "1") == "0":
+    if rows.dtype != torch.float32 or torch.compiler.is_compiling() or index.dtype != torch.int64 or \
+            index.dim() != 1 or rows.dim() != 2 or rows.shape[0] != index.numel():
         return False
-    if index.dtype != torch.int64 or index.dim() != 1 or rows.dim() != 2 or rows.shape[0] != index.numel() or \
-            not all(t.device.type == "cpu" and t.is_contiguous() for t in (rows, index, codes, exps, rot)):
-        return False
-    lib = _load()[0]
+    lib = _cpu_library(rows, index, codes, exps, rot)
     if lib is None:
         return False
     S, q = codes.shape
