@@ -42,14 +42,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, help="write the plot to this PNG")
     p.add_argument("--compare-cache", action="store_true", help="instead: decode speed of a bf16 and an FP8 cache "
                    "in one run, their decoding steps interleaved (separate runs differ by more than the effect)")
-    p.add_argument("--rounds", type=int, default=14, help="with --compare-cache: rounds of 8 steps per cache")
+    p.add_argument("--rounds", type=int, default=24, help="with --compare-cache: rounds of 8 steps per cache")
 
 
 def compare_cache(model: Transformer, context: int, rounds: int = 14, steps: int = 8) -> dict[str, float]:
     """Decoding tokens/s with a bf16 and an FP8 cache of `context` random tokens: each prefilled once (the
     contiguous cache of `Transformer.generate`, the engine's cache kinds), then `rounds` rounds of `steps` decoding
-    steps of each, the order alternating; medians. Interleaved because this machine's speed drifts by 10-25%
-    between runs minutes apart, more than the difference measured."""
+    steps of each, the order alternating; medians, and the FP8 / bf16 speed ratio of each round's pair with its
+    quartiles. Interleaved and paired because this machine's speed drifts by 10-25% between runs minutes apart,
+    more than the difference measured."""
     import statistics
 
     from qiusuo.cache.contiguous import ContiguousCache
@@ -71,7 +72,10 @@ def compare_cache(model: Transformer, context: int, rounds: int = 14, steps: int
                 for _ in range(steps):
                     model.decode_step(nxt, caches[name].batch(1), None)
                 times[name].append((time.perf_counter() - t) / steps)
-    return {name: 1 / statistics.median(ts) for name, ts in times.items()}
+    out = {name: 1 / statistics.median(ts) for name, ts in times.items()}
+    ratios = sorted(b / f for b, f in zip(times["bf16"], times["fp8"]))
+    quart = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return out | {"ratio": statistics.median(ratios), "ratio_q1": quart[0], "ratio_q3": quart[2]}
 
 
 def measure(model: Transformer, tok, context: int, new: int, chunk: int,
@@ -112,9 +116,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         for ctx in args.contexts:
             if args.compare_cache:
                 r = compare_cache(model, ctx, args.rounds)
-                results |= {f"{name}/{ctx}/{k}_decode_tok_s": v for k, v in r.items()}
+                results |= {f"{name}/{ctx}/{k}_decode_tok_s": r[k] for k in ("bf16", "fp8")}
+                results |= {f"{name}/{ctx}/fp8_over_bf16{k[5:]}": r[k] for k in ("ratio", "ratio_q1", "ratio_q3")}
                 print(f"{name} ({preset}) context {ctx:7d}: decode bf16 cache {r['bf16']:6.1f} tok/s, fp8 cache "
-                      f"{r['fp8']:6.1f} tok/s: fp8 / bf16 {r['fp8'] / r['bf16']:.2f}x", flush=True)
+                      f"{r['fp8']:6.1f} tok/s: fp8 / bf16 {r['ratio']:.3f}x per round's pair (quartiles "
+                      f"{r['ratio_q1']:.3f}-{r['ratio_q3']:.3f})", flush=True)
                 continue
             r = measure(model, tok, ctx, args.new_tokens, args.chunk, args.kv_cache_dtype)
             results |= {f"{name}/{ctx}/prefill_tok_s": ctx / r["prefill_s"],

@@ -18,8 +18,9 @@ gains at most the top half-binade of range, and a power of two makes dequantisat
 64 values, not per token: an outlier channel then costs precision in its own tile only.
 
 Reads dequantise only the rows gathered (a decoding step's context, the k latents a sparse step picked), never
-the whole component; writes quantise the new rows. `roundtrip` gives new values as the cache will return them,
-so an attention that reads its new tokens from its inputs (V4's window) sees exactly what later steps will.
+the whole component; writes quantise the new rows and, asked (`write(..., stored=True)`), give them back as
+stored, so an attention that reads its new tokens from its inputs (V4's window) sees exactly what later steps
+will.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qiusuo.quant.kernels import fp8_rows, fp8_write
+from qiusuo.quant.kernels import Fp8Rows
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8")  # the command line's choices (`fp32` too, from the Python API)
 FP8 = torch.float8_e4m3fn
@@ -44,31 +45,45 @@ def _tile(width: int) -> int:
     return math.gcd(TILE, width) if width else TILE
 
 
+def flat_index(index: tuple[torch.Tensor, ...], dims: tuple[int, ...]) -> torch.Tensor:
+    """One index into the rows of a (*dims, width) tensor viewed as (rows, width), from one tensor per leading dim
+    (broadcast together): (state, slot) -> the row of the flattened ring. A gather by one index is one
+    index_select (or one C pass), where indexing by two was ~10 torch ops."""
+    if len(index) == 1:
+        return index[0]
+    index = torch.broadcast_tensors(*index)
+    flat = index[0]
+    for i, d in zip(index[1:], dims[1:]):
+        flat = flat * d + i
+    return flat
+
+
 class Plain:
     """A component in one dtype: rows of `width` values in a tensor of shape (*shape, width)."""
 
     def __init__(self, shape: tuple[int, ...], width: int, dtype: torch.dtype, device, fill: float = 0.0):
         self.values = torch.full((*shape, width), fill, dtype=dtype, device=device)
         self.width, self.dtype = width, dtype
+        self.flat = self.values.view(math.prod(shape), width)  # (rows, width), what `flat_index` addresses
 
     @property
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor it owns (for snapshots of a sequence state, and tests)."""
         return [self.values]
 
-    def write(self, index: tuple[torch.Tensor, ...], rows: torch.Tensor) -> None:
-        """rows (N, width) to the positions `index` (one (N,) tensor per leading dim); index_put_, which
-        inductor lowers to an in-place store (see `qiusuo.cache.pool.BlockPool`)."""
-        self.values.index_put_(index, rows.to(self.dtype))
+    def write(self, index: tuple[torch.Tensor, ...], rows: torch.Tensor, stored: bool = False) -> torch.Tensor | None:
+        """rows (*index shape, width) to the positions `index` (one tensor per leading dim, broadcast together);
+        index_put_, which inductor lowers to an in-place store (see `qiusuo.cache.pool.BlockPool`). With `stored`:
+        the rows as reads will return them."""
+        at = flat_index(index, self.values.shape[:-1]).reshape(-1)
+        self.flat.index_put_((at,), rows.reshape(at.shape[0], self.width).to(self.dtype))
+        return rows.to(self.dtype) if stored else None
 
     def read(self, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(*index shape, width) the rows at `index`."""
-        if len(index) == 1:
-            return self.values.index_select(0, index[0].reshape(-1)).view(*index[0].shape, self.width)
-        return self.values[index]
+        flat = flat_index(index, self.values.shape[:-1])
+        return self.flat.index_select(0, flat.reshape(-1)).view(*flat.shape, self.width)
 
-    def roundtrip(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.to(self.dtype)
 
 
 class Fp8Tiles:
@@ -83,6 +98,10 @@ class Fp8Tiles:
         self.exps = torch.zeros(*shape, q // self.tile, dtype=torch.uint8, device=device)  # 2^(e - 127)
         self.rot = torch.zeros(*shape, rotary, dtype=torch.bfloat16, device=device)
         self.dtype = dtype  # what reads return
+        n = self.codes.shape[:-1].numel()
+        # the tensors viewed as (rows, values), the rows `flat_index` addresses, bound to the C passes once
+        self._c = Fp8Rows(self.codes.view(torch.uint8).view(n, q), self.exps.view(n, q // self.tile),
+                          self.rot.view(n, rotary), dtype)
 
     @property
     def tensors(self) -> list[torch.Tensor]:
@@ -105,53 +124,33 @@ class Fp8Tiles:
         vals = codes.to(torch.float32).unflatten(-1, (-1, self.tile)) * scale[..., None]  # exact in bf16
         return torch.cat([vals.flatten(-2).to(self.dtype), rot.to(self.dtype)], -1)
 
-    def write(self, index: tuple[torch.Tensor, ...], rows: torch.Tensor) -> None:
-        """rows (N, width) to `index` (one (N,) tensor per leading dim): on a CPU one C pass
-        (`kernels.fp8_write`), else `quantise` and three index_put_."""
-        if rows.dim() == 2:
-            codes, exps, rot = self._rows()
-            if fp8_write(rows, self._flat(index).reshape(-1), codes.view(torch.uint8), exps, rot):
-                return
-        for t, part in zip(self.tensors, self.quantise(rows)):
+    def write(self, index: tuple[torch.Tensor, ...], rows: torch.Tensor, stored: bool = False) -> torch.Tensor | None:
+        """rows (*index shape, width) to `index` (one tensor per leading dim, broadcast together): on a CPU one C
+        pass (`kernels.Fp8Rows`), else `quantise` and three index_put_. With `stored`: the rows as reads will
+        return them (from the same pass: an attention that reads its new keys from its inputs, V4's window, sees
+        exactly what later steps will)."""
+        flat = flat_index(index, self.codes.shape[:-1])
+        done = self._c.write(rows.reshape(-1, self.width), flat.reshape(-1), stored)
+        if done is not None:
+            return done.view(rows.shape) if stored else None
+        parts = self.quantise(rows)
+        for t, part in zip(self.tensors, parts):
             t.index_put_(index, part)
-
-    def _flat(self, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """One index (broadcast shape) into the rows of the tensors viewed as (rows, values): (state, slot) -> the
-        row of the flattened ring."""
-        index = torch.broadcast_tensors(*index)
-        flat = index[0]
-        for i, d in zip(index[1:], self.codes.shape[1:-1]):
-            flat = flat * d + i
-        return flat
-
-    def _rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """codes, exps, rot viewed as (rows, values), the rows `_flat` indexes."""
-        n = self.codes.shape[:-1].numel()
-        return tuple(t.view(n, t.shape[-1]) for t in self.tensors)
+        return self.dequantise(*parts) if stored else None
 
     def read(self, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """(*index shape, width) the rows at `index` (one tensor per leading dim, broadcast together); on a CPU
-        one C pass over the rows' bytes (`kernels.fp8_rows`), else gathers and `dequantise`."""
-        flat = self._flat(index)
-        at, (codes, exps, rot) = flat.reshape(-1), self._rows()
-        rows = fp8_rows(codes.view(torch.uint8), exps, rot, at, self.dtype)
+        one C pass over the rows' bytes (`kernels.Fp8Rows`), else gathers and `dequantise`."""
+        flat = flat_index(index, self.codes.shape[:-1])
+        at = flat.reshape(-1)
+        rows = self._c.read(at)
         if rows is not None:
             return rows.view(*flat.shape, self.width)
-        parts = [t.index_select(0, at).view(*flat.shape, t.shape[-1]) for t in (codes, exps, rot)]
-        return self.dequantise(*parts)
+        parts = [t.index_select(0, at).view(*flat.shape, t.shape[-1]) for t in self._c.tensors]
+        return self.dequantise(parts[0].view(FP8), *parts[1:])
 
     def roundtrip(self, rows: torch.Tensor) -> torch.Tensor:
-        """rows (..., width) as the cache will return them: on a CPU through the C write and read of a scratch
-        of these rows (two calls instead of ~20 torch ops: a V4 window step makes one per layer)."""
-        flat = rows.reshape(-1, self.width)
-        n = flat.shape[0]
-        parts = [torch.empty(n, t.shape[-1], dtype=torch.uint8 if t.dtype == FP8 else t.dtype, device=t.device)
-                 for t in self.tensors]
-        at = torch.arange(n, device=rows.device)
-        if fp8_write(flat, at, *parts):
-            out = fp8_rows(*parts, at, self.dtype)
-            if out is not None:
-                return out.view(rows.shape)
+        """rows (..., width) as the cache would return them, without a slot (the definition: torch ops)."""
         return self.dequantise(*self.quantise(rows))
 
 

@@ -52,22 +52,23 @@ def ring_read(ring: Plain | Fp8Tiles, states: torch.Tensor, starts: torch.Tensor
     its start, in order -> (values (rows, n, C), positions (rows, n), -1 before the sequence's start)."""
     R = ring.tensors[0].shape[1]
     pos = starts[:, None] - n + torch.arange(n, device=starts.device)  # (rows, n)
-    vals = ring.read((states[:, None].expand_as(pos), pos % R))
+    vals = ring.read((states[:, None] * R + pos % R,))  # rows of the flattened ring: one index, one gather
     return vals, torch.where(pos >= 0, pos, -1)
 
 
 def ring_write(ring: Plain | Fp8Tiles, states: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
-               new: torch.Tensor) -> None:
+               new: torch.Tensor, stored: bool = False) -> torch.Tensor | None:
     """Store each row's `counts` real new values (rows, T, C) at their positions' slots; of a chunk longer than
     the ring only its last R (the rest would collide), padding in the scratch state (the last). Nothing older
     than R - n positions is overwritten, which is what lets speculative decoding drop rejected tokens: a ring of
-    W + K slots keeps every key a later query can still need while K drafts are written past the window."""
+    W + K slots keeps every key a later query can still need while K drafts are written past the window. With
+    `stored`: the new values as the ring holds them (rows, T, C)."""
     first = ring.tensors[0]
     T, R = new.shape[1], first.shape[1]
     i = torch.arange(T, device=new.device)[None, :]  # (1, T)
     real = (i < counts[:, None]) & (i >= counts[:, None] - R)
     st = torch.where(real, states[:, None], first.shape[0] - 1)  # (rows, T)
-    ring.write((st, (starts[:, None] + i) % R), new)
+    return ring.write((st * R + (starts[:, None] + i) % R,), new, stored)
 
 
 class PoolStore:
@@ -174,8 +175,7 @@ class WindowLayer:
         positions before its new tokens (-1 before its start), then the new ones; the ring keeps the new ones."""
         b, ring = self.batch, self.store.ring
         old, pos = ring_read(ring, b.states, b.starts, self.store.window)  # (rows, W, hd), (rows, W)
-        ring_write(ring, b.states, b.starts, b.counts_t, kv)
-        new = ring.roundtrip(kv)  # as later steps will read them
+        new = ring_write(ring, b.states, b.starts, b.counts_t, kv, stored=True)  # as later steps will read them
         return torch.cat([old, new], 1), torch.cat([pos, b.positions(kv.shape[1])], 1)
 
     def pool(self, name: str) -> "PoolLayer":

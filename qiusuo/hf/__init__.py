@@ -1,14 +1,13 @@
-"""Hugging Face checkpoints in and out: `load_model`, `load_tokenizer`, `save_hf`, name mapping, FP8 blocks, FP4
-experts.
+"""Hugging Face checkpoints in and out: `load_model`, `load_tokenizer`, `save_hf`, name mapping. The number formats
+checkpoints ship in (FP8 blocks, FP4 experts) are `qiusuo.quant.fp8` / `fp4`: this package reads `qiusuo.quant`,
+never the other way.
 
-The names below are imported on first use (PEP 562), not with the package: `qiusuo.quant` reads `qiusuo.hf.fp4`
-and `qiusuo.hf.load` reads `qiusuo.quant`, so a package that imported the loader eagerly made `import
-qiusuo.quant.apply` (or anything importing it first) fail with a circular import."""
+The names below are imported on first use (PEP 562), not with the package, so `import qiusuo.hf` (for
+`CheckpointError`, say) does not pull in the loader, tokenizers and the quantised modules."""
 
 import importlib
 
 _EXPORTS = {
-    "dequantize_fp4": "fp4", "quantize_fp4": "fp4", "dequantize_blocks": "fp8", "quantize_blocks": "fp8",
     "load_model": "load", "load_tokenizer": "load", "read_config": "load", "from_hf_state_dict": "names",
     "hf_layout": "names", "to_hf_state_dict": "names", "save_hf": "save",
 }

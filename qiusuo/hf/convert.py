@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from qiusuo.hf.fp8 import SCALE_FORMATS
+from qiusuo.quant.fp8 import SCALE_FORMATS
 from qiusuo.hf.load import dtype_arg
 from qiusuo.hf.save import DEFAULT_SHARD_BYTES
 from qiusuo.io import CheckpointError

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from qiusuo.config import ModelConfig
 from qiusuo.families import FAMILIES
-from qiusuo.hf.fp4 import GROUP
-from qiusuo.hf.fp8 import BLOCK, scale_shape
+from qiusuo.quant.fp4 import GROUP
+from qiusuo.quant.fp8 import BLOCK, scale_shape
 from qiusuo.hf.names import Slot, checkpoint_layouts
 from qiusuo.hf.packed import BAND, Stored, dequantize_stored, int_layout, load_into, native_format
 from qiusuo.hf.st import Entry, read_header, read_into, read_tensor

@@ -28,7 +28,7 @@ from torch import nn
 
 from qiusuo.families import FAMILIES
 from qiusuo.hf import names_v4
-from qiusuo.hf.fp8 import is_quantizable
+from qiusuo.quant.fp8 import is_quantizable
 
 
 @dataclass(frozen=True)

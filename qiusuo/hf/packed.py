@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from qiusuo.hf.fp4 import dequantize_fp4
-from qiusuo.hf.fp8 import decode_scale, dequantize_blocks
+from qiusuo.quant.fp4 import dequantize_fp4
+from qiusuo.quant.fp8 import decode_scale, dequantize_blocks
 from qiusuo.hf.st import Entry
 from qiusuo.io import CheckpointError
 from qiusuo.quant.formats import Format

@@ -15,7 +15,7 @@ says `scale_fmt: "ue8m0"` for both and nothing for float32 scales (V3's `quantiz
 What is FP8 follows DeepSeek-V3's checkpoint (`Slot.quant`): every projection of attention, MLPs and experts, the
 MTP block's included; not the embedding, output head, routers, norms, routing bias, nor MTP's `eh_proj`.
 Load -> save gives back the same bytes (tests/hf/test_v4_checkpoints.py): the dequantised values q * s are exact in
-float32, and re-quantising them finds the same scales and codes (`qiusuo.hf.fp8`, `qiusuo.hf.fp4`). With ue8m0
+float32, and re-quantising them finds the same scales and codes (`qiusuo.quant.fp8`, `qiusuo.quant.fp4`). With ue8m0
 scales q * s is exact in bf16 as well, so a V4-Flash-style folder survives a bf16 load; float32 scales need the
 model in float32 (`qiusuo convert --dtype float32`).
 """
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qiusuo.hf.fp4 import GROUP, quantize_fp4
-from qiusuo.hf.fp8 import BLOCK, SCALE_FORMATS, quantize_blocks, scale_shape
+from qiusuo.quant.fp4 import GROUP, quantize_fp4
+from qiusuo.quant.fp8 import BLOCK, SCALE_FORMATS, quantize_blocks, scale_shape
 from qiusuo.hf.load import INDEX, SINGLE, parse_dtype
 from qiusuo.hf.names import hf_layout, scale_name
 from qiusuo.hf.packed import int_config, stored_tensors
@@ -144,8 +144,8 @@ def save_hf(model: nn.Module, path: str | Path, tokenizer=None, fp8: bool = Fals
 
     dtype: cast floating tensors on the way out (default: keep the model's; tensors the hub keeps in float32, such
     as the routing bias and V4's mHC maps, stay float32). fp8: store the projection matrices as float8_e4m3fn with
-    a scale per 128x128 block (error bound in `qiusuo.hf.fp8`). fp4_experts (V4, with fp8): routed experts as FP4
-    (`qiusuo.hf.fp4`), as DeepSeek-V4-Flash ships them. scale_fmt: "float" or "ue8m0" (default: the family's,
+    a scale per 128x128 block (error bound in `qiusuo.quant.fp8`). fp4_experts (V4, with fp8): routed experts as FP4
+    (`qiusuo.quant.fp4`), as DeepSeek-V4-Flash ships them. scale_fmt: "float" or "ue8m0" (default: the family's,
     float32 for V2/V3, ue8m0 for V4). tokenizer: anything with `save(dir)` (a `qiusuo.data.Tokenizer`) to write
     its files alongside.
     """

@@ -7,8 +7,8 @@ Legend: N output features (rows), K input features, G inputs per scale group, B 
 | bf16   | bfloat16 (N, K) | none | 16 | any checkpoint |
 | int8   | int8 (N, K), w = q * s[n] | float32 (N,) | 8.03 | `--quantize int8`; compressed-tensors `pack-quantized` / `int-quantized`, 8 bits, per channel |
 | int4   | uint8 (N, K/2), w = (nibble - 8) * s[n, k // G] | bfloat16 (N, K/G) | 4.5 at G = 32 | `--quantize int4[:G]`; compressed-tensors `pack-quantized`, 4 bits, symmetric groups (Kimi-K2.5's experts) |
-| mxfp4  | uint8 (N, K/2), w = e2m1(nibble) * 2^(e - 127) | uint8 e8m0 (N, K/32) | 4.25 | DeepSeek-V4's experts as shipped (`qiusuo.hf.fp4`) |
-| fp8    | float8_e4m3fn (N, K), w = q * s[n // B, k // B] | float32 (ceil(N/B), ceil(K/B)) | 8.0 | DeepSeek-V3/V3.2/V4 as shipped (`qiusuo.hf.fp8`) |
+| mxfp4  | uint8 (N, K/2), w = e2m1(nibble) * 2^(e - 127) | uint8 e8m0 (N, K/32) | 4.25 | DeepSeek-V4's experts as shipped (`qiusuo.quant.fp4`) |
+| fp8    | float8_e4m3fn (N, K), w = q * s[n // B, k // B] | float32 (ceil(N/B), ceil(K/B)) | 8.0 | DeepSeek-V3/V3.2/V4 as shipped (`qiusuo.quant.fp8`) |
 
 Nibbles: byte j of a row holds column 2j in its low half and 2j + 1 in its high half, for int4 and mxfp4 alike.
 That is DeepSeek's FP4 layout and, read as bytes, compressed-tensors' `pack-quantized` int32 words (eight 4-bit
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qiusuo.hf.fp4 import dequantize_fp4, pack_e2m1, quantize_fp4
-from qiusuo.hf.fp8 import BLOCK, decode_scale, dequantize_blocks, quantize_blocks, scale_shape
+from qiusuo.quant.fp4 import dequantize_fp4, pack_e2m1, quantize_fp4
+from qiusuo.quant.fp8 import BLOCK, decode_scale, dequantize_blocks, quantize_blocks, scale_shape
 
 NAMES = ("bf16", "int8", "int4", "mxfp4", "fp8")
 INT4_GROUPS = (32, 64, 128)

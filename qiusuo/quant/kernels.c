@@ -784,64 +784,72 @@ int qs_grouped_mm(int fmt, int act, const float *x, int64_t R, int64_t K, int64_
     return 0;
 }
 
-/* FP8 cache rows (qiusuo/cache/precision.py, Fp8Tiles): out[i] = the row at slot idx[i], its q e4m3 codes times
-   2^(exps - 127) per tile of `tile`, then its r bf16 rotary values, as float32 (out_bf16 = 0) or bf16 (exact either
-   way: an e4m3 value times a power of two within the scales quantisation makes). One pass over the gathered bytes:
-   torch's per-element e4m3 conversion and the ops around it took ~40x longer than a bf16 cache's read at 8k
-   context. codes (S, q) uint8, exps (S, q / tile) uint8, rot (S, r) bf16 bits, idx (n,) int64; -2 when an index is
-   outside [0, S). */
-int qs_fp8_rows(const uint8_t *codes, const uint8_t *exps, const uint16_t *rot, int64_t S, const int64_t *idx,
-                int64_t n, int64_t q, int64_t tile, int64_t r, int out_bf16, void *out, int nthreads) {
-    if (n < 0 || q < 0 || r < 0 || tile <= 0 || q % tile || nthreads < 1) return -1;
-    for (int64_t i = 0; i < n; i++)
-        if (idx[i] < 0 || idx[i] >= S) return -2;
-    float lut[256];
-    for (int b = 0; b < 256; b++) lut[b] = e4m3_to_f32((uint8_t)b);
-    const int64_t width = q + r, nt = q / tile;
-    #pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t s = idx[i];
-        const uint8_t *c = codes + s * q, *e = exps + s * nt;
-        const uint16_t *rp = rot + s * r;
-        float *o = (float *)out + i * width;
-        uint16_t *ob = (uint16_t *)out + i * width;
-        for (int64_t t = 0; t < nt; t++) {
-            const float sc = e8m0_to_f32(e[t]);
-            const uint8_t *ct = c + t * tile;
-            if (out_bf16) {
-                for (int64_t k = 0; k < tile; k++) {
-                    float v = lut[ct[k]] * sc;
-                    uint32_t u;
-                    memcpy(&u, &v, 4);
-                    ob[t * tile + k] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  /* nearest even:
-                        only values below bf16's normal range, which no scale quantise makes, round at all */
-                }
-            } else {
-                int64_t k = 0;
+/* ---- FP8 cache components (qiusuo/cache/precision.py, Fp8Tiles) ----
+   A row: q e4m3 codes with one ue8m0 scale (a biased exponent) per tile of `tile` values, then r bf16 rotary values.
+   One pass over a row's bytes each way: torch's per-element e4m3 conversion and the ops around it took ~40x longer
+   than a bf16 cache's read at 8k context. */
+
+static float E4M3_LUT[256];  /* every byte's value, filled once when the library loads */
+
+__attribute__((constructor)) static void fp8_lut_init(void) {
+    for (int b = 0; b < 256; b++) E4M3_LUT[b] = e4m3_to_f32((uint8_t)b);
+}
+
+/* Rows of fewer values than this run on one thread: the fork and join of a parallel region cost more than a few
+   thousand values' arithmetic (a decoding step's write, a short context's read). */
+#define FP8_PARALLEL_VALUES 16384
+
+/* One row's stored parts -> its values, float32 (out_bf16 = 0) or bf16 bits (exact either way: an e4m3 value
+   times a power of two within the scales quantisation makes). */
+static void fp8_dequant_row(const uint8_t *c, const uint8_t *e, const uint16_t *rp, int64_t q, int64_t tile,
+                            int64_t r, int out_bf16, void *out) {
+    float *o = (float *)out;
+    uint16_t *ob = (uint16_t *)out;
+    for (int64_t t = 0; t < q / tile; t++) {
+        const float sc = e8m0_to_f32(e[t]);
+        const uint8_t *ct = c + t * tile;
+        if (out_bf16) {
+            for (int64_t k = 0; k < tile; k++) {
+                float v = E4M3_LUT[ct[k]] * sc;
+                uint32_t u;
+                memcpy(&u, &v, 4);
+                ob[t * tile + k] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  /* nearest even: only
+                    values below bf16's normal range, which no scale quantise makes, round at all */
+            }
+        } else {
+            int64_t k = 0;
 #if QS_SIMD
-                /* e4m3 bits s eeee mmm shifted into fp16's (s eeeee mmmmmmmmmm) are the value times 2^-8 (biases 7
-                   and 15), subnormals included; vcvtph2ps widens exactly, and * 256 puts the 2^8 back */
-                const __m256 s256 = _mm256_set1_ps(256.0f), scv = _mm256_set1_ps(sc);
-                const __m128i sign = _mm_set1_epi16((short)0x80), mag = _mm_set1_epi16(0x7F);
-                for (; k + 8 <= tile; k += 8) {
-                    __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(ct + k)));
-                    __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, sign), 8),
-                                             _mm_slli_epi16(_mm_and_si128(b, mag), 7));
-                    _mm256_storeu_ps(o + t * tile + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtph_ps(h), s256), scv));
-                }
+            /* e4m3 bits s eeee mmm shifted into fp16's (s eeeee mmmmmmmmmm) are the value times 2^-8 (biases 7 and
+               15), subnormals included; vcvtph2ps widens exactly, and * 256 puts the 2^8 back */
+            /* one multiply by 2^8 * scale where that is a float (the same real product, rounded once either way) */
+            const int one = e[t] <= 246;
+            const __m256 s256 = _mm256_set1_ps(one ? 256.0f * sc : 256.0f), scv = _mm256_set1_ps(sc);
+            const __m128i sign = _mm_set1_epi16((short)0x80), mag = _mm_set1_epi16(0x7F);
+            for (; k + 8 <= tile; k += 8) {
+                __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(ct + k)));
+                __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, sign), 8),
+                                         _mm_slli_epi16(_mm_and_si128(b, mag), 7));
+                __m256 v = _mm256_mul_ps(_mm256_cvtph_ps(h), s256);
+                _mm256_storeu_ps(o + t * tile + k, one ? v : _mm256_mul_ps(v, scv));
+            }
 #endif
-                for (; k < tile; k++) o[t * tile + k] = lut[ct[k]] * sc;
-            }
-        }
-        for (int64_t k = 0; k < r; k++) {
-            if (out_bf16) ob[q + k] = rp[k];
-            else {
-                uint32_t u = (uint32_t)rp[k] << 16;
-                memcpy(o + q + k, &u, 4);
-            }
+            for (; k < tile; k++) o[t * tile + k] = E4M3_LUT[ct[k]] * sc;
         }
     }
-    return 0;
+    if (out_bf16) {
+        memcpy(ob + q, rp, (size_t)r * 2);
+        return;
+    }
+    int64_t k = 0;
+#if QS_SIMD
+    for (; k + 8 <= r; k += 8)  /* bf16 bits in the top half of a float's */
+        _mm256_storeu_si256((__m256i *)(o + q + k),
+                            _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(rp + k))), 16));
+#endif
+    for (; k < r; k++) {
+        uint32_t u = (uint32_t)rp[k] << 16;
+        memcpy(o + q + k, &u, 4);
+    }
 }
 
 /* float32 -> e4m3 (finite, |x| <= 448), rounded to nearest even as torch's conversion does: normals keep 3 mantissa
@@ -860,45 +868,100 @@ static inline uint8_t f32_to_e4m3(float x) {
     return sign | (uint8_t)(((((u >> 23) & 0xFF) - 120) << 3) | ((u >> 20) & 7));
 }
 
-/* rows (n, q + r) float32 into FP8 cache slots idx[i] (codes (S, q), exps (S, q / tile), rot (S, r) bf16 bits), as
-   Fp8Tiles.quantise does: per tile of `tile` values amax (at least 2^-100), e = ceil(log2(amax / 448)) exactly (from
-   the float's bits: the smallest power of two scale bringing amax within 448), clamped to [-127, 127], codes e4m3(x * 2^-e)
-   clamped to +-448, stored exponent e + 127; the rotary part rounded to bf16. -2 when an index is outside [0, S). */
-int qs_fp8_write(const float *rows, int64_t n, const int64_t *idx, int64_t S, uint8_t *codes, uint8_t *exps,
-                 uint16_t *rot, int64_t q, int64_t tile, int64_t r) {
-    if (n < 0 || q <= 0 || r < 0 || tile <= 0 || q % tile) return -1;
-    for (int64_t i = 0; i < n; i++)
-        if (idx[i] < 0 || idx[i] >= S) return -2;
-    const int64_t nt = q / tile;
-    for (int64_t i = 0; i < n; i++) {
-        const float *x = rows + i * (q + r);
-        uint8_t *c = codes + idx[i] * q, *ep = exps + idx[i] * nt;
-        for (int64_t t = 0; t < nt; t++) {
-            const float *xt = x + t * tile;
-            float amax = 0x1p-100f;
-            for (int64_t k = 0; k < tile; k++) {
-                const float v = xt[k] < 0 ? -xt[k] : xt[k];
-                amax = v > amax ? v : amax;  /* (a NaN row writes garbage either way) */
-            }
-            /* amax / 448 >= 2^-109 is a normal float 1.M * 2^(E - 127): ceil(log2) is E - 127, plus 1 if M != 0 */
-            const float v = amax / 448.0f;
-            uint32_t b;
-            memcpy(&b, &v, 4);
-            int e = (int)((b >> 23) & 0xFF) - 127 + ((b & 0x7FFFFFu) != 0);
-            e = e < -127 ? -127 : e > 127 ? 127 : e;
-            ep[t] = (uint8_t)(e + 127);
-            const float s = e8m0_to_f32((uint8_t)(127 - e));  /* 2^-e */
-            for (int64_t k = 0; k < tile; k++) {
-                float v = xt[k] * s;
-                v = v > 448.0f ? 448.0f : v < -448.0f ? -448.0f : v;
-                c[t * tile + k] = f32_to_e4m3(v);
-            }
+/* One float32 row (q + r values) -> its stored parts, as Fp8Tiles.quantise does: per tile amax (at least 2^-100),
+   e = ceil(log2(amax / 448)) exactly (from the float's bits: the smallest power-of-two scale bringing amax within
+   448), clamped to [-127, 127], codes e4m3(x * 2^-e) clamped to +-448, stored exponent e + 127; the rotary part
+   rounded to bf16. */
+static void fp8_quant_row(const float *x, int64_t q, int64_t tile, int64_t r, uint8_t *c, uint8_t *ep,
+                          uint16_t *rp) {
+    for (int64_t t = 0; t < q / tile; t++) {
+        const float *xt = x + t * tile;
+        float amax = 0x1p-100f;
+        for (int64_t k = 0; k < tile; k++) {
+            const float v = xt[k] < 0 ? -xt[k] : xt[k];
+            amax = v > amax ? v : amax;  /* (a NaN row writes garbage either way) */
         }
-        for (int64_t k = 0; k < r; k++) {
-            uint32_t u;
-            memcpy(&u, x + q + k, 4);
-            rot[idx[i] * r + k] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        /* amax / 448 >= 2^-109 is a normal float 1.M * 2^(E - 127): ceil(log2) is E - 127, plus 1 if M != 0 */
+        const float v = amax / 448.0f;
+        uint32_t b;
+        memcpy(&b, &v, 4);
+        int e = (int)((b >> 23) & 0xFF) - 127 + ((b & 0x7FFFFFu) != 0);
+        e = e < -127 ? -127 : e > 127 ? 127 : e;
+        ep[t] = (uint8_t)(e + 127);
+        const float s = e8m0_to_f32((uint8_t)(127 - e));  /* 2^-e */
+        for (int64_t k = 0; k < tile; k++) {
+            float y = xt[k] * s;
+            y = y > 448.0f ? 448.0f : y < -448.0f ? -448.0f : y;
+            c[t * tile + k] = f32_to_e4m3(y);
         }
     }
+    for (int64_t k = 0; k < r; k++) {
+        uint32_t u;
+        memcpy(&u, x + q + k, 4);
+        rp[k] = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    }
+}
+
+static int fp8_bad_shape(int64_t n, int64_t q, int64_t tile, int64_t r) {
+    return n < 0 || q <= 0 || r < 0 || tile <= 0 || q % tile;
+}
+
+/* out[i] = the row at slot idx[i] of codes (S, q), exps (S, q / tile), rot (S, r) bf16 bits, dequantised; idx (n,)
+   int64. -2 when an index is outside [0, S). */
+int qs_fp8_rows(const uint8_t *codes, const uint8_t *exps, const uint16_t *rot, int64_t S, const int64_t *idx,
+                int64_t n, int64_t q, int64_t tile, int64_t r, int out_bf16, void *out, int nthreads) {
+    if (fp8_bad_shape(n, q, tile, r) || nthreads < 1) return -1;
+    for (int64_t i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= S) return -2;
+    const int64_t width = q + r, nt = q / tile, esize = out_bf16 ? 2 : 4;
+    if (n * width < FP8_PARALLEL_VALUES) nthreads = 1;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; i++)
+        fp8_dequant_row(codes + idx[i] * q, exps + idx[i] * nt, rot + idx[i] * r, q, tile, r, out_bf16,
+                        (uint8_t *)out + i * width * esize);
     return 0;
+}
+
+/* rows (n, q + r) float32 quantised into slots idx[i] of codes, exps, rot (as qs_fp8_rows reads them); with `out`,
+   each row also as it is now stored (float32, or bf16 bits with out_bf16), which saves an attention that reads its
+   new keys from its inputs a second pass. -2 when an index is outside [0, S). */
+int qs_fp8_write(const float *rows, int64_t n, const int64_t *idx, int64_t S, uint8_t *codes, uint8_t *exps,
+                 uint16_t *rot, int64_t q, int64_t tile, int64_t r, int out_bf16, void *out) {
+    if (fp8_bad_shape(n, q, tile, r)) return -1;
+    for (int64_t i = 0; i < n; i++)
+        if (idx[i] < 0 || idx[i] >= S) return -2;
+    const int64_t nt = q / tile, esize = out_bf16 ? 2 : 4;
+    for (int64_t i = 0; i < n; i++) {
+        uint8_t *c = codes + idx[i] * q, *ep = exps + idx[i] * nt;
+        uint16_t *rp = rot + idx[i] * r;
+        fp8_quant_row(rows + i * (q + r), q, tile, r, c, ep, rp);
+        if (out) fp8_dequant_row(c, ep, rp, q, tile, r, out_bf16, (uint8_t *)out + i * (q + r) * esize);
+    }
+    return 0;
+}
+
+/* ---- argument blocks ----
+   The calls above with their arguments in one int64 array (pointers as integers), for callers that bind most of
+   them once (kernels.py: `Bound`, `Fp8Rows`) and set the few that change per call: ctypes converted a dozen
+   arguments one by one on every call, which cost more than a short call's work once a decoding step's large
+   matmuls had flushed the caches. */
+
+#define QS_PTR(v) ((void *)(intptr_t)(v))
+
+int qs_grouped_mm_a(const int64_t *a) {
+    return qs_grouped_mm((int)a[0], (int)a[1], (const float *)QS_PTR(a[2]), a[3], a[4], a[5], a[6],
+                         (const int64_t *)QS_PTR(a[7]), QS_PTR(a[8]), QS_PTR(a[9]), a[10], a[11],
+                         (float *)QS_PTR(a[12]), (int)a[13]);
+}
+
+int qs_fp8_rows_a(const int64_t *a) {
+    return qs_fp8_rows((const uint8_t *)QS_PTR(a[0]), (const uint8_t *)QS_PTR(a[1]), (const uint16_t *)QS_PTR(a[2]),
+                       a[3], (const int64_t *)QS_PTR(a[4]), a[5], a[6], a[7], a[8], (int)a[9], QS_PTR(a[10]),
+                       (int)a[11]);
+}
+
+int qs_fp8_write_a(const int64_t *a) {
+    return qs_fp8_write((const float *)QS_PTR(a[0]), a[1], (const int64_t *)QS_PTR(a[2]), a[3],
+                        (uint8_t *)QS_PTR(a[4]), (uint8_t *)QS_PTR(a[5]), (uint16_t *)QS_PTR(a[6]), a[7], a[8], a[9],
+                        (int)a[10], QS_PTR(a[11]));
 }

@@ -1,5 +1,5 @@
 """Quantised matmuls for CPU decoding: y = x @ W.T with W read once in its packed form (and, with the same build,
-the FP8 cache's gather-and-dequantise and quantise-and-scatter, `fp8_rows` / `fp8_write`).
+the FP8 cache's gather-and-dequantise and quantise-and-scatter, `Fp8Rows`).
 
 At decode batch sizes (1-16 rows) a matmul should be memory-bound: its cost is reading the weight. torch 2.13's CPU
 kernels read packed weights slower than fp32 ones (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`; figures in
@@ -12,7 +12,7 @@ qiusuo/quant/formats.py writes them):
 - "int8":  q int8 (N, K), scale float32 (N,): w = q * scale[n].
 - "int4":  q uint8 (N, K/2), byte j = column 2j (low nibble), 2j + 1 (high nibble); scale bfloat16 (N, K/G),
            G = `group`: w = (nibble - 8) * scale[n, k // G].
-- "mxfp4": q uint8 (N, K/2), the same nibbles as e2m1 codes (qiusuo/hf/fp4.py); scale uint8 / float8_e8m0fnu
+- "mxfp4": q uint8 (N, K/2), the same nibbles as e2m1 codes (qiusuo/quant/fp4.py); scale uint8 / float8_e8m0fnu
            (N, K/32): w = e2m1(code) * 2^(scale - 127).
 - "fp8":   q uint8 / float8_e4m3fn (N, K); scale float32 (ceil(N/B), ceil(K/B)), B = `block`, edge blocks partial:
            w = e4m3(q) * scale[n // B, k // B].
@@ -61,8 +61,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qiusuo.hf.fp4 import E2M1
-from qiusuo.hf.fp8 import decode_scale
+from qiusuo.quant.fp4 import E2M1
+from qiusuo.quant.fp8 import decode_scale
 from qiusuo.runtime import cache_dir, cpu_flags
 
 FORMATS = ("bf16", "int8", "int4", "mxfp4", "fp8")
@@ -260,11 +260,11 @@ def _load(extra: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | None]:
                                   ctypes.c_int]
     lib.qs_grouped_mm.restype = ctypes.c_int
     lib.qs_simd.restype = ctypes.c_int
-    lib.qs_fp8_rows.argtypes = [ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, ctypes.c_int, ptr, ctypes.c_int]
-    lib.qs_fp8_rows.restype = ctypes.c_int
-    lib.qs_fp8_write.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64]
-    lib.qs_fp8_write.restype = ctypes.c_int
     lib.qs_vnni.restype = ctypes.c_int
+    # the argument-block entries (`_block`) through a handle that keeps the GIL: a call is its block's only reader
+    lib.blocks = ctypes.PyDLL(lib._name)
+    for name in ("qs_grouped_mm_a", "qs_fp8_rows_a", "qs_fp8_write_a"):
+        getattr(lib.blocks, name).restype = ctypes.c_int
     return lib, None
 
 
@@ -351,6 +351,17 @@ def _grouped_mm(xs: Tensor, counts: Tensor, fmt: str, q: Tensor, scale: Tensor |
     return y
 
 
+def _block(*args: int | None) -> ctypes.Array:
+    """The arguments of a C entry taking them as one int64 array (kernels.c, "argument blocks"), plus one spare
+    int64 a call may point at: those that do not change are set once, a call sets the rest and passes one pointer.
+    Why: ctypes converts each argument of a call through its `argtypes`, which for a dozen arguments cost ~20 us a
+    call right after a large matmul had flushed the caches (as in every decoding step), more than a short call's
+    work. The entries run holding the GIL (`lib.blocks`, a `ctypes.PyDLL`), so no other Python thread can refill a
+    block during a call; a block's owner is called from one thread at a time (the decoding loop's), as the engine
+    and `generate` run models."""
+    return (ctypes.c_int64 * (len(args) + 1))(*[a or 0 for a in args])
+
+
 class Bound:
     """One packed matrix, or a bank of them (experts), bound to the C kernels: the checks `mm` and `grouped_mm`
     make of the weight on every call (shapes, dtypes, format, activation arithmetic, the library) made once, so an
@@ -369,9 +380,11 @@ class Bound:
         _check_act(act, fmt, group)
         self.fmt, self.q, self.scale, self.group, self.block, self.act = fmt, q, scale, group, block, act
         lib = _library(fmt, group, block, q, scale)
-        self._fn = None if lib is None else lib.qs_grouped_mm
-        self._head = (FORMATS.index(fmt), ACTS.index(act))
-        self._tail = (q.data_ptr(), None if scale is None else scale.data_ptr(), group, block)
+        self._fn = None if lib is None else lib.blocks.qs_grouped_mm_a
+        # qs_grouped_mm's arguments: fmt, act, x, M, K, N, experts, counts, q, scale, group, block, y, threads
+        self._args = _block(FORMATS.index(fmt), ACTS.index(act), 0, 0, self.K, self.N, 1, 0, q.data_ptr(),
+                            None if scale is None else scale.data_ptr(), group, block, 0, 1)
+        self._one = ctypes.addressof(self._args) + 8 * 14  # the spare int64: a plain matmul's one row count
 
     def is_for(self, q: Tensor, scale: Tensor | None, act: str) -> bool:
         return self.q is q and self.scale is scale and self.act == act
@@ -387,16 +400,16 @@ class Bound:
         if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.K or not x.is_contiguous():
             raise ValueError(f"x must be contiguous float32 (rows, {self.K}), got {x.dtype} {tuple(x.shape)}")
         y = torch.empty(M, self.N, dtype=torch.float32)
+        a = self._args
         if counts is None:
-            rows = ctypes.c_int64(M)
-            where, experts = ctypes.addressof(rows), 1
+            a[14], a[6], a[7] = M, 1, self._one
         else:
             counts = counts.to(torch.int64).contiguous()
-            where, experts = counts.data_ptr(), counts.numel()
-            if experts != self.q.shape[0]:
+            if counts.numel() != self.q.shape[0]:
                 raise ValueError(f"counts {tuple(counts.shape)} must hold one row count per expert ({self.q.shape[0]})")
-        if self._fn(*self._head, x.data_ptr(), M, self.K, self.N, experts, where, *self._tail, y.data_ptr(),
-                    torch.get_num_threads()):
+            a[6], a[7] = counts.numel(), counts.data_ptr()
+        a[2], a[3], a[12], a[13] = x.data_ptr(), M, y.data_ptr(), torch.get_num_threads()
+        if self._fn(a):
             raise RuntimeError(f"qs_grouped_mm refused {self.fmt} act={self.act} x {tuple(x.shape)} q "
                                f"{tuple(self.q.shape)}" + ("" if counts is None else f" counts {counts.tolist()} "
                                                            "(they must sum to the rows of x)") + " or ran out of memory")
@@ -406,49 +419,68 @@ class Bound:
         return None  # a copied module binds its own copies of the weights on its first call
 
 
-def fp8_rows(codes: Tensor, exps: Tensor, rot: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor | None:
-    """FP8 cache rows gathered and dequantised in one pass (`qiusuo.cache.precision.Fp8Tiles`'s layout): codes
-    (S, q) e4m3, exps (S, q / tile) biased exponents, rot (S, r) bf16, index (n,) -> (n, q + r) in `dtype`
-    (float32 or bfloat16; the same values either way). None where the C kernels do not serve (off the CPU, not
-    contiguous, another dtype, while compiling, QIUSUO_KERNELS=0): the caller's torch formulation then, which is
-    the reference (tests/cache/test_precision.py)."""
-    if dtype not in (torch.float32, torch.bfloat16) or torch.compiler.is_compiling() or index.dtype != torch.int64 \
-            or index.dim() != 1:
-        return None
-    lib = _cpu_library(codes, exps, rot, index)
-    if lib is None:
-        return None
-    S, q = codes.shape
-    out = torch.empty(index.numel(), q + rot.shape[1], dtype=dtype)
-    rc = lib.qs_fp8_rows(codes.data_ptr(), exps.data_ptr(), rot.data_ptr(), S, index.data_ptr(), index.numel(), q,
-                         q // max(1, exps.shape[1]), rot.shape[1], int(dtype == torch.bfloat16), out.data_ptr(),
-                         torch.get_num_threads())
-    if rc == -2:
-        raise IndexError(f"cache slots out of range [0, {S})")
-    if rc:
-        raise RuntimeError(f"qs_fp8_rows refused codes {tuple(codes.shape)} exps {tuple(exps.shape)}")
-    return out
+class Fp8Rows:
+    """An FP8 cache component's storage (`qiusuo.cache.precision.Fp8Tiles`'s layout) bound to the C passes: codes
+    (S, q) e4m3 bytes, exps (S, q / tile) biased exponents, rot (S, r) bf16, rows read as `dtype` (float32 or
+    bfloat16: the same values either way). Reads gather and dequantise rows in one pass, writes quantise and scatter
+    them (and give them back as stored, on request). Everything about the storage is checked once here, as `Bound`
+    does for weights, and a call checks only its index: a decoding step reads and writes every layer's components,
+    and each torch call costs tens of microseconds right after a large matmul has flushed the caches. A call returns
+    None where the C kernels do not serve it (off the CPU, while compiling, QIUSUO_KERNELS=0 when bound, an index
+    that is not contiguous int64): the caller's torch formulation then, which is the reference
+    (tests/cache/test_precision.py)."""
 
+    def __init__(self, codes: Tensor, exps: Tensor, rot: Tensor, dtype: torch.dtype):
+        self.tensors = (codes, exps, rot)  # held: the library points into them
+        self.S, self.q = codes.shape
+        self.r, self.tile = rot.shape[1], self.q // max(1, exps.shape[1])
+        self.width, self.dtype = self.q + self.r, dtype
+        serves = codes.dtype == torch.uint8 and dtype in (torch.float32, torch.bfloat16)
+        lib = _cpu_library(codes, exps, rot) if serves else None  # QIUSUO_KERNELS read now
+        ptrs, bf16 = [t.data_ptr() for t in self.tensors], int(dtype == torch.bfloat16)
+        self._rows = None if lib is None else lib.blocks.qs_fp8_rows_a
+        self._write = None if lib is None else lib.blocks.qs_fp8_write_a
+        # qs_fp8_rows: codes, exps, rot, S, index, n, q, tile, r, bf16, out, threads
+        self._read_args = _block(*ptrs, self.S, 0, 0, self.q, self.tile, self.r, bf16, 0, 1)
+        # qs_fp8_write: rows, n, index, S, codes, exps, rot, q, tile, r, bf16, out
+        self._write_args = _block(0, 0, 0, self.S, *ptrs, self.q, self.tile, self.r, bf16, 0)
 
-def fp8_write(rows: Tensor, index: Tensor, codes: Tensor, exps: Tensor, rot: Tensor) -> bool:
-    """`fp8_rows`' inverse: float32 rows (n, q + r) quantised into slots `index` (n,) of the FP8 cache tensors, as
-    `Fp8Tiles.quantise` then `write` do, in one C pass (those are ~15 torch ops per write, more than a decoding step's
-    whole read of a small model's cache). False where the C kernels do not serve (as `fp8_rows`); the caller's torch
-    formulation then."""
-    if rows.dtype != torch.float32 or torch.compiler.is_compiling() or index.dtype != torch.int64 or \
-            index.dim() != 1 or rows.dim() != 2 or rows.shape[0] != index.numel():
-        return False
-    lib = _cpu_library(rows, index, codes, exps, rot)
-    if lib is None:
-        return False
-    S, q = codes.shape
-    rc = lib.qs_fp8_write(rows.data_ptr(), index.numel(), index.data_ptr(), S, codes.data_ptr(), exps.data_ptr(),
-                          rot.data_ptr(), q, q // max(1, exps.shape[1]), rot.shape[1])
-    if rc == -2:
-        raise IndexError(f"cache slots out of range [0, {S})")
-    if rc:
-        raise RuntimeError(f"qs_fp8_write refused rows {tuple(rows.shape)} codes {tuple(codes.shape)}")
-    return True
+    def _serves(self, index: Tensor) -> bool:
+        return self._rows is not None and index.dtype == torch.int64 and index.is_cpu and index.is_contiguous() \
+            and not torch.compiler.is_compiling()
+
+    def read(self, index: Tensor) -> Tensor | None:
+        """index (n,) slots (a vector) -> (n, q + r) in `dtype`."""
+        if not self._serves(index):
+            return None
+        n = index.numel()
+        out = torch.empty(n, self.width, dtype=self.dtype)
+        a = self._read_args
+        a[4], a[5], a[10], a[11] = index.data_ptr(), n, out.data_ptr(), torch.get_num_threads()
+        rc = self._rows(a)
+        if rc:
+            self._fail(rc, "qs_fp8_rows")
+        return out
+
+    def write(self, rows: Tensor, index: Tensor, stored: bool = False) -> Tensor | bool | None:
+        """rows (n, q + r) quantised into slots index (n,): True, or with `stored` the rows as they are now stored
+        (n, q + r) in `dtype`."""
+        n = index.numel()
+        if not self._serves(index) or not rows.is_cpu or rows.shape != (n, self.width):
+            return None
+        rows = rows.to(torch.float32).contiguous()  # exact: quantisation reads float32 whatever the model's dtype
+        out = torch.empty(n, self.width, dtype=self.dtype) if stored else None
+        a = self._write_args
+        a[0], a[1], a[2], a[11] = rows.data_ptr(), n, index.data_ptr(), 0 if out is None else out.data_ptr()
+        rc = self._write(a)
+        if rc:
+            self._fail(rc, "qs_fp8_write")
+        return True if out is None else out
+
+    def _fail(self, rc: int, fn: str) -> None:
+        if rc == -2:
+            raise IndexError(f"cache slots out of range [0, {self.S})")
+        raise RuntimeError(f"{fn} refused codes ({self.S}, {self.q}), tiles of {self.tile}, rotary {self.r}")
 
 
 # ---- the custom ops ----

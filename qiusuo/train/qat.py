@@ -1,7 +1,7 @@
 """FP4 quantisation-aware training of the routed experts (DeepSeek-V4 trains its experts this way for the last part
 of the run, so that the FP4 checkpoint it ships is the model it trained).
 
-`fake_fp4(w)` is, bit for bit, `dequantize_fp4(*quantize_fp4(w))` of the export format (`qiusuo.hf.fp4`: e2m1
+`fake_fp4(w)` is, bit for bit, `dequantize_fp4(*quantize_fp4(w))` of the export format (`qiusuo.quant.fp4`: e2m1
 values, one ue8m0 power-of-two scale per 32 inputs of each row, round to nearest with ties to the even code,
 saturating at 6), computed without packing: sign(w) * round_e2m1(|w| / s) * s. The backward is the straight-through
 estimator: the gradient passes to w unchanged. Turned on per model with `set_fp4_qat(model, True)`, which gives each
@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qiusuo.hf.fp4 import E2M1_MAX, GROUP, round_e2m1
-from qiusuo.hf.fp8 import ue8m0_scale
+from qiusuo.quant.fp4 import E2M1_MAX, GROUP, round_e2m1
+from qiusuo.quant.fp8 import ue8m0_scale
 
 
 def fake_fp4_values(w: torch.Tensor) -> torch.Tensor:

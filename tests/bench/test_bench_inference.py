@@ -79,7 +79,10 @@ def test_context_bench_compares_the_cache_precisions_in_one_run(capsys):
     from qiusuo.bench import context
 
     out = context.run(_args(context.add_args, ["--contexts", "40", "--models", "V3", "V4", "--threads", "1",
-                                               "--compare-cache", "--rounds", "1"]))
-    assert set(out) == {f"{m}/40/{c}_decode_tok_s" for m in ("V3", "V4") for c in ("bf16", "fp8")}
+                                               "--compare-cache", "--rounds", "3"]))
+    assert set(out) == {f"{m}/40/{c}_decode_tok_s" for m in ("V3", "V4") for c in ("bf16", "fp8")} | {
+        f"{m}/40/fp8_over_bf16{q}" for m in ("V3", "V4") for q in ("", "_q1", "_q3")}
     assert all(v > 0 for v in out.values())
+    for m in ("V3", "V4"):
+        assert out[f"{m}/40/fp8_over_bf16_q1"] <= out[f"{m}/40/fp8_over_bf16"] <= out[f"{m}/40/fp8_over_bf16_q3"]
     assert "V4 (v4-bench) context      40: decode bf16 cache" in capsys.readouterr().out

@@ -71,8 +71,11 @@ def test_fp8_reads_in_one_c_pass_equal_the_torch_formulation(dtype, monkeypatch)
     comp.rot.copy_(torch.randn(comp.rot.shape, generator=g))
     at = (torch.tensor([[1, 0, 299], [5, 5, 42]]),)
     fast = comp.read(at)
-    monkeypatch.setenv("QIUSUO_KERNELS", "0")
-    slow = comp.read(at)
+    monkeypatch.setenv("QIUSUO_KERNELS", "0")  # read when a component binds its storage
+    torch_comp = Fp8Tiles((300,), 60, 12, "cpu", dtype)
+    for mine, theirs in zip(torch_comp.tensors, comp.tensors):
+        mine.copy_(theirs)
+    slow = torch_comp.read(at)
     assert fast.dtype == slow.dtype == dtype and fast.shape == (2, 3, 60)
     assert torch.equal(fast.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
                        slow.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
@@ -85,7 +88,8 @@ def test_fp8_writes_in_one_c_pass_equal_the_torch_formulation(monkeypatch):
     """The C quantise + scatter (`kernels.fp8_write`, what a CPU write runs) against `quantise` + index_put_, bit
     for bit: rows over 60 decades, a tile whose amax / 448 is exactly a power of two (the scale's boundary), values
     exactly halfway between e4m3 codes (normal and subnormal: ties to even), bf16 ties in the rotary part, and
-    (state, slot) indices of a ring; `roundtrip` (C write and read of a scratch) likewise."""
+    (state, slot) indices of a ring; the rows given back as stored (`stored=True`, from the same C pass) equal to
+    the torch roundtrip and to a read of the slots."""
     from qiusuo.quant import kernels
 
     if not kernels.available():
@@ -97,12 +101,14 @@ def test_fp8_writes_in_one_c_pass_equal_the_torch_formulation(monkeypatch):
                                  0.0, -0.0, 2**-10, 416, 432, 1.125, 1.375, 3.0])  # ties, subnormal ties, 448
     rows[2, 48:] = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-130, 1.5, 0.0] * 2)  # bf16 ties
     states, slots = torch.arange(40) % 4, torch.arange(40) // 4  # every (state, slot) of a 4 x 10 ring once
-    fast, slow = Fp8Tiles((4, 10), 60, 12, "cpu"), Fp8Tiles((4, 10), 60, 12, "cpu")
-    fast.write((states, slots), rows)
-    trip = fast.roundtrip(rows.view(4, 10, 60))  # through a scratch of C write and read
-    monkeypatch.setenv("QIUSUO_KERNELS", "0")
-    slow.write((states, slots), rows)
-    assert torch.equal(trip.view(torch.int16), slow.roundtrip(rows.view(4, 10, 60)).view(torch.int16))
+    fast = Fp8Tiles((4, 10), 60, 12, "cpu")
+    back = fast.write((states, slots), rows, stored=True)
+    assert torch.equal(back.view(torch.int16), fast.read((states, slots)).view(torch.int16))
+    monkeypatch.setenv("QIUSUO_KERNELS", "0")  # read when a component binds its storage
+    slow = Fp8Tiles((4, 10), 60, 12, "cpu")
+    slow_back = slow.write((states, slots), rows, stored=True)
+    for ref in (slow_back, slow.roundtrip(rows), slow.read((states, slots))):
+        assert torch.equal(back.view(torch.int16), ref.view(torch.int16))
     for a, b in zip(fast.tensors, slow.tensors):
         assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
                            b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)

@@ -66,7 +66,7 @@ def test_a_decoding_step_reads_k_latents_and_equals_the_full_forward(v32, tok):
     pool = BlockPool(v32.cache_specs(), num_blocks=32, block_size=4)
     tables = [pool.allocate(s, len(s)) for s in (a, b)]
     storages = [x for x in pool.layers]
-    reads = LatentReads({"latent": [x.latent.values for x in storages], "keys": [x.keys.values for x in storages]})
+    reads = LatentReads({"latent": [x.latent.flat for x in storages], "keys": [x.keys.flat for x in storages]})
     with torch.no_grad():
         full = [v32(torch.tensor([s]))[0] for s in (a, b)]  # (T, V) each
         pre = [s[:-3] for s in (a, b)]

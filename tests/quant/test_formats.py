@@ -52,7 +52,7 @@ def test_quantise_dequantise_error_and_fixed_point(spec):
         assert (err[inside] <= step[inside] / 2 * 1.01).all() and (err <= step * 1.04).all()
     elif fmt.name == "bf16":
         assert torch.equal(d, w.bfloat16().float())
-    else:  # fp8 / mxfp4: qiusuo.hf.fp8 / fp4 hold their own bounds; here relative to the row's size
+    else:  # fp8 / mxfp4: qiusuo.quant.fp8 / fp4 hold their own bounds; here relative to the row's size
         assert (err.amax(1) <= 0.25 * w.abs().amax(1)).all()
     q2, s2 = fmt.quantize(d)  # re-quantising the dequantised weight gives back the same bytes
     assert torch.equal(q2.view(torch.uint8), q.view(torch.uint8))

@@ -48,8 +48,8 @@ import sys
 import pytest
 import torch
 
-from qiusuo.hf.fp4 import dequantize_fp4
-from qiusuo.hf.fp8 import dequantize_blocks
+from qiusuo.quant.fp4 import dequantize_fp4
+from qiusuo.quant.fp8 import dequantize_blocks
 from qiusuo.quant import kernels
 from qiusuo.quant.formats import parse
 from qiusuo.quant.kernels import dequantize, grouped_mm, mm

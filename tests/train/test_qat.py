@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from qiusuo.config import get_config
-from qiusuo.hf.fp4 import dequantize_fp4, quantize_fp4
+from qiusuo.quant.fp4 import dequantize_fp4, quantize_fp4
 from qiusuo.model.moe import Experts
 from qiusuo.train.qat import fake_fp4, fake_fp4_values, set_fp4_qat
 

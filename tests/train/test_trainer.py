@@ -98,7 +98,7 @@ def test_resume_equals_uninterrupted_run_bitwise(data_dir, tmp_path, monkeypatch
 
 
 def test_fp4_qat_turns_on_at_its_share_of_the_run_and_the_fp4_export_scores_the_same(data_dir, tmp_path):
-    from qiusuo.hf.fp4 import dequantize_fp4, quantize_fp4
+    from qiusuo.quant.fp4 import dequantize_fp4, quantize_fp4
     from qiusuo.model.moe import Experts
 
     cfg = tiny_cfg(data_dir, tmp_path / "run", **{"train.steps": 6, "schedule.warmup_steps": 0, "train.fp4_qat": True,
@@ -110,7 +110,7 @@ def test_fp4_qat_turns_on_at_its_share_of_the_run_and_the_fp4_export_scores_the_
     trainer.train_step = lambda: (real(), seen.append(experts[0].weight_transform is not None))[0]  # on in that step
     summary = trainer.train()
     assert seen == [False] * 3 + [True] * 3  # progress 0, 1/6, 2/6 off; 3/6 on
-    # the FP4 export (quantise-dequantise of the format qiusuo.hf.fp4 writes), QAT off, scores the trained loss
+    # the FP4 export (quantise-dequantise of the format qiusuo.quant.fp4 writes), QAT off, scores the trained loss
     export = Transformer(trainer.model_cfg)
     export.load_state_dict(trainer.model.state_dict())
     with torch.no_grad():

@@ -12,7 +12,7 @@ not survive load -> save bit for bit. At s0 / 2 no element is worse off: up to 2
 the grid at s0, and the few elements in (224, 232] * s0 go to 224 * s0 at either scale (at s0 / 2 by saturating
 (448, 464] to 448). So s lies in [amax / 464, amax / 232): up to ~1.93x the float scale, never more than 2x.
 
-Error bound (what `quantize_blocks` guarantees and tests/hf/test_fp8.py checks, for both formats). e4m3 keeps 3
+Error bound (what `quantize_blocks` guarantees and tests/quant/test_fp8.py checks, for both formats). e4m3 keeps 3
 mantissa bits, so a scaled value in the normal range (|x| >= 2^-6) is rounded to nearest with relative error <= 2^-4
 (half an ulp of 2^-3; the saturated (448, 464] range of ue8m0 errs by at most 16 <= 2^-4 * 448); below that,
 subnormals are spaced 2^-9 apart, an absolute error <= 2^-10. Back in weight units, with s the block's scale:
@@ -26,7 +26,7 @@ Round trip: `quantize_blocks(dequantize_blocks(q, s), scale_fmt=...)` gives back
 (q, s) this module writes, in both formats: what `qiusuo convert` relies on. With ue8m0, q * s is exact in float32
 and in bf16 (4 significant bits times a power of two). With float32 scales q * s is rounded to float32; the round trip
 holds through float32 because the block max comes back as fl(448 * s) and fl(fl(448 * s) / 448) = s for every
-s = fl(amax / 448) (tests/hf/test_fp8.py checks all 2^23 mantissas of one binade).
+s = fl(amax / 448) (tests/quant/test_fp8.py checks all 2^23 mantissas of one binade).
 """
 
 from __future__ import annotations

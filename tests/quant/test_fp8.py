@@ -1,4 +1,4 @@
-"""FP8 blocks: the error bound of `qiusuo.hf.fp8` holds element by element, on shapes that are not multiples of 128,
+"""FP8 blocks: the error bound of `qiusuo.quant.fp8` holds element by element, on shapes that are not multiples of 128,
 across magnitudes (subnormal range included), and through a save_hf(fp8=True) -> load_model round trip.
 
 Bound (scale s = block amax / 448; e4m3 has 3 mantissa bits and subnormals spaced 2^-9 below 2^-6):
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import qiusuo
-from qiusuo.hf.fp8 import BLOCK, E4M3_MAX, dequantize_blocks, quantize_blocks
+from qiusuo.quant.fp8 import BLOCK, E4M3_MAX, dequantize_blocks, quantize_blocks
 
 
 def block_scale(s: torch.Tensor, R: int, C: int) -> torch.Tensor:

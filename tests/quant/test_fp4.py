@@ -5,7 +5,7 @@
 - Rounding: `encode_e2m1` equals a brute-force nearest-of-16 search with ties to the even code, saturating at 6.
 - Scales: ue8m0 is the smallest power of two s0 with amax <= 6 * s0 (DeepGEMM's bit-level formula, reimplemented
   here), halved exactly when the group max would round to 3 at s0; float32 is amax / 6.
-- Error bound of `qiusuo.hf.fp4`, element by element, x = |w| / s:
+- Error bound of `qiusuo.quant.fp4`, element by element, x = |w| / s:
       |dequant(quant(w)) - w| <= h(x) * s,  h = 0.25 (x <= 2), 0.5 (x <= 4), 1 (x > 4)
 - Round trip: quantise(dequantise(quantise(w))) == quantise(w) bit for bit; values survive for any codes.
 - transformers' `Fp8Dequantize._dequantize_one` reads what we write to the same values.
@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from qiusuo.hf.fp4 import (BAND, E2M1, GROUP, dequantize_fp4, dequantize_fp4_, encode_e2m1, pack_e2m1,
+from qiusuo.quant.fp4 import (BAND, E2M1, GROUP, dequantize_fp4, dequantize_fp4_, encode_e2m1, pack_e2m1,
                            quantize_fp4, round_e2m1, unpack_e2m1)
 
 FORMATS = ["ue8m0", "float"]
@@ -212,7 +212,7 @@ def test_dequantize_into_a_preallocated_band_by_band_output():
 
 MEMORY_SCRIPT = r"""
 import json, os, torch
-from qiusuo.hf.fp4 import dequantize_fp4_, quantize_fp4
+from qiusuo.quant.fp4 import dequantize_fp4_, quantize_fp4
 torch.set_num_threads(1)
 R, C = 4096, 2048
 packed, scale = quantize_fp4(torch.randn(R, C))

@@ -41,7 +41,7 @@ Round trip: re-quantising the dequantised values gives back the packed codes and
 scale formats (`qiusuo convert` relies on it). With ue8m0, code * s is exact in float32 and in bf16 (which has
 float32's exponent range). With float32 scales the dequantised values are float32 products, and the round trip holds
 through float32: the group max comes back as fl(6 * s), and fl(fl(6 * s) / 6) = s for every s = fl(amax / 6), a
-fact tests/hf/test_fp4.py checks exhaustively over one binade (all 2^23 mantissas; powers of two scale it to every
+fact tests/quant/test_fp4.py checks exhaustively over one binade (all 2^23 mantissas; powers of two scale it to every
 other). Groups written by other quantisers with max code 3 (not our canonical form) come back with the same values
 under another encoding.
 """
@@ -53,7 +53,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from qiusuo.hf.fp8 import SCALE_FORMATS, decode_scale, ue8m0_scale
+from qiusuo.quant.fp8 import SCALE_FORMATS, decode_scale, ue8m0_scale
 
 GROUP = 32  # inputs per scale
 BAND = 128  # rows dequantised at a time
@@ -114,7 +114,7 @@ def quantize_fp4(w: torch.Tensor, group: int = GROUP, scale_fmt: str = "ue8m0") 
 def dequantize_fp4_(out: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group: int = GROUP) -> torch.Tensor:
     """Write the (R, C) weight into `out` (any float dtype), 128 rows at a time: peak scratch is one band's int32 byte
     indices and float32 values, 128 * C * 6 bytes (5.3 MiB at C = 7168) whatever R is, never a second full-size
-    float32 copy (tests/hf/test_fp4.py measures it). The byte -> (low, high) table is gathered with F.embedding,
+    float32 copy (tests/quant/test_fp4.py measures it). The byte -> (low, high) table is gathered with F.embedding,
     which takes int32 indices; `table[idx]` converts them to int64 first, 10 bytes per value instead of 6 (measured).
     scale: float8_e8m0fnu, uint8 e8m0 bytes or float32 (`decode_scale`)."""
     u = _as_bytes(packed)
