@@ -942,9 +942,9 @@ int qs_fp8_write(const float *rows, int64_t n, const int64_t *idx, int64_t S, ui
 
 /* ---- argument blocks ----
    The calls above with their arguments in one int64 array (pointers as integers), for callers that bind most of
-   them once (kernels.py: `Bound`, `Fp8Rows`) and set the few that change per call: ctypes converted a dozen
-   arguments one by one on every call, which cost more than a short call's work once a decoding step's large
-   matmuls had flushed the caches. */
+   them once (kernels.py: `_block`, used by `Bound` and `Fp8Rows`) and set the few that change per call: ctypes
+   converted a dozen arguments one by one on every call, which cost more than a short call's work once a decoding
+   step's large matmuls had flushed the caches. */
 
 #define QS_PTR(v) ((void *)(intptr_t)(v))
 
