@@ -73,6 +73,6 @@ class LatentLayer:
 
     def update(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """latent (rows, T, C) -> every row's context (rows, S, C) and the batch's mask (rows, 1, T, S) | None."""
-        b, comp = self.batch, self.store.latent
-        comp.write((b.write.reshape(-1),), latent.reshape(-1, latent.shape[-1]))
-        return comp.read((b.slots,)), b.mask
+        b = self.batch
+        rows = latent.reshape(-1, latent.shape[-1])
+        return self.store.latent.update((b.write.reshape(-1),), rows, (b.slots,)), b.mask

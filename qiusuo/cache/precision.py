@@ -84,6 +84,22 @@ class Plain:
         flat = flat_index(index, self.values.shape[:-1])
         return self.flat.index_select(0, flat.reshape(-1)).view(*flat.shape, self.width)
 
+    def update(self, write: tuple[torch.Tensor, ...], rows: torch.Tensor, read: tuple[torch.Tensor, ...],
+               read_first: bool = False, stored: bool = False) -> torch.Tensor:
+        """`write` then `read` (or the read first): the rows read (*read shape, width), with `stored` each read
+        row's group (read's first dim) followed by its new rows as stored: (groups, n + T, width)."""
+        return update_by_parts(self, write, rows, read, read_first, stored)
+
+
+def update_by_parts(comp: "Plain | Fp8Tiles", write: tuple[torch.Tensor, ...], rows: torch.Tensor,
+                    read: tuple[torch.Tensor, ...], read_first: bool, stored: bool) -> torch.Tensor:
+    """A component's `update` as its read and write: what a plain component does, and an FP8 one where the C pass
+    does not serve (the formulation the C pass is held to)."""
+    old = comp.read(read) if read_first else None
+    new = comp.write(write, rows, stored)
+    old = old if read_first else comp.read(read)
+    return torch.cat([old, new], 1) if stored else old
+
 
 
 class Fp8Tiles:
@@ -127,15 +143,14 @@ class Fp8Tiles:
     def write(self, index: tuple[torch.Tensor, ...], rows: torch.Tensor, stored: bool = False) -> torch.Tensor | None:
         """rows (*index shape, width) to `index` (one tensor per leading dim, broadcast together): on a CPU one C
         pass (`kernels.Fp8Rows`), else `quantise` and three index_put_. With `stored`: the rows as reads will
-        return them (from the same pass: an attention that reads its new keys from its inputs, V4's window, sees
-        exactly what later steps will)."""
+        return them (from the same pass)."""
         flat = flat_index(index, self.codes.shape[:-1])
-        done = self._c.write(rows.reshape(-1, self.width), flat.reshape(-1), stored)
+        done = self._c.update(rows.reshape(-1, self.width), flat.reshape(-1), None, stored=stored)
         if done is not None:
             return done.view(rows.shape) if stored else None
-        parts = self.quantise(rows)
-        for t, part in zip(self.tensors, parts):
-            t.index_put_(index, part)
+        parts, at = self.quantise(rows), flat.reshape(-1)
+        for t, part in zip(self._c.tensors, parts):  # the (rows, values) views `flat` indexes
+            t.index_put_((at,), part.reshape(at.shape[0], t.shape[-1]).view(t.dtype))
         return self.dequantise(*parts) if stored else None
 
     def read(self, index: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -143,11 +158,23 @@ class Fp8Tiles:
         one C pass over the rows' bytes (`kernels.Fp8Rows`), else gathers and `dequantise`."""
         flat = flat_index(index, self.codes.shape[:-1])
         at = flat.reshape(-1)
-        rows = self._c.read(at)
+        rows = self._c.update(None, None, at)
         if rows is not None:
             return rows.view(*flat.shape, self.width)
         parts = [t.index_select(0, at).view(*flat.shape, t.shape[-1]) for t in self._c.tensors]
         return self.dequantise(parts[0].view(FP8), *parts[1:])
+
+    def update(self, write: tuple[torch.Tensor, ...], rows: torch.Tensor, read: tuple[torch.Tensor, ...],
+               read_first: bool = False, stored: bool = False) -> torch.Tensor:
+        """As `Plain.update`, in one C pass on a CPU (one call where a read and a write were two, and no
+        concatenation)."""
+        dims = self.codes.shape[:-1]
+        w, r = flat_index(write, dims), flat_index(read, dims)
+        out = self._c.update(rows.reshape(-1, self.width), w.reshape(-1), r.reshape(-1), r.shape[0] if stored else 1,
+                             read_first, stored)
+        if out is None:
+            return update_by_parts(self, write, rows, read, read_first, stored)
+        return out.view(r.shape[0], -1, self.width) if stored else out.view(*r.shape, self.width)
 
     def roundtrip(self, rows: torch.Tensor) -> torch.Tensor:
         """rows (..., width) as the cache would return them, without a slot (the definition: torch ops)."""

@@ -92,5 +92,5 @@ class SparseLatentLayer:
         where = (b.write.reshape(-1),)  # (rows * T,)
         st.latent.write(where, new.latent.reshape(where[0].shape[0], -1))
         Dk = st.keys.width  # 0 for GLM-5's shared layers (no indexer key): explicit, as -1 cannot infer it
-        st.keys.write(where, new.keys.reshape(where[0].shape[0], Dk))
-        return PagedContext(st.latent, b.slots, st.keys.read((b.slots,))), b.mask
+        keys = st.keys.update(where, new.keys.reshape(where[0].shape[0], Dk), (b.slots,))
+        return PagedContext(st.latent, b.slots, keys), b.mask

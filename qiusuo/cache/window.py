@@ -46,29 +46,28 @@ if TYPE_CHECKING:
     from qiusuo.cache.spec import LayerCacheSpec, PoolSpec
 
 
-def ring_read(ring: Plain | Fp8Tiles, states: torch.Tensor, starts: torch.Tensor,
-              n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """From a position-indexed ring (states + 1, R, C) (position p at slot p % R): each row's n positions before
-    its start, in order -> (values (rows, n, C), positions (rows, n), -1 before the sequence's start)."""
+def ring_reads(ring: Plain | Fp8Tiles, states: torch.Tensor, starts: torch.Tensor,
+               n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """In a position-indexed ring (states + 1, R, C) (position p at slot p % R): each row's n positions before its
+    start -> (their rows of the flattened ring (rows, n), the positions (rows, n), -1 before the sequence's start)."""
     R = ring.tensors[0].shape[1]
     pos = starts[:, None] - n + torch.arange(n, device=starts.device)  # (rows, n)
-    vals = ring.read((states[:, None] * R + pos % R,))  # rows of the flattened ring: one index, one gather
-    return vals, torch.where(pos >= 0, pos, -1)
+    return states[:, None] * R + pos % R, torch.where(pos >= 0, pos, -1)
 
 
-def ring_write(ring: Plain | Fp8Tiles, states: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
-               new: torch.Tensor, stored: bool = False) -> torch.Tensor | None:
-    """Store each row's `counts` real new values (rows, T, C) at their positions' slots; of a chunk longer than
-    the ring only its last R (the rest would collide), padding in the scratch state (the last). Nothing older
-    than R - n positions is overwritten, which is what lets speculative decoding drop rejected tokens: a ring of
-    W + K slots keeps every key a later query can still need while K drafts are written past the window. With
-    `stored`: the new values as the ring holds them (rows, T, C)."""
+def ring_writes(ring: Plain | Fp8Tiles, states: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+                T: int) -> torch.Tensor:
+    """The rows of the flattened ring (rows, T) that each row's `counts` real new values go to, at their
+    positions' slots; of a chunk longer than the ring only its last R (the rest would collide), padding in the
+    scratch state (the last). Nothing older than R - n positions is overwritten, which is what lets speculative
+    decoding drop rejected tokens: a ring of W + K slots keeps every key a later query can still need while K
+    drafts are written past the window."""
     first = ring.tensors[0]
-    T, R = new.shape[1], first.shape[1]
-    i = torch.arange(T, device=new.device)[None, :]  # (1, T)
+    R = first.shape[1]
+    i = torch.arange(T, device=starts.device)[None, :]  # (1, T)
     real = (i < counts[:, None]) & (i >= counts[:, None] - R)
     st = torch.where(real, states[:, None], first.shape[0] - 1)  # (rows, T)
-    return ring.write((st * R + (starts[:, None] + i) % R,), new, stored)
+    return st * R + (starts[:, None] + i) % R
 
 
 class PoolStore:
@@ -174,9 +173,11 @@ class WindowLayer:
         """kv (rows, T, hd) -> keys (rows, W + T, hd) and their positions (rows, W + T): each row's last W
         positions before its new tokens (-1 before its start), then the new ones; the ring keeps the new ones."""
         b, ring = self.batch, self.store.ring
-        old, pos = ring_read(ring, b.states, b.starts, self.store.window)  # (rows, W, hd), (rows, W)
-        new = ring_write(ring, b.states, b.starts, b.counts_t, kv, stored=True)  # as later steps will read them
-        return torch.cat([old, new], 1), torch.cat([pos, b.positions(kv.shape[1])], 1)
+        old, pos = ring_reads(ring, b.states, b.starts, self.store.window)  # (rows, W), (rows, W)
+        new = ring_writes(ring, b.states, b.starts, b.counts_t, kv.shape[1])  # (rows, T)
+        # the old keys read before the new ones take their slots; the new ones as later steps will read them
+        keys = ring.update((new,), kv, (old,), read_first=True, stored=True)  # (rows, W + T, hd)
+        return keys, torch.cat([pos, b.positions(kv.shape[1])], 1)
 
     def pool(self, name: str) -> "PoolLayer":
         return PoolLayer(self.batch, self.store.pools[name])
@@ -191,23 +192,23 @@ class PoolLayer:
     def history(self, kv: torch.Tensor, gate: torch.Tensor):
         b, d = self.batch, self.store
         span = d.spec.span
-        old_kv, pos = ring_read(d.tail_kv, b.states, b.starts, span)  # (rows, span, C): the windows still open
-        old_gate = ring_read(d.tail_gate, b.states, b.starts, span)[0]
-        old_gate = old_gate.masked_fill((pos < 0)[..., None], float("-inf"))  # no token there: weight 0
-        old_kv = old_kv.masked_fill((pos < 0)[..., None], 0.0)
-        ring_write(d.tail_kv, b.states, b.starts, b.counts_t, kv)
-        ring_write(d.tail_gate, b.states, b.starts, b.counts_t, gate)
-        return b.starts, b.counts_t, torch.cat([old_kv, kv.to(old_kv.dtype)], 1), torch.cat(
-            [old_gate, gate.to(old_gate.dtype)], 1)
+        old, pos = ring_reads(d.tail_kv, b.states, b.starts, span)  # (rows, span): the windows still open
+        new = ring_writes(d.tail_kv, b.states, b.starts, b.counts_t, kv.shape[1])  # (rows, T); the gates' ring alike
+        kv = d.tail_kv.update((new,), kv, (old,), read_first=True, stored=True)  # (rows, span + T, C)
+        gate = d.tail_gate.update((new,), gate, (old,), read_first=True, stored=True)
+        none = (pos < 0)[..., None]  # (rows, span, 1): no token there
+        kv[:, :span].masked_fill_(none, 0.0)
+        gate[:, :span].masked_fill_(none, float("-inf"))  # weight 0
+        return b.starts, b.counts_t, kv, gate
 
     def append(self, entries: torch.Tensor, valid: torch.Tensor, first: torch.Tensor,
                select: torch.Tensor | None = None) -> torch.Tensor:
         b, d = self.batch, self.store
-        if entries.shape[1]:
-            k = torch.arange(entries.shape[1], device=entries.device)
-            slots = torch.where(valid, entry_slots(b, d, first[:, None] + k), d.scratch)  # (rows, n)
-            d.entries.write((slots.reshape(-1),), entries.reshape(-1, entries.shape[-1]))
-        if select is not None:  # only the chosen entries, per query: (rows, T, k, w)
-            return d.entries.read((entry_slots(b, d, select),))
-        total = b.S // d.spec.ratio  # every entry the gathered context can hold: a bound from shapes, not the data
-        return d.entries.read((entry_slots(b, d, torch.arange(total, device=entries.device).expand(len(first), -1)),))
+        if select is None:  # every entry the gathered context can hold: a bound from shapes, not the data
+            select = torch.arange(b.S // d.spec.ratio, device=entries.device).expand(len(first), -1)
+        read = (entry_slots(b, d, select),)  # only the chosen entries, per query: (rows, T, k); else (rows, total)
+        if not entries.shape[1]:
+            return d.entries.read(read)
+        k = torch.arange(entries.shape[1], device=entries.device)
+        slots = torch.where(valid, entry_slots(b, d, first[:, None] + k), d.scratch)  # (rows, n)
+        return d.entries.update((slots.reshape(-1),), entries.reshape(-1, entries.shape[-1]), read)

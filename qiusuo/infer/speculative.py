@@ -10,7 +10,7 @@ One decoding step of a row at length N with pending token y (sampled, not yet ca
    accepted drafts one more token comes from the target at position N + a (the bonus), so a step emits a + 1
    tokens, distributed exactly as plain decoding's, with every draw from the sequence's own seeded generator;
 3. roll back: the row's length becomes N + a + 1. Nothing is copied: MLA's latents are addressed by position
-   and read under a length mask, V4's rings have K spare slots (`qiusuo.cache.window.ring_write`), compressed entries of
+   and read under a length mask, V4's rings have K spare slots (`qiusuo.cache.window.ring_writes`), compressed entries of
    windows that rejected tokens closed are invisible until the window really closes, when they are rewritten;
 4. draft again: the MTP module (the cache's extra layer, `Transformer.cache_specs(draft=True)`) reads, at each
    position t of the same K + 1 positions, the main model's state at t and the token at t + 1 (d_{t-N+1}, then

@@ -906,38 +906,17 @@ static int fp8_bad_shape(int64_t n, int64_t q, int64_t tile, int64_t r) {
     return n < 0 || q <= 0 || r < 0 || tile <= 0 || q % tile;
 }
 
-/* out[i] = the row at slot idx[i] of codes (S, q), exps (S, q / tile), rot (S, r) bf16 bits, dequantised; idx (n,)
-   int64. -2 when an index is outside [0, S). */
-int qs_fp8_rows(const uint8_t *codes, const uint8_t *exps, const uint16_t *rot, int64_t S, const int64_t *idx,
-                int64_t n, int64_t q, int64_t tile, int64_t r, int out_bf16, void *out, int nthreads) {
-    if (fp8_bad_shape(n, q, tile, r) || nthreads < 1) return -1;
-    for (int64_t i = 0; i < n; i++)
-        if (idx[i] < 0 || idx[i] >= S) return -2;
+/* Rows idx[i] (i < n) of codes (S, q), exps (S, q / tile), rot (S, r) dequantised into out, row i at output row
+   (i / per) * stride + i % per (groups of `per` rows, `stride` rows apart). */
+static void fp8_gather(const uint8_t *codes, const uint8_t *exps, const uint16_t *rot, int64_t q, int64_t tile,
+                       int64_t r, int out_bf16, const int64_t *idx, int64_t n, int64_t per, int64_t stride,
+                       void *out, int nthreads) {
     const int64_t width = q + r, nt = q / tile, esize = out_bf16 ? 2 : 4;
     if (n * width < FP8_PARALLEL_VALUES) nthreads = 1;
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t i = 0; i < n; i++)
         fp8_dequant_row(codes + idx[i] * q, exps + idx[i] * nt, rot + idx[i] * r, q, tile, r, out_bf16,
-                        (uint8_t *)out + i * width * esize);
-    return 0;
-}
-
-/* rows (n, q + r) float32 quantised into slots idx[i] of codes, exps, rot (as qs_fp8_rows reads them); with `out`,
-   each row also as it is now stored (float32, or bf16 bits with out_bf16), which saves an attention that reads its
-   new keys from its inputs a second pass. -2 when an index is outside [0, S). */
-int qs_fp8_write(const float *rows, int64_t n, const int64_t *idx, int64_t S, uint8_t *codes, uint8_t *exps,
-                 uint16_t *rot, int64_t q, int64_t tile, int64_t r, int out_bf16, void *out) {
-    if (fp8_bad_shape(n, q, tile, r)) return -1;
-    for (int64_t i = 0; i < n; i++)
-        if (idx[i] < 0 || idx[i] >= S) return -2;
-    const int64_t nt = q / tile, esize = out_bf16 ? 2 : 4;
-    for (int64_t i = 0; i < n; i++) {
-        uint8_t *c = codes + idx[i] * q, *ep = exps + idx[i] * nt;
-        uint16_t *rp = rot + idx[i] * r;
-        fp8_quant_row(rows + i * (q + r), q, tile, r, c, ep, rp);
-        if (out) fp8_dequant_row(c, ep, rp, q, tile, r, out_bf16, (uint8_t *)out + i * (q + r) * esize);
-    }
-    return 0;
+                        (uint8_t *)out + ((i / per) * stride + i % per) * width * esize);
 }
 
 /* ---- argument blocks ----
@@ -954,14 +933,41 @@ int qs_grouped_mm_a(const int64_t *a) {
                          (float *)QS_PTR(a[12]), (int)a[13]);
 }
 
-int qs_fp8_rows_a(const int64_t *a) {
-    return qs_fp8_rows((const uint8_t *)QS_PTR(a[0]), (const uint8_t *)QS_PTR(a[1]), (const uint16_t *)QS_PTR(a[2]),
-                       a[3], (const int64_t *)QS_PTR(a[4]), a[5], a[6], a[7], a[8], (int)a[9], QS_PTR(a[10]),
-                       (int)a[11]);
-}
-
-int qs_fp8_write_a(const int64_t *a) {
-    return qs_fp8_write((const float *)QS_PTR(a[0]), a[1], (const int64_t *)QS_PTR(a[2]), a[3],
-                        (uint8_t *)QS_PTR(a[4]), (uint8_t *)QS_PTR(a[5]), (uint16_t *)QS_PTR(a[6]), a[7], a[8], a[9],
-                        (int)a[10], QS_PTR(a[11]));
+/* One update of an FP8 cache component (qiusuo/cache/precision.py, Fp8Tiles; kernels.py, Fp8Rows): n_new float32
+   rows (q + r values) quantised into slots widx, n_read slots ridx read back dequantised (float32, or bf16 bits),
+   the reads before the writes (read_first: a ring whose new rows may take the slots of the oldest it reads) or
+   after. The output, in G groups: each group's n_read / G rows read then, with `stored`, its n_new / G new rows as
+   now stored (an attention that reads its new keys from its inputs, V4's window, sees what later steps will
+   read). A read alone, a write alone and a write with its rows back are the same call with n_new or n_read 0.
+   Block: codes, exps, rot, S, q, tile, r, out_bf16, rows, n_new, widx, ridx, n_read, G, read_first, stored, out,
+   threads. -2 when a slot is outside [0, S), -1 for arguments it does not take. */
+int qs_fp8_update_a(const int64_t *a) {
+    uint8_t *codes = (uint8_t *)QS_PTR(a[0]), *exps = (uint8_t *)QS_PTR(a[1]);
+    uint16_t *rot = (uint16_t *)QS_PTR(a[2]);
+    const int64_t S = a[3], q = a[4], tile = a[5], r = a[6], n_new = a[9], n_read = a[12], G = a[13];
+    const int out_bf16 = (int)a[7], read_first = (int)a[14], stored = (int)a[15], nthreads = (int)a[17];
+    const float *rows = (const float *)QS_PTR(a[8]);
+    const int64_t *widx = (const int64_t *)QS_PTR(a[10]), *ridx = (const int64_t *)QS_PTR(a[11]);
+    uint8_t *out = (uint8_t *)QS_PTR(a[16]);
+    if (fp8_bad_shape(n_new, q, tile, r) || n_read < 0 || G < 1 || nthreads < 1 || n_read % G ||
+        (stored && n_new % G) || ((n_read || stored) && !out))
+        return -1;
+    for (int64_t i = 0; i < n_new; i++)
+        if (widx[i] < 0 || widx[i] >= S) return -2;
+    for (int64_t i = 0; i < n_read; i++)
+        if (ridx[i] < 0 || ridx[i] >= S) return -2;
+    const int64_t width = q + r, nt = q / tile, esize = out_bf16 ? 2 : 4;
+    const int64_t per = n_read / G, tper = stored ? n_new / G : 0, stride = per + tper;
+    if (read_first && n_read)
+        fp8_gather(codes, exps, rot, q, tile, r, out_bf16, ridx, n_read, per, stride, out, nthreads);
+    for (int64_t i = 0; i < n_new; i++) {
+        uint8_t *c = codes + widx[i] * q, *ep = exps + widx[i] * nt;
+        uint16_t *rp = rot + widx[i] * r;
+        fp8_quant_row(rows + i * width, q, tile, r, c, ep, rp);
+        if (stored)
+            fp8_dequant_row(c, ep, rp, q, tile, r, out_bf16, out + ((i / tper) * stride + per + i % tper) * width * esize);
+    }
+    if (!read_first && n_read)
+        fp8_gather(codes, exps, rot, q, tile, r, out_bf16, ridx, n_read, per, stride, out, nthreads);
+    return 0;
 }

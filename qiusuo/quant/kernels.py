@@ -261,7 +261,7 @@ def _load(extra: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str | None]:
     lib.qs_grouped_mm.restype = ctypes.c_int
     lib.qs_simd.restype = ctypes.c_int
     lib.qs_vnni.restype = ctypes.c_int
-    for name in ("qs_grouped_mm_a", "qs_fp8_rows_a", "qs_fp8_write_a"):  # argument blocks (`_block`)
+    for name in ("qs_grouped_mm_a", "qs_fp8_update_a"):  # argument blocks (`_block`)
         getattr(lib, name).restype = ctypes.c_int
     return lib, None
 
@@ -419,12 +419,12 @@ class Bound:
 
 
 class Fp8Rows:
-    """An FP8 cache component's storage (`qiusuo.cache.precision.Fp8Tiles`'s layout) bound to the C passes: codes
+    """An FP8 cache component's storage (`qiusuo.cache.precision.Fp8Tiles`'s layout) bound to the C pass: codes
     (S, q) e4m3 bytes, exps (S, q / tile) biased exponents, rot (S, r) bf16, rows read as `dtype` (float32 or
-    bfloat16: the same values either way). Reads gather and dequantise rows in one pass, writes quantise and scatter
-    them (and give them back as stored, on request). Everything about the storage is checked once here, as `Bound`
-    does for weights, and a call checks only its index: a decoding step reads and writes every layer's components,
-    and each torch call costs tens of microseconds right after a large matmul has flushed the caches. A call returns
+    bfloat16: the same values either way). One call quantises and scatters new rows, gathers and dequantises rows
+    read, or both in either order (`update`). Everything about the storage is checked once here, as `Bound` does for
+    weights, and a call checks only its own tensors: a decoding step reads and writes every layer's components, and
+    each torch call costs tens of microseconds right after a large matmul has flushed the caches. A call returns
     None where the C kernels do not serve it (off the CPU, while compiling, QIUSUO_KERNELS=0 when bound, an index
     that is not contiguous int64): the caller's torch formulation then, which is the reference
     (tests/cache/test_precision.py)."""
@@ -436,50 +436,46 @@ class Fp8Rows:
         self.width, self.dtype = self.q + self.r, dtype
         serves = codes.dtype == torch.uint8 and dtype in (torch.float32, torch.bfloat16)
         lib = _cpu_library(codes, exps, rot) if serves else None  # QIUSUO_KERNELS read now
-        ptrs, bf16 = [t.data_ptr() for t in self.tensors], int(dtype == torch.bfloat16)
-        self._rows = None if lib is None else lib.qs_fp8_rows_a
-        self._write = None if lib is None else lib.qs_fp8_write_a
-        # qs_fp8_rows: codes, exps, rot, S, index, n, q, tile, r, bf16, out, threads
-        self._read_args = _block(*ptrs, self.S, 0, 0, self.q, self.tile, self.r, bf16, 0, 1)
-        # qs_fp8_write: rows, n, index, S, codes, exps, rot, q, tile, r, bf16, out
-        self._write_args = _block(0, 0, 0, self.S, *ptrs, self.q, self.tile, self.r, bf16, 0)
+        self._fn = None if lib is None else lib.qs_fp8_update_a
+        # codes, exps, rot, S, q, tile, r, bf16, rows, n_new, widx, ridx, n_read, groups, read_first, stored, out,
+        # threads (kernels.c, qs_fp8_update_a)
+        self._args = _block(*[t.data_ptr() for t in self.tensors], self.S, self.q, self.tile, self.r,
+                            int(dtype == torch.bfloat16), 0, 0, 0, 0, 0, 1, 0, 0, 0, 1)
 
-    def _serves(self, index: Tensor) -> bool:
-        return self._rows is not None and index.dtype == torch.int64 and index.is_cpu and index.is_contiguous() \
-            and not torch.compiler.is_compiling()
-
-    def read(self, index: Tensor) -> Tensor | None:
-        """index (n,) slots (a vector) -> (n, q + r) in `dtype`."""
-        if not self._serves(index):
+    def update(self, rows: Tensor | None, write: Tensor | None, read: Tensor | None, groups: int = 1,
+               read_first: bool = False, stored: bool = False) -> Tensor | bool | None:
+        """rows (n_new, q + r) quantised into slots `write` (n_new,), slots `read` (n_read,) read back, the reads
+        first or last. Returns (n_read [+ n_new], q + r) in `dtype`: in `groups` groups, each group's rows read then,
+        with `stored`, its new rows as now stored; True for a write alone."""
+        if self._fn is None or torch.compiler.is_compiling():
             return None
-        n = index.numel()
-        out = torch.empty(n, self.width, dtype=self.dtype)
-        a = self._read_args
-        a[4], a[5], a[10], a[11] = index.data_ptr(), n, out.data_ptr(), torch.get_num_threads()
-        rc = self._rows(a)
-        if rc:
-            self._fail(rc, "qs_fp8_rows")
-        return out
-
-    def write(self, rows: Tensor, index: Tensor, stored: bool = False) -> Tensor | bool | None:
-        """rows (n, q + r) quantised into slots index (n,): True, or with `stored` the rows as they are now stored
-        (n, q + r) in `dtype`."""
-        n = index.numel()
-        if not self._serves(index) or not rows.is_cpu or rows.shape != (n, self.width):
-            return None
-        rows = rows.to(torch.float32).contiguous()  # exact: quantisation reads float32 whatever the model's dtype
-        out = torch.empty(n, self.width, dtype=self.dtype) if stored else None
-        a = self._write_args
-        a[0], a[1], a[2], a[11] = rows.data_ptr(), n, index.data_ptr(), 0 if out is None else out.data_ptr()
-        rc = self._write(a)
-        if rc:
-            self._fail(rc, "qs_fp8_write")
-        return True if out is None else out
-
-    def _fail(self, rc: int, fn: str) -> None:
+        a, n_new, n_read = self._args, 0, 0
+        if write is not None:
+            n_new = write.numel()
+            if not _index(write) or not rows.is_cpu or rows.shape != (n_new, self.width):
+                return None
+            rows = rows.to(torch.float32).contiguous()  # exact: quantisation reads float32 whatever the model's dtype
+            a[8], a[10] = rows.data_ptr(), write.data_ptr()
+        if read is not None:
+            if not _index(read):
+                return None
+            n_read, a[11] = read.numel(), read.data_ptr()
+        n_out = n_read + (n_new if stored else 0)
+        out = torch.empty(n_out, self.width, dtype=self.dtype) if n_out else None
+        a[9], a[12], a[13], a[14], a[15] = n_new, n_read, groups, int(read_first), int(stored)
+        a[16], a[17] = 0 if out is None else out.data_ptr(), torch.get_num_threads()
+        rc = self._fn(a)
         if rc == -2:
             raise IndexError(f"cache slots out of range [0, {self.S})")
-        raise RuntimeError(f"{fn} refused codes ({self.S}, {self.q}), tiles of {self.tile}, rotary {self.r}")
+        if rc:
+            raise RuntimeError(f"qs_fp8_update refused codes ({self.S}, {self.q}), tiles of {self.tile}, rotary "
+                               f"{self.r}: {n_new} rows written, {n_read} read in {groups} groups")
+        return True if out is None else out
+
+
+def _index(index: Tensor) -> bool:
+    """An index the C passes read as it is: contiguous int64 on the CPU."""
+    return index.dtype == torch.int64 and index.is_cpu and index.is_contiguous()
 
 
 # ---- the custom ops ----

@@ -118,6 +118,49 @@ def test_fp8_writes_in_one_c_pass_equal_the_torch_formulation(monkeypatch):
         fast.write((torch.tensor([4]), torch.tensor([0])), rows[:1])
 
 
+@pytest.mark.parametrize("read_first", [True, False])
+@pytest.mark.parametrize("cls", ["plain", "fp8"])
+def test_one_pass_update_equals_its_read_and_write(cls, read_first, monkeypatch):
+    """`update` (a write and a read in one C pass for FP8, the new rows back as stored after each group's reads)
+    against the same component's write and read, and for FP8 against the torch formulation, bit for bit: a ring
+    whose new rows take slots it reads (the order matters: read first gives the old values, read last the new),
+    padding rows in a scratch state, two groups."""
+    from qiusuo.quant import kernels
+
+    if cls == "fp8" and not kernels.available():
+        pytest.skip(kernels.build_error())
+
+    def make():
+        comp = Fp8Tiles((3, 6), 40, 8, "cpu", torch.float32) if cls == "fp8" else \
+            CacheDtype.of("bf16").key((3, 6), 40, 8, "cpu")
+        comp.write((torch.arange(18),), torch.randn(18, 40, generator=torch.Generator().manual_seed(2)))
+        return comp
+
+    rows = torch.randn(2, 3, 40, generator=torch.Generator().manual_seed(3))
+    write = torch.tensor([[3, 4, 17], [9, 10, 17]])  # row 0 overwrites slot 3, which it reads; 17: the scratch
+    read = torch.tensor([[1, 2, 3, 4], [6, 7, 8, 9]])
+    one, parts = make(), make()
+    got = one.update((write,), rows, (read,), read_first=read_first, stored=True)
+    old = parts.read((read,)) if read_first else None
+    new = parts.write((write,), rows, stored=True)
+    want = torch.cat([old if read_first else parts.read((read,)), new], 1)
+    assert got.shape == (2, 7, 40) and torch.equal(got, want)
+    assert torch.equal(one.read((torch.arange(18),)), parts.read((torch.arange(18),)))
+    # slot 3, read and written by row 0: its old value read first, else the new row as stored
+    assert torch.equal(got[0, 2], make().read((torch.tensor([3]),))[0] if read_first else got[0, 4])
+    before = one.read((read,))
+    again = one.update((write,), rows, (read,), read_first=read_first)  # without `stored`: the reads alone
+    assert torch.equal(again, before)  # (the same rows written again change no slot that is read)
+    if cls == "fp8":
+        monkeypatch.setenv("QIUSUO_KERNELS", "0")  # read when a component binds its storage
+        slow = make()
+        ref = slow.update((write,), rows, (read,), read_first=read_first, stored=True)
+        assert torch.equal(got, ref)
+        for a, b in zip(one.tensors, slow.tensors):
+            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                               b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+
+
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_fp8_cache_decoding_is_close_to_full_precision(kind):
     """Prefill 30 tokens then decode 18 through an FP8 cache: within the measured bounds of the forward without

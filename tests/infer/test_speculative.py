@@ -14,7 +14,7 @@ from qiusuo.cache.pool import PagedBatch
 from qiusuo.infer.runner import ModelRunner
 from qiusuo.infer.sampling import SamplingParams
 from qiusuo.cache.contiguous import ContiguousCache
-from qiusuo.cache.window import entry_slots, ring_read
+from qiusuo.cache.window import entry_slots, ring_reads
 from qiusuo.model.transformer import Transformer
 from engine_models import abort_midway, perturbed, prompts  # tests/infer/engine_models.py
 from greedy import unambiguous  # tests/greedy.py
@@ -118,11 +118,11 @@ def logical_cache(pool, table) -> list[torch.Tensor]:
             out.append(data.latent.read((pool.slots([table], n)[0],)))
             continue
         start = torch.tensor([n])
-        keys, pos = ring_read(data.ring, st, start, data.window)
-        out.append(keys[pos >= 0])
+        at, pos = ring_reads(data.ring, st, start, data.window)
+        out.append(data.ring.read((at,))[pos >= 0])
         for p in data.pools.values():
-            tail, tpos = ring_read(p.tail_kv, st, start, p.spec.span)
-            out.append(tail[tpos >= 0])
+            at, tpos = ring_reads(p.tail_kv, st, start, p.spec.span)
+            out.append(p.tail_kv.read((at,))[tpos >= 0])
             e = n // p.spec.ratio
             out.append(p.entries.read((entry_slots(batch, p, torch.arange(e)[None])[0],)))
     return out
