@@ -18,9 +18,10 @@ gains at most the top half-binade of range, and a power of two makes dequantisat
 64 values, not per token: an outlier channel then costs precision in its own tile only.
 
 Reads dequantise only the rows gathered (a decoding step's context, the k latents a sparse step picked), never
-the whole component; writes quantise the new rows and, asked (`write(..., stored=True)`), give them back as
-stored, so an attention that reads its new tokens from its inputs (V4's window) sees exactly what later steps
-will.
+the whole component; writes quantise the new rows and, asked (`stored=True`), give them back as stored, so an
+attention that reads its new tokens from its inputs (V4's window) sees exactly what later steps will. A layer
+writes and reads a component in one `update` (one C pass for FP8 on a CPU; the reads first for a ring whose new
+rows may take the slots it reads).
 """
 
 from __future__ import annotations
@@ -99,7 +100,6 @@ def update_by_parts(comp: "Plain | Fp8Tiles", write: tuple[torch.Tensor, ...], r
     new = comp.write(write, rows, stored)
     old = old if read_first else comp.read(read)
     return torch.cat([old, new], 1) if stored else old
-
 
 
 class Fp8Tiles:

@@ -950,7 +950,7 @@ int qs_fp8_update_a(const int64_t *a) {
     const int64_t *widx = (const int64_t *)QS_PTR(a[10]), *ridx = (const int64_t *)QS_PTR(a[11]);
     uint8_t *out = (uint8_t *)QS_PTR(a[16]);
     if (fp8_bad_shape(n_new, q, tile, r) || n_read < 0 || G < 1 || nthreads < 1 || n_read % G ||
-        (stored && n_new % G) || ((n_read || stored) && !out))
+        (stored && n_new % G) || ((n_read || (stored && n_new)) && !out))
         return -1;
     for (int64_t i = 0; i < n_new; i++)
         if (widx[i] < 0 || widx[i] >= S) return -2;

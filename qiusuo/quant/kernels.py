@@ -352,12 +352,11 @@ def _grouped_mm(xs: Tensor, counts: Tensor, fmt: str, q: Tensor, scale: Tensor |
 def _block(*args: int | None) -> ctypes.Array:
     """The arguments of a C entry taking them as one int64 array (kernels.c, "argument blocks"), plus one spare
     int64 a call may point at: those that do not change are set once, a call sets the rest and passes one pointer.
-    Why: ctypes converts each argument of a call through its `argtypes`, which for a dozen arguments cost ~20 us a
-    call right after a large matmul had flushed the caches (as in every decoding step), more than a short call's
-    work (measured on the 760M int4 model: 1.04x the decoding speed). A block belongs to one bound weight or cache
-    component, which one thread at a time calls (the decoding loop's: the engine's thread or `generate`'s), so
-    no other thread refills it during a call. (Holding the GIL through the call instead, `ctypes.PyDLL`, decoded
-    0.95x as fast.)"""
+    Why: ctypes converts each argument of a call through its `argtypes`, and for a dozen arguments that cost more
+    than a short call's work right after a large matmul had flushed the caches, as in every decoding step
+    (docs/quant.md). A block belongs to one bound weight or cache component, which one thread at a time calls
+    (the decoding loop's: the engine's thread or `generate`'s), so no other thread refills it during a call; the
+    calls release the GIL (holding it decoded slower)."""
     return (ctypes.c_int64 * (len(args) + 1))(*[a or 0 for a in args])
 
 
@@ -460,10 +459,10 @@ class Fp8Rows:
             if not _index(read):
                 return None
             n_read, a[11] = read.numel(), read.data_ptr()
-        n_out = n_read + (n_new if stored else 0)
-        out = torch.empty(n_out, self.width, dtype=self.dtype) if n_out else None
+        wanted = read is not None or stored  # a tensor back, however few rows (none: a read of no slots)
+        out = torch.empty(n_read + (n_new if stored else 0), self.width, dtype=self.dtype) if wanted else None
         a[9], a[12], a[13], a[14], a[15] = n_new, n_read, groups, int(read_first), int(stored)
-        a[16], a[17] = 0 if out is None else out.data_ptr(), torch.get_num_threads()
+        a[16], a[17] = 0 if out is None else out.data_ptr(), torch.get_num_threads()  # (0 for an empty tensor)
         rc = self._fn(a)
         if rc == -2:
             raise IndexError(f"cache slots out of range [0, {self.S})")

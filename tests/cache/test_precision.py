@@ -151,6 +151,9 @@ def test_one_pass_update_equals_its_read_and_write(cls, read_first, monkeypatch)
     before = one.read((read,))
     again = one.update((write,), rows, (read,), read_first=read_first)  # without `stored`: the reads alone
     assert torch.equal(again, before)  # (the same rows written again change no slot that is read)
+    none = torch.zeros(2, 0, dtype=torch.long)  # a read of no slots (V4's entries before the first is complete)
+    assert one.update((write,), rows, (none,), read_first=read_first).shape == (2, 0, 40)
+    assert torch.equal(one.update((write,), rows, (none,), read_first=read_first, stored=True), got[:, 4:])
     if cls == "fp8":
         monkeypatch.setenv("QIUSUO_KERNELS", "0")  # read when a component binds its storage
         slow = make()
