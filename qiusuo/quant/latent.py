@@ -25,7 +25,7 @@ from torch import nn
 from qiusuo.model.mla import LatentProjection
 from qiusuo.quant import kernels
 from qiusuo.quant.formats import Format
-from qiusuo.quant.modules import DECODE_ROWS, _bind, _register, fill_rows
+from qiusuo.quant.modules import DECODE_ROWS, _register, fill_rows, grouped_kernel
 
 HEAD_BAND = 16  # heads dequantised at a time on the expanded path (16 x (N + V) x R floats of scratch)
 
@@ -109,12 +109,7 @@ class QuantLatent(LatentProjection):
             q, scale = getattr(self, name), getattr(self, f"{name}_scale")
             counts = torch.full((H,), M, dtype=torch.int64)
             xf = x.reshape(H * M, -1).float().contiguous()
-            bound = self._bound[name] = _bind(self._bound.get(name), self.fmt, q, scale, self.act)
-            if bound is None:
-                f = self.fmt
-                y = kernels.grouped_mm(xf, counts, f.name, q, scale, f.group or 32, f.block or 128, self.act)
-            else:
-                y = bound(xf, counts)
+            y = grouped_kernel(self._bound, name, self.fmt, q, scale, self.act)(xf, counts)
             return y.view(H, M, -1).to(x.dtype)
         f, q, scale = self.fmt, getattr(self, name), getattr(self, f"{name}_scale")
         w = torch.stack([f.dequantize(q[h], None if scale is None else scale[h]) for h in range(H)])  # (H, out, K)

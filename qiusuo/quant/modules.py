@@ -73,6 +73,20 @@ def _bind(bound: "kernels.Bound | None", fmt: Format, q: torch.Tensor, scale: to
     return bound
 
 
+def grouped_kernel(cache: dict, name: str, fmt: Format, q: torch.Tensor, scale: torch.Tensor | None,
+                   act: str):
+    """`f(xs (M, K) float32 sorted by group, counts (G,)) -> (M, N)`: the grouped kernel over the bank (q, scale),
+    bound once (`kernels.Bound`, kept in `cache[name]`) on a CPU eagerly, the checked call (the custom op)
+    while compiling or off the CPU. The one way every packed module with banks (experts, MLA's heads, V4's
+    grouped projection) reaches the kernels."""
+    bound = _bind(cache.get(name), fmt, q, scale, act)
+    if bound is None:
+        return lambda xs, counts: kernels.grouped_mm(xs, counts, fmt.name, q, scale, fmt.group or 32,
+                                                     fmt.block or 128, act)
+    cache[name] = bound
+    return bound
+
+
 def _band_matmul(x: torch.Tensor, fmt: Format, q: torch.Tensor, scale: torch.Tensor | None, N: int) -> torch.Tensor:
     """x (M, K) -> x W^T (M, N), W dequantised a band of output rows at a time."""
     out = torch.empty(x.shape[0], N, dtype=x.dtype, device=x.device)
@@ -174,6 +188,7 @@ class QuantGroupedLinear(QuantLinear):
                              + (f" of whole {fmt.block}-row fp8 blocks" if fmt.name == "fp8" else ""))
         super().__init__(in_features, out_features, fmt, False, device, dtype)
         self.groups = groups
+        self._banks = {}  # "weight" -> its bank bound to the grouped kernel (`grouped_kernel`)
         self._views = None  # (weight, scale, bank codes, bank scales) while the buffers are these
 
     @classmethod
@@ -201,10 +216,7 @@ class QuantGroupedLinear(QuantLinear):
             q, scale = self._bank()
             xs = rows.transpose(0, 1).reshape(G * M, K).float().contiguous()  # sorted by group
             counts = torch.full((G,), M, dtype=torch.int64)
-            bound = self._bound = _bind(self._bound, self.fmt, q, scale, self.act)
-            f = self.fmt
-            y = bound(xs, counts) if bound is not None else \
-                kernels.grouped_mm(xs, counts, f.name, q, scale, f.group or 32, f.block or 128, self.act)
+            y = grouped_kernel(self._banks, "weight", self.fmt, q, scale, self.act)(xs, counts)
             return y.view(G, M, R).transpose(0, 1).reshape(*x.shape[:-1], R).to(x.dtype)
         out = []
         for g in range(G):
@@ -295,15 +307,9 @@ class QuantExperts(Experts):
         return _expert_bands(xs, counts, self)
 
     def _kernel(self, name: str):
-        """The bank `name` through the kernels: bound once eagerly (`kernels.Bound`), the custom op compiled."""
-        q, scale = getattr(self, name), getattr(self, f"{name}_scale")
-        bound = _bind(self._bound.get(name), self.fmt, q, scale, self.act)
-        if bound is None:
-            f = self.fmt
-            return lambda x, counts: kernels.grouped_mm(x, counts, f.name, q, scale, f.group or 32, f.block or 128,
-                                                        self.act)
-        self._bound[name] = bound
-        return bound
+        """The bank `name` through the grouped kernel (`grouped_kernel`)."""
+        return grouped_kernel(self._bound, name, self.fmt, getattr(self, name), getattr(self, f"{name}_scale"),
+                              self.act)
 
     def gate_up(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """`grouped`'s first matmul alone: xs (M, D) -> (M, 2I), float32 from the kernels (few rows), xs' dtype

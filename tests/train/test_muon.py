@@ -13,7 +13,8 @@ from qiusuo.config import get_config
 from qiusuo.model.moe import Experts
 from qiusuo.model.transformer import Transformer
 from qiusuo.train.config import OptimSection
-from qiusuo.train.muon import NS_COEFFICIENTS, ExpertMuon, MuonAdamW, split_params, zeropower_batched
+from qiusuo.train.muon import (NS_COEFFICIENTS, ExpertMuon, MuonAdamW, orthogonalise, split_params,
+                               zeropower_batched)
 from qiusuo.train.optim import build_optimizer
 
 
@@ -22,6 +23,37 @@ def test_batched_newton_schulz_equals_torch_per_expert(shape):
     g = torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 3
     loop = torch.stack([_zeropower_via_newtonschulz(x, NS_COEFFICIENTS, 5, 1e-7) for x in g])
     assert torch.equal(zeropower_batched(g), loop)  # bit for bit
+
+
+def test_one_call_per_shape_equals_each_stack_alone():
+    """`orthogonalise` batches stacks of one shape, tall and wide alike (a (64, 32) stack is orthogonalised as
+    its (32, 64) transpose): the same values as `zeropower_batched` on each stack, in fp32 and bf16."""
+    gen = torch.Generator().manual_seed(3)
+    mats = [torch.randn(s, generator=gen) for s in ((8, 64, 32), (1, 32, 64), (3, 64, 32), (2, 48, 48), (1, 5, 3))]
+    for dtype in (torch.float32, torch.bfloat16):
+        got = orthogonalise(mats, ns_steps=4, dtype=dtype)
+        for m, x in zip(mats, got):
+            assert x.shape == m.shape
+            torch.testing.assert_close(x, zeropower_batched(m, ns_steps=4, dtype=dtype), rtol=0,
+                                       atol=1e-6 if dtype == torch.float32 else 0)
+
+
+def test_row_blocks_orthogonalise_each_block_alone():
+    """A (E, 2I, D) weight with `row_blocks` 2 steps as its 2E (I, D) matrices would one by one: separate
+    orthogonalisation and Moonlight's lr match on (I, D)."""
+    gen = torch.Generator().manual_seed(4)
+    w, grads = torch.randn(3, 2 * 16, 24, generator=gen), [torch.randn(3, 2 * 16, 24, generator=gen) for _ in range(2)]
+    fused = nn.Parameter(w.clone())
+    parts = nn.Parameter(w.view(6, 16, 24).clone())  # expert 0's gate, expert 0's up, expert 1's gate, ...
+    a = ExpertMuon([fused], lr=0.02, weight_decay=0.1, dtype=torch.float32, row_blocks={fused: 2})
+    b = ExpertMuon([parts], lr=0.02, weight_decay=0.1, dtype=torch.float32)
+    for g in grads:
+        fused.grad, parts.grad = g.clone(), g.view(6, 16, 24).clone()
+        a.step()
+        b.step()
+    torch.testing.assert_close(fused.detach().view(6, 16, 24), parts.detach(), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="cannot stack 5"):
+        ExpertMuon([fused], row_blocks={fused: 5})
 
 
 def test_expert_muon_on_one_matrix_equals_torch_muon():
@@ -86,8 +118,10 @@ def test_one_muon_step_equals_the_hand_computation(ns):
         if n in ("proj.weight", "experts.gate_up_proj", "experts.down_proj"):  # Muon
             nesterov = g + mu * ((1 - mu) * g - g)  # buffer (1 - mu) g after one step; g.lerp(buffer, mu)
             mats = nesterov if nesterov.dim() == 3 else nesterov[None]
+            if n == "experts.gate_up_proj":  # each expert's gate and up: two matrices
+                mats = mats.reshape(-1, mats.size(1) // 2, mats.size(2))  # (2E, I, D): gate rows, then up rows
             ortho = torch.stack([reference_ns(m, dtype) for m in mats]).view_as(w)
-            adjusted = lr * 0.2 * math.sqrt(max(w.shape[-2:]))  # Moonlight's RMS match
+            adjusted = lr * 0.2 * math.sqrt(max(mats.shape[-2:]))  # Moonlight's RMS match, per matrix
             want = w * (1 - lr * wd) - adjusted * ortho
             # the momentum here rounds differently from torch's lerp in the last fp32 bit, which can flip a bf16
             # rounding inside Newton-Schulz: agreement to a few bf16 ulps of the update
