@@ -320,27 +320,32 @@ def _expert_swiglu_impl(xs, counts, w_gu, w_d, limit):
 
 def _expert_swiglu_grads(dy, xs, h, counts, w_gu, w_d, limit, need_x: bool, need_w: bool):
     """(d xs, d w_gu, d w_d) of `expert_swiglu`, expert after expert. silu(g) u with g = min(g, limit) and u
-    clamped to [-limit, limit] when V4's limit is set (a clamp passes the gradient where it did not clip)."""
+    clamped to [-limit, limit] when V4's limit is set (a clamp passes the gradient where it did not clip). The
+    gate's and up's gradients are written straight into their halves of one (rows, 2I) buffer, the gate's by
+    aten's fused `silu_backward`: four elementwise passes per expert where the formula written out took ten."""
     dy, xs = dy.contiguous(), xs.contiguous()
+    I = w_d.shape[2]
     dx = torch.zeros_like(xs) if need_x else None
     dw_gu = torch.zeros_like(w_gu) if need_w else None
     dw_d = torch.zeros_like(w_d) if need_w else None
+    dh = h.new_empty(h.shape)  # (M, 2I): d gate | d up, rows as h's
     for e, s, c in _spans(counts):
         g, u = h[s:s + c].chunk(2, dim=-1)
         if limit is not None:
             g_on, u_on = g <= limit, (u >= -limit) & (u <= limit)
             g, u = g.clamp(max=limit), u.clamp(-limit, limit)
-        sig = torch.sigmoid(g)
-        silu = g * sig
+        silu = F.silu(g)
         da = dy[s:s + c] @ w_d[e]  # (c, I)
-        dh = torch.cat([da * u * sig * (1 + g * (1 - sig)), da * silu], dim=-1)  # (c, 2I): d gate, d up
+        d = dh[s:s + c]
+        torch.ops.aten.silu_backward.grad_input(da * u, g, grad_input=d[:, :I])  # d gate: da u silu'(g)
+        torch.mul(da, silu, out=d[:, I:])  # d up
         if limit is not None:
-            dh *= torch.cat([g_on, u_on], dim=-1)
+            d *= torch.cat([g_on, u_on], dim=-1)
         if need_w:
             torch.mm(dy[s:s + c].t(), silu * u, out=dw_d[e])
-            torch.mm(dh.t(), xs[s:s + c], out=dw_gu[e])
+            torch.mm(d.t(), xs[s:s + c], out=dw_gu[e])
         if need_x:
-            torch.mm(dh, w_gu[e], out=dx[s:s + c])
+            torch.mm(d, w_gu[e], out=dx[s:s + c])
     return dx, dw_gu, dw_d
 
 
