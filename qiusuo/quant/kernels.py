@@ -416,6 +416,22 @@ class Bound:
     def __deepcopy__(self, memo):
         return None  # a copied module binds its own copies of the weights on its first call
 
+    def __reduce__(self):
+        return type(None), ()  # a pickled weight (kept on it by `bound`) binds again where it is loaded
+
+
+def bound(fmt: str, q: Tensor, scale: Tensor | None, group: int, block: int, act: str) -> Bound:
+    """The `Bound` of (q, scale) kept on the weight tensor q itself, made on the first call: what the custom ops
+    (a compiled graph's calls) reuse. Why on the tensor: a compiled graph hands the op the module's own buffers
+    (the same Python objects every step) but not the module, and checking the weight on every call (`mm`'s and
+    `grouped_mm`'s shapes, formats and row counts, ~25 small torch ops) cost several times a decode-sized
+    layer's arithmetic."""
+    b = getattr(q, "_qiusuo_bound", None)
+    if b is None or not b.is_for(q, scale, act) or (b.fmt, b.group, b.block) != (fmt, group, block):
+        b = Bound(fmt, q, scale, group, block, act)
+        q._qiusuo_bound = b
+    return b
+
 
 class Fp8Rows:
     """An FP8 cache component's storage (`qiusuo.cache.precision.Fp8Tiles`'s layout) bound to the C pass: codes
@@ -485,7 +501,7 @@ def _index(index: Tensor) -> bool:
 
 @torch.library.custom_op("qiusuo::quant_mm", mutates_args=())
 def _quant_mm(x: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int, block: int, act: str) -> Tensor:
-    return _mm(x, fmt, q, scale, group, block, act)
+    return bound(fmt, q, scale, group, block, act)(x.contiguous())
 
 
 @_quant_mm.register_fake
@@ -496,7 +512,7 @@ def _(x, fmt, q, scale, group, block, act):
 @torch.library.custom_op("qiusuo::quant_grouped_mm", mutates_args=())
 def _quant_grouped_mm(xs: Tensor, counts: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int,
                       block: int, act: str) -> Tensor:
-    return _grouped_mm(xs, counts, fmt, q, scale, group, block, act)
+    return bound(fmt, q, scale, group, block, act)(xs.contiguous(), counts)
 
 
 @_quant_grouped_mm.register_fake

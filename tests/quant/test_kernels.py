@@ -445,6 +445,29 @@ def test_bound_calls_give_the_checked_calls_bytes(fmt, group, act):
 
 # ---- the ops a compiled model calls ----
 
+def test_the_ops_bind_each_weight_once_and_give_the_checked_bytes():
+    """What a compiled graph calls binds its weight on the first call and keeps the binding on the weight tensor
+    (`kernels.bound`): later calls reuse it, a replaced weight or scale rebinds, a copied or pickled weight
+    carries none, and the bytes are the checked calls' (a non-contiguous x included)."""
+    import copy
+    import pickle
+
+    g = torch.Generator().manual_seed(12)
+    q, s = weights("int4", (), 48, 64, 32, g)
+    qe, se = weights("mxfp4", (3,), 40, 64, 32, g)
+    x, xs, counts = torch.randn(64, 3, generator=g).t(), torch.randn(7, 64, generator=g), torch.tensor([4, 0, 3])
+    y = torch.ops.qiusuo.quant_mm(x, "int4", q, s, 32, BLOCK, "q8")
+    b = q._qiusuo_bound
+    assert torch.equal(y, mm(x.contiguous(), "int4", q, s, 32, BLOCK, "q8"))
+    assert torch.equal(torch.ops.qiusuo.quant_mm(x, "int4", q, s, 32, BLOCK, "q8"), y) and q._qiusuo_bound is b
+    torch.ops.qiusuo.quant_mm(x, "int4", q, s.clone(), 32, BLOCK, "q8")
+    assert q._qiusuo_bound is not b  # another scale tensor: bound again
+    ye = torch.ops.qiusuo.quant_grouped_mm(xs, counts, "mxfp4", qe, se, 32, BLOCK, "q8")
+    assert torch.equal(ye, grouped_mm(xs, counts, "mxfp4", qe, se, 32, BLOCK, "q8"))
+    assert getattr(copy.deepcopy(qe), "_qiusuo_bound", None) is None
+    assert getattr(pickle.loads(pickle.dumps(qe)), "_qiusuo_bound", None) is None
+
+
 def test_opcheck():
     g = torch.Generator().manual_seed(7)
     q, s = weights("int4", (), 48, 64, 32, g)
