@@ -496,26 +496,37 @@ def _index(index: Tensor) -> bool:
 # ---- the custom ops ----
 
 # The custom ops are what a compiled graph calls (no graph break; the fake gives the output shape). Eager calls skip
-# them: a call through the dispatcher into a Python kernel cost ~40 us here (measured: 70 us through the op, 27 us
-# calling its body), more than a decode-sized matmul's arithmetic on small layers.
+# them: a call through the dispatcher into a Python kernel costs more than a decode-sized matmul's arithmetic on
+# small layers. Defined through `torch.library.Library` with one CompositeExplicitAutograd kernel rather than
+# `torch.library.custom_op`, whose wrapper layers cost ~60 us a call here against ~28 (a 64 x 64 int4 call, warm):
+# the ops are inference-only (packed weights take no gradient; training through them runs `modules.packed_matmul`'s
+# autograd Function eagerly), so they need no autograd formula.
 
-@torch.library.custom_op("qiusuo::quant_mm", mutates_args=())
+_OPS = torch.library.Library("qiusuo", "FRAGMENT")  # the registrations live as long as this object
+_OPS.define("quant_mm(Tensor x, str fmt, Tensor q, Tensor? scale, int group, int block, str act) -> Tensor")
+_OPS.define("quant_grouped_mm(Tensor xs, Tensor counts, str fmt, Tensor q, Tensor? scale, int group, int block, "
+            "str act) -> Tensor")
+
+
 def _quant_mm(x: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int, block: int, act: str) -> Tensor:
     return bound(fmt, q, scale, group, block, act)(x.contiguous())
 
 
-@_quant_mm.register_fake
-def _(x, fmt, q, scale, group, block, act):
-    return x.new_empty(x.shape[0], q.shape[-2])
-
-
-@torch.library.custom_op("qiusuo::quant_grouped_mm", mutates_args=())
 def _quant_grouped_mm(xs: Tensor, counts: Tensor, fmt: str, q: Tensor, scale: Tensor | None, group: int,
                       block: int, act: str) -> Tensor:
     return bound(fmt, q, scale, group, block, act)(xs.contiguous(), counts)
 
 
-@_quant_grouped_mm.register_fake
+_OPS.impl("quant_mm", _quant_mm, "CompositeExplicitAutograd")
+_OPS.impl("quant_grouped_mm", _quant_grouped_mm, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("qiusuo::quant_mm", lib=_OPS)
+def _(x, fmt, q, scale, group, block, act):
+    return x.new_empty(x.shape[0], q.shape[-2])
+
+
+@torch.library.register_fake("qiusuo::quant_grouped_mm", lib=_OPS)
 def _(xs, counts, fmt, q, scale, group, block, act):
     return xs.new_empty(xs.shape[0], q.shape[-2])
 
