@@ -64,9 +64,14 @@ class ModelRunner:
         """The decoding step through `torch.compile`, fed fixed shapes: rows padded to a power of two and the
         context gathered in multiples of 64 tokens, so a few compilations serve every batch (the first steps of
         each new shape take tens of seconds on a CPU). Inductor's freezing folds the weights in as constants
-        (prepacked matmuls): after changing the weights, build a new Engine. Speculative decoding compiles its
-        verification (K + 1 tokens per row) and the drafter instead of `decode_logits`."""
-        options = {"freezing": True} if self.device.type == "cpu" else None
+        (prepacked matmuls): after changing the weights, build a new Engine. For the same reason the step keeps no
+        guards on the model's modules (`skip_guard_on_all_nn_modules_unsafe`): the frozen graph is of this model
+        as it was, and checking its hundreds of module attributes before every step cost ~1 ms of a ~17 ms
+        compiled step at the 760M shape (docs/quant.md); the inputs' guards (shapes, the cache) stay. Speculative
+        decoding compiles its verification (K + 1 tokens per row) and the drafter instead of `decode_logits`."""
+        options = None
+        if self.device.type == "cpu":
+            options = {"freezing": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
         if not self.K:
             return torch.compile(self.model.decode_logits, options=options)
         return (torch.compile(self.model.verify_logits, options=options),
